@@ -1,0 +1,43 @@
+"""keras-preact: pre-activation ResNets (He et al., ECCV 2016) for Keras 3.
+
+>>> from keras_preact import PreActResNet200, PreActResNet164, PreActResNet20
+>>> model = PreActResNet20(input_shape=(28, 28, 1), classes=10)
+"""
+
+from keras_preact import layers, shortcuts, units
+from keras_preact.context import BuildContext
+from keras_preact.preact_resnet import (
+    MODELS,
+    PreActResNet,
+    PreActResNet18,
+    PreActResNet20,
+    PreActResNet32,
+    PreActResNet34,
+    PreActResNet44,
+    PreActResNet50,
+    PreActResNet56,
+    PreActResNet101,
+    PreActResNet110,
+    PreActResNet152,
+    PreActResNet164,
+    PreActResNet200,
+    PreActResNet1001,
+    feature_extractor,
+    get_model,
+    list_models,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildContext",
+    "MODELS",
+    "PreActResNet",
+    *list(MODELS),
+    "feature_extractor",
+    "get_model",
+    "layers",
+    "list_models",
+    "shortcuts",
+    "units",
+]

@@ -1,0 +1,122 @@
+"""Reader for the IDX files of MNIST and Fashion-MNIST (numpy only).
+
+The files may be gzip-compressed or not; the Debian package
+`dataset-fashion-mnist` ships them re-gzipped, so their bytes (and checksums)
+differ from the upstream `.gz` files while the decompressed data is identical.
+"""
+
+import gzip
+import os
+
+import numpy as np
+
+# IDX type codes (third byte of the magic number) -> numpy dtype, big endian.
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def read_idx(path):
+    """Reads one IDX file into a numpy array.
+
+    Args:
+        path: path to an IDX file, optionally gzip-compressed (detected from
+            the content, not the file name).
+
+    Returns:
+        A numpy array with the shape and dtype stored in the file.
+
+    Raises:
+        ValueError: if the file is not a valid IDX file.
+
+    Example:
+
+    >>> labels = read_idx("t10k-labels-idx1-ubyte.gz")  # doctest: +SKIP
+    >>> labels.shape  # doctest: +SKIP
+    (10000,)
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"Not an IDX file: {path!r} (magic {data[:4]!r}).")
+    type_code, ndim = data[2], data[3]
+    if type_code not in _IDX_DTYPES:
+        raise ValueError(
+            f"Unknown IDX type code {type_code:#x} in {path!r}; "
+            f"expected one of {sorted(_IDX_DTYPES)}."
+        )
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    header = 4 + 4 * ndim
+    shape = tuple(
+        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
+    )
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(
+            f"IDX file {path!r} holds {len(data) - header} bytes of data, "
+            f"expected {expected} for shape {shape}."
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find(data_dir, stem):
+    for suffix in (".gz", ""):
+        path = os.path.join(data_dir, stem + suffix)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"Neither {stem}.gz nor {stem} found in data_dir={data_dir!r}."
+    )
+
+
+def load_fashion_mnist(data_dir):
+    """Loads Fashion-MNIST (or MNIST) from the four IDX files in a directory.
+
+    Args:
+        data_dir: directory holding `train-images-idx3-ubyte[.gz]`,
+            `train-labels-idx1-ubyte[.gz]`, `t10k-images-idx3-ubyte[.gz]` and
+            `t10k-labels-idx1-ubyte[.gz]`, for example
+            `/usr/share/datasets/fashion-mnist` from the Debian package
+            `dataset-fashion-mnist`.
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))`: uint8 images of shape
+        `(N, 28, 28, 1)` and int64 labels of shape `(N,)`.
+
+    Example:
+
+    >>> (x, y), _ = load_fashion_mnist("/usr/share/datasets/fashion-mnist")
+    >>> x.shape, y.shape
+    ((60000, 28, 28, 1), (60000,))
+    """
+    splits = []
+    for prefix in ("train", "t10k"):
+        images = read_idx(_find(data_dir, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find(data_dir, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"Inconsistent {prefix} IDX files in {data_dir!r}: images "
+                f"{images.shape}, labels {labels.shape}."
+            )
+        splits.append((images[..., None], labels.astype(np.int64)))
+    return tuple(splits)

@@ -1,0 +1,158 @@
+"""CIFAR-style augmentation and batching in numpy, for any Keras backend.
+
+This is the in-memory pipeline the trainers use under JAX and PyTorch (and on
+machines without TensorFlow): 4-pixel zero padding, a random crop back to the
+input size, a random horizontal flip and per-channel mean/std normalization,
+as in Sec. 4 of He et al. 2016 ("Identity Mappings in Deep Residual Networks")
+and the CIFAR recipe of He et al. 2015 it follows.
+"""
+
+import numpy as np
+
+import keras
+
+
+def channel_stats(images):
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units.
+
+    Args:
+        images: uint8 array of shape `(N, H, W, C)`.
+
+    Returns:
+        `(mean, std)`, each a float32 array of shape `(C,)`.
+    """
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return x.mean(0).astype(np.float32), x.std(0).astype(np.float32)
+
+
+def normalize(images, mean, std):
+    """Maps uint8 images to float32 `(x / 255 - mean) / std`."""
+    return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+def pad_crop_flip(images, rng, *, padding=4, flip=True):
+    """Random crop of zero-padded images, and random horizontal flips.
+
+    Args:
+        images: array of shape `(N, H, W, C)`.
+        rng: a `numpy.random.Generator`.
+        padding: pixels of zero padding on each side before cropping back to
+            `(H, W)`.
+        flip: whether to flip each image left-right with probability 1/2.
+
+    Returns:
+        An array of the same shape and dtype.
+
+    Example:
+
+    >>> x = np.zeros((2, 28, 28, 1), np.uint8)
+    >>> pad_crop_flip(x, np.random.default_rng(0)).shape
+    (2, 28, 28, 1)
+    """
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dy = rng.integers(0, 2 * padding + 1, size=n)
+    dx = rng.integers(0, 2 * padding + 1, size=n)
+    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
+    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
+    if flip:
+        flipped = rng.random(n) < 0.5
+        cols = np.where(flipped[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class ArrayDataset(keras.utils.PyDataset):
+    """Batches of augmented, normalized images from in-memory arrays.
+
+    The example order is a fixed function of `seed` and the global batch
+    index, so a resumed run (`epoch` set to the epoch it restarts at) sees the
+    same batches as an uninterrupted one, and `steps_per_epoch` need not divide
+    the dataset: the stream of shuffled passes over the data simply continues.
+
+    Args:
+        images: uint8 array `(N, H, W, C)`.
+        labels: int array `(N,)`.
+        batch_size: global batch size.
+        mean: per-channel mean in [0, 1] units.
+        std: per-channel standard deviation in [0, 1] units.
+        training: shuffle, augment and drop the last partial batch if True;
+            otherwise one ordered pass, keeping the last partial batch.
+        steps_per_epoch: batches per Keras epoch when training (default: one
+            pass over the data, rounded down).
+        padding: padding for the random crop (0 disables cropping).
+        flip: random horizontal flips.
+        seed: integer seed.
+
+    Example:
+
+    >>> x = np.zeros((10, 28, 28, 1), np.uint8); y = np.zeros(10, np.int64)
+    >>> ds = ArrayDataset(x, y, 4, [0.5], [0.25], training=True)
+    >>> len(ds), ds[0][0].shape
+    (2, (4, 28, 28, 1))
+    """
+
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size,
+        mean,
+        std,
+        *,
+        training,
+        steps_per_epoch=None,
+        padding=4,
+        flip=True,
+        seed=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if len(images) != len(labels):
+            raise ValueError(
+                f"images and labels differ in length: {len(images)} vs {len(labels)}."
+            )
+        if training and len(images) < batch_size:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {len(images)} training examples."
+            )
+        self.images, self.labels = images, np.asarray(labels)
+        self.batch_size, self.training = batch_size, training
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.padding, self.flip, self.seed = padding, flip, seed
+        self.batches_per_pass = len(images) // batch_size
+        self.steps_per_epoch = steps_per_epoch or self.batches_per_pass
+        self.epoch = 0
+        self._orders = {}
+
+    def __len__(self):
+        if self.training:
+            return self.steps_per_epoch
+        return -(-len(self.images) // self.batch_size)
+
+    def _order(self, data_pass):
+        if data_pass not in self._orders:
+            self._orders = {
+                data_pass: np.random.default_rng([self.seed, data_pass]).permutation(
+                    len(self.images)
+                )
+            }
+        return self._orders[data_pass]
+
+    def __getitem__(self, index):
+        if not self.training:
+            sl = slice(index * self.batch_size, (index + 1) * self.batch_size)
+            return normalize(self.images[sl], self.mean, self.std), self.labels[sl]
+        global_batch = self.epoch * self.steps_per_epoch + index
+        data_pass, within = divmod(global_batch, self.batches_per_pass)
+        idx = self._order(data_pass)[
+            within * self.batch_size : (within + 1) * self.batch_size
+        ]
+        x = self.images[idx]
+        if self.padding or self.flip:
+            rng = np.random.default_rng([self.seed, 1, global_batch])
+            x = pad_crop_flip(x, rng, padding=self.padding, flip=self.flip)
+        return normalize(x, self.mean, self.std), self.labels[idx]
+
+    def on_epoch_end(self):
+        self.epoch += 1
