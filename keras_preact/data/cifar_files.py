@@ -67,8 +67,7 @@ def load_cifar(name, data_dir):
         with tarfile.open(tarball, "r:gz") as tar:
             for split in ("train", "test"):
                 batches = [
-                    _unpickle(tar.extractfile(f"{layout['folder']}/{n}"))
-                    for n in layout[split]
+                    _unpickle(tar.extractfile(f"{layout['folder']}/{n}")) for n in layout[split]
                 ]
                 out.append(_to_arrays(batches, layout["label_key"]))
         return tuple(out)

@@ -67,9 +67,7 @@ def read_idx(path):
         )
     dtype = np.dtype(_IDX_DTYPES[type_code])
     header = 4 + 4 * ndim
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-    )
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
         raise ValueError(
@@ -84,9 +82,7 @@ def _find(data_dir, stem):
         path = os.path.join(data_dir, stem + suffix)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(
-        f"Neither {stem}.gz nor {stem} found in data_dir={data_dir!r}."
-    )
+    raise FileNotFoundError(f"Neither {stem}.gz nor {stem} found in data_dir={data_dir!r}.")
 
 
 def load_fashion_mnist(data_dir):

@@ -7,9 +7,8 @@ as in Sec. 4 of He et al. 2016 ("Identity Mappings in Deep Residual Networks")
 and the CIFAR recipe of He et al. 2015 it follows.
 """
 
-import numpy as np
-
 import keras
+import numpy as np
 
 
 def channel_stats(images):
@@ -108,9 +107,7 @@ class ArrayDataset(keras.utils.PyDataset):
     ):
         super().__init__(**kwargs)
         if len(images) != len(labels):
-            raise ValueError(
-                f"images and labels differ in length: {len(images)} vs {len(labels)}."
-            )
+            raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}.")
         if training and len(images) < batch_size:
             raise ValueError(
                 f"batch_size={batch_size} exceeds the {len(images)} training examples."
@@ -145,9 +142,7 @@ class ArrayDataset(keras.utils.PyDataset):
             return normalize(self.images[sl], self.mean, self.std), self.labels[sl]
         global_batch = self.epoch * self.steps_per_epoch + index
         data_pass, within = divmod(global_batch, self.batches_per_pass)
-        idx = self._order(data_pass)[
-            within * self.batch_size : (within + 1) * self.batch_size
-        ]
+        idx = self._order(data_pass)[within * self.batch_size : (within + 1) * self.batch_size]
         x = self.images[idx]
         if self.padding or self.flip:
             rng = np.random.default_rng([self.seed, 1, global_batch])

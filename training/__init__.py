@@ -1,0 +1,1 @@
+"""Trainers and evaluation scripts for keras-preact (run as scripts)."""

@@ -1,0 +1,164 @@
+"""A `strategy.run` training loop for TensorFlow strategies.
+
+Keras 3.15's `model.fit` fails under `tf.distribute.MultiWorkerMirroredStrategy`
+(keras-team/keras#20585: a PerReplica error while building and "Invalid
+reduction dimension 0" while reducing metrics). This loop avoids the Keras
+trainer altogether: the Keras model and optimizer are used as plain objects, the
+loss is averaged over the global batch with `tf.nn.compute_average_loss`, the
+Keras TF optimizer all-reduces (sums) the gradients across replicas in
+`apply`, and metrics are per-replica counts summed with `strategy.reduce`.
+It works under every TF strategy, which is how the tests compare it with `fit`.
+"""
+
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training import common
+
+
+def _counts(labels, logits):
+    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    logits = tf.cast(logits, tf.float32)
+    top1 = tf.reduce_sum(
+        tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+    )
+    k = min(5, logits.shape[-1])
+    top5 = tf.reduce_sum(tf.cast(tf.nn.in_top_k(labels, logits, k), tf.float32))
+    return top1, top5, tf.cast(tf.shape(labels)[0], tf.float32)
+
+
+def make_train_step(model, optimizer, strategy, global_batch_size, *, jit_compile=False):
+    """Returns `step(iterator) -> (loss, top1_count, top5_count, n)` summed over replicas."""
+    loss_obj = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    replicas = strategy.num_replicas_in_sync
+
+    def step_fn(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = loss_obj(labels, tf.cast(logits, tf.float32))
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+            if model.losses:
+                # Each replica adds 1/R of the L2 term: the gradient all-reduce sums it back.
+                loss += tf.add_n(model.losses) / replicas
+            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return (loss, *_counts(labels, logits))
+
+    @tf.function(jit_compile=jit_compile and replicas == 1)
+    def step(iterator):
+        per_replica = strategy.run(step_fn, args=next(iterator))
+        return [strategy.reduce("SUM", t, axis=None) for t in per_replica]
+
+    return step
+
+
+def make_eval_step(model, strategy):
+    def step_fn(images, labels):
+        logits = model(images, training=False)
+        per_example = keras.losses.sparse_categorical_crossentropy(
+            labels, tf.cast(logits, tf.float32), from_logits=True
+        )
+        return (tf.reduce_sum(per_example), *_counts(labels, logits))
+
+    @tf.function
+    def step(batch):
+        per_replica = strategy.run(step_fn, args=batch)
+        return [strategy.reduce("SUM", t, axis=None) for t in per_replica]
+
+    return step
+
+
+def evaluate(model, strategy, dist_dataset):
+    """Loss, top-1 and top-5 over a distributed evaluation dataset."""
+    step = make_eval_step(model, strategy)
+    totals = np.zeros(4)
+    for batch in dist_dataset:
+        totals += np.array([float(t) for t in step(batch)])
+    loss, top1, top5, n = totals
+    n = max(n, 1.0)
+    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
+
+
+def fit(
+    model,
+    optimizer,
+    strategy,
+    train_dist_dataset,
+    *,
+    epochs,
+    steps_per_epoch,
+    global_batch_size,
+    model_dir,
+    initial_epoch=0,
+    val_dist_dataset_fn=None,
+    max_steps=None,
+    jit_compile=False,
+    verbose=1,
+):
+    """Trains with `strategy.run`, checkpointing and logging like `model.fit`.
+
+    Returns:
+        A dict of lists, like `History.history`.
+    """
+    chief = common.is_chief(strategy)
+    # Every worker writes (reading variables may be collective), the non-chief
+    # ones to a scratch folder.
+    resolver = getattr(strategy, "cluster_resolver", None)
+    write_dir = (
+        model_dir
+        if chief
+        else os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
+    )
+    os.makedirs(write_dir, exist_ok=True)
+    checkpoint = common.EpochCheckpoint(write_dir)
+    checkpoint.set_model(model)
+    guard = common.NaNGuard()
+    csv_path = os.path.join(write_dir, "log.csv")
+    step = make_train_step(model, optimizer, strategy, global_batch_size, jit_compile=jit_compile)
+    iterator = iter(train_dist_dataset)
+    history = {}
+    for epoch in range(initial_epoch, epochs):
+        if verbose and chief:
+            print(f"Epoch {epoch + 1}/{epochs}", flush=True)
+        bar = keras.utils.Progbar(
+            steps_per_epoch,
+            verbose=verbose if chief else 0,
+            stateful_metrics=["loss", "top1", "top5", "lr"],
+        )
+        totals = np.zeros(4)
+        start = time.time()
+        for i in range(steps_per_epoch):
+            out = np.array([float(t) for t in step(iterator)])
+            totals += out
+            logs = {
+                "loss": totals[0] / (i + 1),
+                "top1": totals[1] / totals[3],
+                "top5": totals[2] / totals[3],
+            }
+            guard.on_train_batch_end(i, {"loss": out[0]})
+            bar.update(i + 1, [(k, v) for k, v in logs.items()])
+            if max_steps and int(optimizer.iterations) >= max_steps:
+                break
+        logs["epoch_time_s"] = time.time() - start
+        logs["lr"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        if val_dist_dataset_fn is not None:
+            for k, v in evaluate(model, strategy, val_dist_dataset_fn()).items():
+                logs["val_" + k] = v
+        if verbose and chief:
+            print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
+        checkpoint.on_epoch_end(epoch, logs)
+        new = not os.path.exists(csv_path)
+        with open(csv_path, "a") as f:
+            if new:
+                f.write(",".join(["epoch", *logs]) + "\n")
+            f.write(",".join([str(epoch), *(f"{v:.6g}" for v in logs.values())]) + "\n")
+        for k, v in logs.items():
+            history.setdefault(k, []).append(v)
+        if max_steps and int(optimizer.iterations) >= max_steps:
+            break
+    return history
