@@ -1,0 +1,249 @@
+"""fb.resnet.torch `.t7` checkpoints (Torch7 serialization of an `nn.Sequential`).
+
+The network `models/preresnet.lua` builds for ImageNet (facebookarchive/fb.resnet.torch):
+
+    conv 7x7/2 - BN - ReLU - max-pool 3x3/2 - 4 stages - BN - ReLU - avg-pool - View - Linear
+
+Each unit is `Sequential[(BN, ReLU)?, ConcatTable[branch, shortcut], CAddTable]`: the
+first unit of a stage has its BN-ReLU outside the ConcatTable ("both_preact": the
+projection shortcut, a bare 1x1 conv, reads the pre-activated input), the others inside
+the branch (identity shortcut), and the network's first unit has none (it reuses the
+stem's BN-ReLU). That is `PreActResNet(stem_norm=True, stride_in="3x3")`. `read` walks the
+module tree, maps every tensor to its layer name, and refuses the structures this layout
+cannot express (a BN in the shortcut, a unit without pre-activation after the first, a
+projection reading the un-activated input, a non-zero conv bias) naming the module.
+
+The file is read with the `torchfile` package (pure Python); no Torch install is needed.
+"""
+
+import struct
+
+import numpy as np
+
+
+def _kind(module):
+    return module.torch_typename().decode("utf8").rpartition(".")[2]
+
+
+def _children(module):
+    modules = module[b"modules"] or []
+    return list(modules.values()) if isinstance(modules, dict) else list(modules)
+
+
+def _number(module, key):
+    value = module[key]
+    return value if value is not None else None
+
+
+class _Converter:
+    def __init__(self):
+        self.tensors = {}
+        self.eps = set()
+
+    def conv(self, module, layer, where):
+        w = np.asarray(module[b"weight"], np.float32)
+        n_out, n_in = int(module[b"nOutputPlane"]), int(module[b"nInputPlane"])
+        kh, kw = int(module[b"kH"]), int(module[b"kW"])
+        if w.size != n_out * n_in * kh * kw:
+            raise ValueError(
+                f"{where}: conv weight of {w.size} values does not fit {n_out}x{n_in}x{kh}x{kw}."
+            )
+        self.tensors[layer] = {"kernel": w.reshape(n_out, n_in, kh, kw).transpose(2, 3, 1, 0)}
+        bias = module[b"bias"]
+        # preresnet.lua's ConvInit removes conv biases under cuDNN >= 4; a zero bias from
+        # older cuDNN changes nothing, any other bias has no place in this layout.
+        if bias is not None and np.asarray(bias).size and np.any(np.asarray(bias) != 0):
+            raise ValueError(f"{where}: convolution {layer} has a non-zero bias; layout has none.")
+
+    def bn(self, module, layer):
+        gamma = np.asarray(module[b"weight"], np.float32)
+        eps = float(module[b"eps"] if module[b"eps"] is not None else 1e-5)
+        self.eps.add(eps)
+        if module[b"running_var"] is not None:
+            var = np.asarray(module[b"running_var"], np.float32)
+        else:  # nn before 2016 stored 1 / sqrt(var + eps)
+            std = np.asarray(module[b"running_std"], np.float64)
+            var = (1.0 / std**2 - eps).astype(np.float32)
+        self.tensors[layer] = {
+            "gamma": gamma,
+            "beta": np.asarray(module[b"bias"], np.float32),
+            "moving_mean": np.asarray(module[b"running_mean"], np.float32),
+            "moving_variance": var,
+        }
+
+    def unit(self, block, prefix, first):
+        mods = _children(block)
+        kinds = [_kind(m) for m in mods]
+        outer_preact = kinds[:2] == ["SpatialBatchNormalization", "ReLU"]
+        if outer_preact:
+            self.bn(mods[0], f"{prefix}_preact_bn")
+            mods, kinds = mods[2:], kinds[2:]
+        if kinds[:2] != ["ConcatTable", "CAddTable"]:
+            raise ValueError(f"{prefix}: expected ConcatTable + CAddTable, found {kinds}.")
+        branch, shortcut = _children(mods[0])
+        layers = _children(branch)
+        inner_preact = [_kind(m) for m in layers[:2]] == ["SpatialBatchNormalization", "ReLU"]
+        if inner_preact:
+            self.bn(layers[0], f"{prefix}_preact_bn")
+            layers = layers[2:]
+        if first and (outer_preact or inner_preact):
+            raise ValueError(
+                f"{prefix}: the first unit pre-activates again after the stem BN-ReLU."
+            )
+        if not first and not (outer_preact or inner_preact):
+            raise ValueError(
+                f"{prefix}: unit without pre-activation (an early preresnet.lua variant); "
+                "not expressible with PreActResNet options."
+            )
+        convs = 0
+        for m in layers:
+            kind = _kind(m)
+            if kind == "SpatialConvolution":
+                convs += 1
+                if int(m[b"kW"]) == 1 and int(m[b"dW"] or 1) != 1:
+                    raise ValueError(f"{prefix}: stride on a 1x1 conv; layout has stride_in='3x3'.")
+                self.conv(m, f"{prefix}_{convs}_conv", prefix)
+            elif kind == "SpatialBatchNormalization":
+                self.bn(m, f"{prefix}_{convs}_bn")
+            elif kind not in ("ReLU", "Dropout", "SpatialDropout"):
+                raise ValueError(f"{prefix}: unexpected module {kind} in the residual branch.")
+        sc_kind = _kind(shortcut)
+        if sc_kind == "Identity":
+            if outer_preact:
+                raise ValueError(f"{prefix}: identity shortcut on the pre-activated input.")
+            return
+        sc_layers = _children(shortcut) if sc_kind == "Sequential" else [shortcut]
+        sc_kinds = [_kind(m) for m in sc_layers]
+        if sc_kinds != ["SpatialConvolution"]:
+            raise ValueError(
+                f"{prefix}: shortcut {sc_kinds} is not a bare 1x1 projection (type B of "
+                "preresnet.lua without BN); not expressible with PreActResNet options."
+            )
+        if inner_preact:
+            raise ValueError(f"{prefix}: projection reads the un-activated input.")
+        self.conv(sc_layers[0], f"{prefix}_0_conv", prefix)
+
+    def network(self, model):
+        mods = _children(model)
+        stage = 0
+        seen_conv = False
+        for m in mods:
+            kind = _kind(m)
+            if kind == "SpatialConvolution" and not seen_conv:
+                self.conv(m, "conv1_conv", "stem")
+                seen_conv = True
+            elif kind == "SpatialBatchNormalization":
+                self.bn(m, "conv1_bn" if stage == 0 else "post_bn")
+            elif kind == "Sequential":
+                stage += 1
+                for b, block in enumerate(_children(m)):
+                    self.unit(block, f"conv{stage + 1}_block{b + 1}", first=stage == 1 and b == 0)
+            elif kind == "Linear":
+                self.tensors["predictions"] = {
+                    "kernel": np.asarray(m[b"weight"], np.float32).T,
+                    "bias": np.asarray(m[b"bias"], np.float32),
+                }
+            elif kind not in ("ReLU", "SpatialMaxPooling", "SpatialAveragePooling", "Copy",
+                              "View", "Reshape", "Dropout"):  # fmt: skip
+                raise ValueError(f"Unexpected top-level module {kind} in the .t7 network.")
+        if stage == 0:
+            raise ValueError("No residual stages (nn.Sequential of units) in the .t7 network.")
+        return self.tensors
+
+
+def convert_module(model):
+    """Maps a torchfile-loaded `nn.Sequential` to the neutral form; returns (tensors, eps set)."""
+    conv = _Converter()
+    tensors = conv.network(model)
+    return tensors, conv.eps
+
+
+def read(path):
+    import torchfile
+
+    try:
+        model = torchfile.load(path)
+    except (struct.error, EOFError, ValueError, torchfile.T7ReaderException) as e:
+        raise ValueError(f"{path!r} is not a readable Torch7 file (truncated?): {e}") from e
+    tensors, eps = convert_module(model)
+    if eps - {1e-5}:
+        raise ValueError(f"{path!r}: BatchNorm eps {sorted(eps)}; the layout expects 1e-5.")
+    return tensors
+
+
+# -- A minimal Torch7 writer, for test fixtures (tools/make_t7_fixture.py). -------------
+
+
+class T7Module:
+    """A Torch class instance to serialize: `T7Module("nn.ReLU", {"inplace": True})`."""
+
+    def __init__(self, typename, fields):
+        self.typename = typename
+        self.fields = fields
+
+
+def write(path, obj):
+    """Serializes numbers, strings, booleans, dicts, lists (1-based tables), float32 numpy
+    arrays (`torch.FloatTensor`) and `T7Module`s in the Torch7 binary format."""
+    out = []
+    counter = [0]
+
+    def put(fmt, *v):
+        out.append(struct.pack(fmt, *v))
+
+    def raw_string(s):
+        b = s.encode("utf8")
+        put("<i", len(b))
+        out.append(b)
+
+    def index():
+        counter[0] += 1
+        put("<i", counter[0])
+
+    def obj_(x):
+        if x is None:
+            put("<i", 0)
+        elif isinstance(x, bool):
+            put("<ii", 5, int(x))
+        elif isinstance(x, (int, float)):
+            put("<id", 1, float(x))
+        elif isinstance(x, str):
+            put("<i", 2)
+            raw_string(x)
+        elif isinstance(x, np.ndarray):
+            a = np.ascontiguousarray(x, np.float32)
+            put("<i", 4)
+            index()
+            raw_string("V 1")
+            raw_string("torch.FloatTensor")
+            put("<i", a.ndim)
+            strides = [s // 4 for s in a.strides]
+            put(f"<{a.ndim}q", *a.shape)
+            put(f"<{a.ndim}q", *strides)
+            put("<q", 1)
+            put("<i", 4)
+            index()
+            raw_string("V 1")
+            raw_string("torch.FloatStorage")
+            put("<q", a.size)
+            out.append(a.tobytes())
+        elif isinstance(x, T7Module):
+            put("<i", 4)
+            index()
+            raw_string("V 1")
+            raw_string(x.typename)
+            obj_(x.fields)
+        elif isinstance(x, (dict, list)):
+            items = list(x.items()) if isinstance(x, dict) else list(enumerate(x, start=1))
+            put("<i", 3)
+            index()
+            put("<i", len(items))
+            for k, v in items:
+                obj_(k)
+                obj_(v)
+        else:
+            raise TypeError(f"Cannot serialize {type(x).__name__} to Torch7.")
+
+    obj_(obj)
+    with open(path, "wb") as f:
+        f.write(b"".join(out))
