@@ -6,8 +6,13 @@ per-replica batches for that input pipeline, ready for
 `strategy.distribute_datasets_from_function`.
 """
 
+import functools
+import os
+
 import numpy as np
 import tensorflow as tf
+
+from keras_preact.data import imagenet_preprocessing as ipp
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -25,6 +30,7 @@ def per_replica_batch(global_batch_size, input_context):
 
 
 def _options(deterministic):
+    # Evaluation is always ordered; training may trade order for throughput.
     options = tf.data.Options()
     options.deterministic = bool(deterministic)
     options.experimental_optimization.map_parallelization = True
@@ -131,7 +137,7 @@ def array_dataset(
             )
     ds = ds.batch(batch, drop_remainder=training)
     ds = ds.map(normalize, num_parallel_calls=AUTOTUNE)
-    return ds.with_options(_options(deterministic)).prefetch(AUTOTUNE)
+    return ds.with_options(_options(deterministic or not training)).prefetch(AUTOTUNE)
 
 
 def load_tfds_arrays(name, data_dir=None, download=True):
@@ -156,3 +162,228 @@ def load_tfds_arrays(name, data_dir=None, download=True):
         )
         out.append((x.astype(np.uint8), y.astype(np.int64)))
     return tuple(out)
+
+
+# ----------------------------------------------------------------------------
+# ImageNet-format data: TFRecord shards or TFDS, kept encoded until the map.
+
+
+class SkipCounter:
+    """Counts the images a pipeline could not decode and skipped.
+
+    Each element increments `started` before decoding and `decoded` after; an
+    element whose decode fails raises inside the map, is dropped by
+    `ignore_errors` and never reaches `decoded`. `skipped()` is exact once the
+    dataset is exhausted; mid-epoch it can also include the few elements in
+    flight.
+    """
+
+    def __init__(self):
+        with tf.init_scope():
+            self.started = tf.Variable(0, dtype=tf.int64, trainable=False, name="started")
+            self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="decoded")
+
+    def skipped(self):
+        return int(self.started.numpy() - self.decoded.numpy())
+
+    def wrap(self, fn):
+        def counted(image_bytes, label):
+            with tf.control_dependencies([self.started.assign_add(1)]):
+                image = fn(image_bytes)
+            with tf.control_dependencies([image]):
+                done = self.decoded.assign_add(1)
+            with tf.control_dependencies([done]):
+                return tf.identity(image), label
+
+        return counted
+
+
+def parse_example(serialized, label_offset=1):
+    """ImageNet TFRecord example -> `(encoded image, label - label_offset)`.
+
+    The TF official and TPU ImageNet scripts store `image/encoded` and a 1-based
+    `image/class/label` (0 is "background"), hence the default offset of 1.
+    """
+    features = tf.io.parse_single_example(
+        serialized,
+        {
+            "image/encoded": tf.io.FixedLenFeature([], tf.string),
+            "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+        },
+    )
+    return features["image/encoded"], features["image/class/label"] - label_offset
+
+
+def write_imagenet_tfrecords(path, encoded_images, labels):
+    """Writes `(encoded bytes, 1-based label)` pairs as one ImageNet-format shard."""
+    with tf.io.TFRecordWriter(path) as writer:
+        for data, label in zip(encoded_images, labels):
+            example = tf.train.Example(
+                features=tf.train.Features(
+                    feature={
+                        "image/encoded": tf.train.Feature(
+                            bytes_list=tf.train.BytesList(value=[data])
+                        ),
+                        "image/class/label": tf.train.Feature(
+                            int64_list=tf.train.Int64List(value=[int(label)])
+                        ),
+                    }
+                )
+            )
+            writer.write(example.SerializeToString())
+
+
+def _encoded_records(
+    source,
+    split,
+    data_dir,
+    training,
+    input_context,
+    seed,
+    deterministic,
+    label_offset,
+    cycle_length,
+):
+    """Dataset of `(encoded image, label)`, one file-level shard per input pipeline."""
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    if source == "tfrecord":
+        prefix = "train" if split.startswith("train") else "validation"
+        files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{prefix}-*")))
+        if not files:
+            raise FileNotFoundError(f"No {prefix}-* TFRecord shards in {data_dir!r}.")
+        if len(files) < pipelines:
+            raise ValueError(
+                f"{len(files)} {prefix} shards cannot be split over {pipelines} input "
+                "pipelines; write at least one shard per pipeline."
+            )
+        ds = tf.data.Dataset.from_tensor_slices(files).shard(pipelines, pipeline_id)
+        if training:
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.interleave(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
+            cycle_length=cycle_length,
+            num_parallel_calls=AUTOTUNE,
+            deterministic=bool(deterministic) or not training,
+        )
+        return ds.map(lambda r: parse_example(r, label_offset), num_parallel_calls=AUTOTUNE)
+    import tensorflow_datasets as tfds
+
+    read_config = tfds.ReadConfig(
+        input_context=input_context,
+        shuffle_seed=seed,
+        interleave_cycle_length=cycle_length,
+        try_autocache=False,
+    )
+    ds = tfds.load(
+        source,
+        split=split,
+        data_dir=data_dir,
+        shuffle_files=training,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=read_config,
+    )
+    return ds.map(lambda e: (e["image"], e["label"]), num_parallel_calls=AUTOTUNE)
+
+
+def imagenet_dataset(
+    *,
+    source,
+    split,
+    batch_size,
+    training,
+    data_dir=None,
+    input_context=None,
+    crop="inception",
+    image_size=224,
+    eval_resize=256,
+    color=False,
+    fused=True,
+    normalize=True,
+    seed=0,
+    deterministic=False,
+    shuffle_buffer=10_000,
+    label_offset=1,
+    cycle_length=16,
+    counter=None,
+    one_hot_classes=None,
+):
+    """The ImageNet input pipeline.
+
+    Records stay encoded through the shuffle (a 10k-element buffer of JPEG bytes
+    is ~1 GB less than of decoded images); decoding, cropping and augmentation
+    run in one parallel map; undecodable images are dropped and counted.
+
+    Args:
+        source: `"tfrecord"` (shards `train-*` / `validation-*` in `data_dir`),
+            or a TFDS name such as `"imagenet2012"` or `"imagenette"`.
+        split: `"train"` or `"validation"` (any TFDS split string for TFDS).
+        batch_size: the global batch size; each pipeline yields per-replica
+            batches.
+        training: shuffle, repeat, augment, drop the remainder.
+        data_dir: shard folder, or the TFDS data_dir.
+        input_context: `tf.distribute.InputContext`, or None.
+        crop: training crop, `"inception"` or `"scale"`.
+        image_size: training crop size (224).
+        eval_resize: shorter side before the evaluation centre crop of
+            `image_size` (256 -> 224; 320 -> 320 for Table 5).
+        color: colour augmentation.
+        fused: decode only the crop window of JPEGs.
+        normalize: subtract the mean and divide by the std here; if False the
+            batches are uint8 and normalization runs on the accelerator.
+        seed: seed of shuffles and augmentation.
+        deterministic: fixed order and stateless augmentation.
+        shuffle_buffer: number of encoded records in the shuffle buffer.
+        label_offset: subtracted from TFRecord labels (1 for the TF scripts).
+        cycle_length: shards read in parallel.
+        counter: a `SkipCounter` to count skipped images.
+        one_hot_classes: emit one-hot labels of this depth (for label smoothing).
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels)` batches.
+    """
+    batch = per_replica_batch(batch_size, input_context)
+    ds = _encoded_records(
+        source,
+        split,
+        data_dir,
+        training,
+        input_context,
+        seed,
+        deterministic,
+        label_offset,
+        cycle_length,
+    )
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    counter = counter or SkipCounter()
+    if training:
+        prep = functools.partial(
+            ipp.preprocess_train, crop=crop, size=image_size, color=color, fused=fused
+        )
+    else:
+        prep = functools.partial(ipp.preprocess_eval, resize=eval_resize, crop=image_size)
+    if training and deterministic:
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))
+        ds = ds.map(
+            lambda xy, s: counter.wrap(functools.partial(prep, seed=s))(*xy),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
+    else:
+        ds = ds.map(
+            counter.wrap(prep),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=bool(deterministic) or not training,
+        )
+    ds = ds.ignore_errors(log_warning=True)
+    ds = ds.batch(batch, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+
+    def finish(images, labels):
+        images = ipp.normalize(images) if normalize else tf.cast(tf.round(images), tf.uint8)
+        if one_hot_classes:
+            labels = tf.one_hot(labels, one_hot_classes)
+        return images, labels
+
+    ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
+    return ds.with_options(_options(deterministic or not training)).prefetch(AUTOTUNE)
