@@ -26,7 +26,7 @@ def _kind(module):
 
 
 def _children(module):
-    modules = module[b"modules"] or []
+    modules = module["modules"] or []
     return list(modules.values()) if isinstance(modules, dict) else list(modules)
 
 
@@ -41,33 +41,33 @@ class _Converter:
         self.eps = set()
 
     def conv(self, module, layer, where):
-        w = np.asarray(module[b"weight"], np.float32)
-        n_out, n_in = int(module[b"nOutputPlane"]), int(module[b"nInputPlane"])
-        kh, kw = int(module[b"kH"]), int(module[b"kW"])
+        w = np.asarray(module["weight"], np.float32)
+        n_out, n_in = int(module["nOutputPlane"]), int(module["nInputPlane"])
+        kh, kw = int(module["kH"]), int(module["kW"])
         if w.size != n_out * n_in * kh * kw:
             raise ValueError(
                 f"{where}: conv weight of {w.size} values does not fit {n_out}x{n_in}x{kh}x{kw}."
             )
         self.tensors[layer] = {"kernel": w.reshape(n_out, n_in, kh, kw).transpose(2, 3, 1, 0)}
-        bias = module[b"bias"]
+        bias = module["bias"]
         # preresnet.lua's ConvInit removes conv biases under cuDNN >= 4; a zero bias from
         # older cuDNN changes nothing, any other bias has no place in this layout.
         if bias is not None and np.asarray(bias).size and np.any(np.asarray(bias) != 0):
             raise ValueError(f"{where}: convolution {layer} has a non-zero bias; layout has none.")
 
     def bn(self, module, layer):
-        gamma = np.asarray(module[b"weight"], np.float32)
-        eps = float(module[b"eps"] if module[b"eps"] is not None else 1e-5)
+        gamma = np.asarray(module["weight"], np.float32)
+        eps = float(module["eps"] if module["eps"] is not None else 1e-5)
         self.eps.add(eps)
-        if module[b"running_var"] is not None:
-            var = np.asarray(module[b"running_var"], np.float32)
+        if module["running_var"] is not None:
+            var = np.asarray(module["running_var"], np.float32)
         else:  # nn before 2016 stored 1 / sqrt(var + eps)
-            std = np.asarray(module[b"running_std"], np.float64)
+            std = np.asarray(module["running_std"], np.float64)
             var = (1.0 / std**2 - eps).astype(np.float32)
         self.tensors[layer] = {
             "gamma": gamma,
-            "beta": np.asarray(module[b"bias"], np.float32),
-            "moving_mean": np.asarray(module[b"running_mean"], np.float32),
+            "beta": np.asarray(module["bias"], np.float32),
+            "moving_mean": np.asarray(module["running_mean"], np.float32),
             "moving_variance": var,
         }
 
@@ -100,7 +100,7 @@ class _Converter:
             kind = _kind(m)
             if kind == "SpatialConvolution":
                 convs += 1
-                if int(m[b"kW"]) == 1 and int(m[b"dW"] or 1) != 1:
+                if int(m["kW"]) == 1 and int(m["dW"] or 1) != 1:
                     raise ValueError(f"{prefix}: stride on a 1x1 conv; layout has stride_in='3x3'.")
                 self.conv(m, f"{prefix}_{convs}_conv", prefix)
             elif kind == "SpatialBatchNormalization":
@@ -140,8 +140,8 @@ class _Converter:
                     self.unit(block, f"conv{stage + 1}_block{b + 1}", first=stage == 1 and b == 0)
             elif kind == "Linear":
                 self.tensors["predictions"] = {
-                    "kernel": np.asarray(m[b"weight"], np.float32).T,
-                    "bias": np.asarray(m[b"bias"], np.float32),
+                    "kernel": np.asarray(m["weight"], np.float32).T,
+                    "bias": np.asarray(m["bias"], np.float32),
                 }
             elif kind not in ("ReLU", "SpatialMaxPooling", "SpatialAveragePooling", "Copy",
                               "View", "Reshape", "Dropout"):  # fmt: skip

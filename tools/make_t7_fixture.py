@@ -1,0 +1,147 @@
+r"""Writes the fb.resnet.torch fixture: a small preresnet.lua-shaped network in Torch7 format.
+
+`tests/fixtures/fb_preresnet_tiny.t7` holds an `nn.Sequential` with the module types, field
+names and nesting of `models/preresnet.lua` (facebookarchive/fb.resnet.torch, ImageNet
+branch: stem conv-BN-ReLU-maxpool, "both_preact" first units with a bare 1x1 projection,
+final BN-ReLU, average pool, View, Linear; plus the `nn.Copy` older checkpoints carry),
+at 1/8 width with (2, 2, 1, 1) bottleneck units and random weights, serialized by
+`keras_preact.convert.torch7.write`. `tests/fixtures/fb_preresnet_tiny.npz` holds an input
+batch and the logits of an independent forward pass: a small interpreter of the Torch
+modules written with torch.nn.functional, walking the same module tree as Lua would.
+
+    python tools/make_t7_fixture.py
+"""
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from keras_preact.convert.torch7 import T7Module, write
+
+FIXTURES = os.path.join(os.path.dirname(__file__), os.pardir, "tests", "fixtures")
+STAGES = (2, 2, 1, 1)
+WIDTHS = (8, 16, 32, 64)  # bottleneck inner widths: preresnet.lua's 64..512 over 8
+CLASSES = 10
+SIZE = 64
+
+rng = np.random.default_rng(7)
+
+
+def conv(n_in, n_out, k, stride=1, pad=0, zero_bias=False):
+    fan_in = n_in * k * k
+    w = (rng.standard_normal((n_out, n_in, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    fields = {"nInputPlane": n_in, "nOutputPlane": n_out, "kW": k, "kH": k, "dW": stride,
+              "dH": stride, "padW": pad, "padH": pad, "weight": w, "train": False}  # fmt: skip
+    if zero_bias:  # cuDNN < 4 kept a zeroed bias (ConvInit); the converter must accept it
+        fields["bias"] = np.zeros(n_out, np.float32)
+    return T7Module("cudnn.SpatialConvolution", fields)
+
+
+def bn(n):
+    return T7Module("nn.SpatialBatchNormalization", {
+        "weight": (1 + 0.2 * rng.standard_normal(n)).astype(np.float32),
+        "bias": (0.2 * rng.standard_normal(n)).astype(np.float32),
+        "running_mean": (0.2 * rng.standard_normal(n)).astype(np.float32),
+        "running_var": rng.uniform(0.5, 1.5, n).astype(np.float32),
+        "eps": 1e-5, "momentum": 0.1, "affine": True, "nDim": 4, "train": False,
+    })  # fmt: skip
+
+
+def relu():
+    return T7Module("cudnn.ReLU", {"inplace": True, "train": False})
+
+
+def seq(*modules, kind="nn.Sequential"):
+    return T7Module(kind, {"modules": list(modules), "train": False})
+
+
+def bottleneck(n_in, n, stride, kind):
+    s = []
+    block = []
+    if kind == "both_preact":
+        block += [bn(n_in), relu()]
+    elif kind != "no_preact":
+        s += [bn(n_in), relu()]
+    s += [conv(n_in, n, 1), bn(n), relu(), conv(n, n, 3, stride, 1), bn(n), relu(),
+          conv(n, 4 * n, 1)]  # fmt: skip
+    shortcut = (
+        seq(conv(n_in, 4 * n, 1, stride, zero_bias=True))
+        if n_in != 4 * n
+        else T7Module("nn.Identity", {"train": False})
+    )
+    block += [
+        seq(seq(*s), shortcut, kind="nn.ConcatTable"),
+        T7Module("nn.CAddTable", {"inplace": True}),
+    ]
+    return seq(*block)
+
+
+def network():
+    mods = [conv(3, 64, 7, 2, 3), bn(64), relu(),
+            T7Module("nn.SpatialMaxPooling", {"kW": 3, "kH": 3, "dW": 2, "dH": 2, "padW": 1, "padH": 1})]  # fmt: skip
+    n_in = 64
+    for s, (count, n) in enumerate(zip(STAGES, WIDTHS)):
+        units = []
+        for i in range(count):
+            kind = ("no_preact" if s == 0 else "both_preact") if i == 0 else None
+            units.append(bottleneck(n_in, n, (1 if s == 0 else 2) if i == 0 else 1, kind))
+            n_in = 4 * n
+        mods.append(seq(*units))
+    side = SIZE // 32
+    mods += [T7Module("nn.Copy", {}), bn(n_in), relu(),
+             T7Module("cudnn.SpatialAveragePooling", {"kW": side, "kH": side, "dW": 1, "dH": 1}),
+             T7Module("nn.View", {"size": [n_in], "numInputDims": 3}),
+             T7Module("nn.Linear", {
+                 "weight": (rng.standard_normal((CLASSES, n_in)) / np.sqrt(n_in)).astype(np.float32),
+                 "bias": (0.1 * rng.standard_normal(CLASSES)).astype(np.float32)})]  # fmt: skip
+    return seq(*mods)
+
+
+def forward(m, x):
+    """Torch7 semantics of each module type, in eval mode (NCHW)."""
+    kind = m.typename.rpartition(".")[2]
+    f = m.fields
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    if kind == "Sequential":
+        for child in f["modules"]:
+            x = forward(child, x)
+        return x
+    if kind == "ConcatTable":
+        return [forward(child, x) for child in f["modules"]]
+    if kind == "CAddTable":
+        return sum(x)
+    if kind == "SpatialConvolution":
+        b = t(f["bias"]) if "bias" in f else None
+        return F.conv2d(x, t(f["weight"]), b, stride=f["dW"], padding=f["padW"])
+    if kind == "SpatialBatchNormalization":
+        return F.batch_norm(x, t(f["running_mean"]), t(f["running_var"]), t(f["weight"]),
+                            t(f["bias"]), False, 0.0, f["eps"])  # fmt: skip
+    if kind == "ReLU":
+        return F.relu(x)
+    if kind == "SpatialMaxPooling":  # Torch7 pads max-pooling with -inf, as PyTorch does
+        return F.max_pool2d(x, f["kW"], f["dW"], f["padW"])
+    if kind == "SpatialAveragePooling":
+        return F.avg_pool2d(x, f["kW"], f["dW"])
+    if kind in ("Identity", "Copy"):
+        return x
+    if kind == "View":
+        return x.reshape(x.shape[0], -1)
+    if kind == "Linear":
+        return F.linear(x, t(f["weight"]), t(f["bias"]))
+    raise ValueError(kind)
+
+
+def main():
+    net = network()
+    x = rng.uniform(-2, 2, (2, 3, SIZE, SIZE)).astype(np.float32)
+    with torch.no_grad():
+        logits = forward(net, torch.from_numpy(x)).numpy()
+    write(os.path.join(FIXTURES, "fb_preresnet_tiny.t7"), net)
+    np.savez_compressed(os.path.join(FIXTURES, "fb_preresnet_tiny.npz"), x_nchw=x, logits=logits)
+    print("logits", logits.shape, "max |logit|", float(np.abs(logits).max()))
+
+
+if __name__ == "__main__":
+    main()
