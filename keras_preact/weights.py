@@ -83,7 +83,8 @@ class WeightsRecord:
         file_name: name in the Keras cache (`~/.keras/models/`).
         file_hash, hash_algorithm: the hash the source publishes (None where it does not).
         license: license of the weights as the source states it.
-        num_params: parameter count of the built model (checked by a test).
+        num_params: `model.count_params()` of the built model, BatchNorm moving statistics
+            included as in keras.applications (checked by a test).
         top1, top5: accuracy (%) as reported by `metrics_source`, not measured here.
         metrics_source: who reported `top1`/`top5`, and how (crop, resolution).
         eval_size: input side at which `top1` was measured.
@@ -166,10 +167,10 @@ def _keras(depth, md5, top1, top5, params):
 #: Every record. Hashes: keras' md5 from `WEIGHTS_HASHES` in keras/src/applications/resnet.py;
 #: Hugging Face and fb.resnet.torch publish none with the file (see docs/weights.md).
 RECORDS = [
-    _timm(18, "ra4_e3600_r224_in1k", 73.57, 11_689_512, 0.9),
-    _timm(34, "ra4_e3600_r224_in1k", 77.63, 21_797_672, 0.9),
-    _timm(50, "a1h_in1k", 80.41, 25_548_712, 0.95),
-    _timm(101, "a1h_in1k", 82.04, 44_540_840, 0.95),
+    _timm(18, "ra4_e3600_r224_in1k", 73.57, 11_695_528, 0.9),
+    _timm(34, "ra4_e3600_r224_in1k", 77.63, 21_811_112, 0.9),
+    _timm(50, "a1h_in1k", 80.41, 25_594_792, 0.95),
+    _timm(101, "a1h_in1k", 82.04, 44_639_144, 0.95),
     _keras(50, "3ef43a0b657b3be2300d5770ece849e0", 76.0, 93.0, 25_613_800),
     _keras(101, "6343647c601c52e1368623803854d971", 77.2, 93.8, 44_675_560),
     _keras(152, "a49b44d1979771252814e80f8ec446f9", 78.0, 94.2, 60_380_648),
@@ -186,7 +187,7 @@ RECORDS = [
         url="https://d2j0dndfm35trm.cloudfront.net/resnet-200.t7",
         file_name="resnet-200.t7",
         license="BSD-3-Clause + PATENTS (fb.resnet.torch)",
-        num_params=64_669_864,
+        num_params=64_834_472,
         top1=100 - 21.66,
         top5=100 - 5.79,
         metrics_source="fb.resnet.torch pretrained/README.md, 1-crop 224x224 error 21.66 / 5.79",
@@ -204,7 +205,7 @@ RECORDS = [
         format="keras_h5",
         shipped="weights_files/preact_resnet20_fashion_mnist.h5",
         license="Apache-2.0 (keras-preact)",
-        num_params=272_474,
+        num_params=273_370,
         top1=None,
         metrics_source="measured here on the 10,000 test images (see command)",
         eval_size=28,
@@ -231,12 +232,12 @@ def get_record(name, depth=None):
     """
     candidates = [r for r in RECORDS if depth is None or r.depth == depth]
     if ":" in name:
-        found = [r for r in RECORDS if r.name == name]
-        if found and depth is not None and found[0].depth != depth:
+        found = [r for r in candidates if r.name == name]
+        others = [r.model for r in RECORDS if r.name == name]
+        if not found and others and depth is not None:
             raise ValueError(
-                f"weights={name!r} are for {found[0].model} (depth {found[0].depth}), not "
-                f"a depth-{depth} network. Records for depth {depth}: "
-                f"{[r.name for r in candidates]}."
+                f"weights={name!r} exist for {others}, not for a depth-{depth} network. "
+                f"Records for depth {depth}: {[r.name for r in candidates]}."
             )
     else:
         found = sorted(
@@ -392,6 +393,10 @@ def fetch(record, cache_dir=None):
     from keras.src.backend import config
 
     base = os.path.expanduser(cache_dir or config.keras_home())
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError:
+        pass
     if not os.access(base, os.W_OK):  # keras.utils.get_file's own fallback
         base = os.path.join("/tmp", ".keras")
     cached = os.path.join(base, "models", record.file_name)
