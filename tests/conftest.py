@@ -1,0 +1,33 @@
+import keras
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore_globals():
+    """Seeds Keras' RNG and restores the global dtype policy and image data format."""
+    policy = keras.config.dtype_policy()
+    data_format = keras.config.image_data_format()
+    keras.utils.set_random_seed(1234)
+    yield
+    keras.config.set_dtype_policy(policy)
+    keras.config.set_image_data_format(data_format)
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    """Runs the test under the `mixed_bfloat16` policy; the autouse fixture restores it."""
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    yield
+
+
+@pytest.fixture
+def backend():
+    return keras.backend.backend()
+
+
+@pytest.fixture
+def channels_first_supported(backend):
+    if backend == "tensorflow":
+        pytest.skip("TensorFlow's CPU Conv2D does not support NCHW (channels_first)")
+    if backend not in ("jax", "torch"):
+        pytest.skip(f"channels_first not checked on backend {backend!r}")
