@@ -12,11 +12,13 @@ import http.server
 import os
 import shutil
 import threading
+from unittest import mock
 
 import h5py
 import keras
 import numpy as np
 import pytest
+from keras.src.initializers.random_initializers import VarianceScaling
 
 import keras_preact
 from keras_preact import convert
@@ -32,7 +34,7 @@ def _tiny(block, stage_blocks, width_multiplier, **kwargs):
     return keras_preact.PreActResNet(
         family="imagenet", block=block, stage_blocks=stage_blocks,
         width_multiplier=width_multiplier, input_shape=(64, 64, 3), classes=10,
-        classifier_activation=None, **kwargs,
+        classifier_activation=None, kernel_initializer="zeros", **kwargs,
     )  # fmt: skip
 
 
@@ -79,9 +81,10 @@ def test_imagenet_picks_the_best_reported_top1():
 )
 def test_record_param_count_matches_the_built_model(record):
     # Builds with the record's layout but no weights: the count is what the file fills.
-    model = keras_preact.get_model(
-        record.model, input_shape=record.input_shape, classes=record.classes, **record.layout
-    )
+    with mock.patch.object(VarianceScaling, "__call__", _zeros):  # only shapes matter
+        model = keras_preact.get_model(
+            record.model, input_shape=record.input_shape, classes=record.classes, **record.layout
+        )
     assert model.count_params() == record.num_params
 
 
@@ -126,6 +129,10 @@ def test_local_upstream_file_checks_the_layout_of_its_format():
 # -- Parity: keras.applications --------------------------------------------------------
 
 
+def _zeros(self, shape, dtype=None):
+    return keras.ops.zeros(shape, dtype=dtype)
+
+
 def _keras_reference():
     from keras.src.applications import resnet as keras_resnet
 
@@ -135,10 +142,13 @@ def _keras_reference():
         return keras_resnet.stack_residual_blocks_v2(x, 256, 2, stride1=1, name="conv5")
 
     # Keras' own ResNetV2 code (preact=True, use_bias=True), at half width, 2 units a stage.
-    ref = keras_resnet.ResNet(
-        stack_fn, True, True, weights=None, input_shape=(64, 64, 3), classes=10,
-        classifier_activation=None, name="keras_resnetv2_tiny",
-    )  # fmt: skip
+    # Random initialization compiles one kernel per shape under JAX (slow); every value is
+    # overwritten below, so the initializers return zeros while building.
+    with mock.patch.object(VarianceScaling, "__call__", _zeros):
+        ref = keras_resnet.ResNet(
+            stack_fn, True, True, weights=None, input_shape=(64, 64, 3), classes=10,
+            classifier_activation=None, name="keras_resnetv2_tiny",
+        )  # fmt: skip
     rng = np.random.default_rng(0)
     for w in ref.weights:
         if w.name == "moving_variance":
@@ -174,7 +184,8 @@ def test_keras_applications_without_top(keras_h5):
     path, x, _, _ = keras_h5
     model = keras_preact.PreActResNet(
         family="imagenet", block="bottleneck", stage_blocks=(2, 2, 2, 2), width_multiplier=0.5,
-        input_shape=(64, 64, 3), include_top=False, pooling="avg", weights=path,
+        input_shape=(64, 64, 3), include_top=False, pooling="avg", kernel_initializer="zeros",
+        weights=path,
     )  # fmt: skip
     kernel = keras.ops.convert_to_numpy(model.get_layer("conv1_conv").kernel)
     np.testing.assert_array_equal(kernel, convert.read_tensors(path)["conv1_conv"]["kernel"])
@@ -202,7 +213,7 @@ def test_timm_parity_channels_first():
     model = keras_preact.PreActResNet(
         family="imagenet", block="basic", stage_blocks=(2, 1, 1, 1), width_multiplier=0.125,
         input_shape=(3, 64, 64), classes=10, classifier_activation=None,
-        data_format="channels_first", weights=os.path.join(FIXTURES, "timm_basic.safetensors"),
+        kernel_initializer="zeros", data_format="channels_first", weights=os.path.join(FIXTURES, "timm_basic.safetensors"),
     )  # fmt: skip
     np.testing.assert_allclose(_logits(model, golden["x_nchw"]), golden["logits"], atol=TOL)
 
@@ -348,7 +359,8 @@ def test_download_convert_and_cache(monkeypatch, tmp_path, server):
     _, cached = _served_record(monkeypatch, tmp_path, server, md5.hexdigest())
     golden = np.load(os.path.join(FIXTURES, "timm_basic.npz"))
     kwargs = dict(family="imagenet", block="basic", stage_blocks=(2, 1, 1, 1),
-                  width_multiplier=0.125, classifier_activation=None)  # fmt: skip
+                  width_multiplier=0.125, classifier_activation=None,
+                  kernel_initializer="zeros")  # fmt: skip
     model = keras_preact.PreActResNet(weights="test:served", **kwargs)
     assert model.input_shape == (None, 64, 64, 3)  # from the record
     assert cached.exists() and os.path.exists(f"{cached}.keras_preact.h5")
