@@ -257,14 +257,14 @@ def main(argv):
         final = custom_loop.evaluate(
             model, strategy, strategy.distribute_datasets_from_function(val_fn)
         )
-    if chief:
-        common.save_weights_atomic(model, os.path.join(FLAGS.model_dir, "final.weights.h5"))
+    common.save_weights_atomic(
+        model, os.path.join(common.write_dir(strategy, FLAGS.model_dir), "final.weights.h5"))
     summary = {
         "model": FLAGS.model,
         "dataset": FLAGS.dataset,
         "epochs_run": len(history.get("loss", [])),
         "resumed_from_epoch": initial_epoch,
-        "steps": int(optimizer.iterations),
+        "steps": int(common.scalar(optimizer.iterations)),
         "test_top1": float(final.get("top1")),
         "test_top5": float(final.get("top5")),
         "test_loss": float(final.get("loss")),

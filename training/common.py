@@ -161,6 +161,28 @@ def is_chief(strategy):
     )
 
 
+def scalar(value):
+    """A Python float from a Keras/TF variable or tensor (also a MirroredVariable)."""
+    value = getattr(value, "value", value)
+    if hasattr(value, "numpy"):
+        return float(value.numpy())
+    return float(keras.ops.convert_to_numpy(value))
+
+
+def write_dir(strategy, model_dir):
+    """`model_dir` on the chief; a scratch folder under it on other workers.
+
+    Every worker saves (reading variables may involve collectives), but only the
+    chief's files are the run's.
+    """
+    if is_chief(strategy):
+        return model_dir
+    resolver = strategy.cluster_resolver
+    path = os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def set_precision(mixed, strategy_name):
     if not mixed:
         return "float32"
@@ -415,7 +437,7 @@ class MaxSteps(keras.callbacks.Callback):
         self.max_steps = max_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) >= self.max_steps:
+        if scalar(self.model.optimizer.iterations) >= self.max_steps:
             self.model.stop_training = True
 
 

@@ -57,6 +57,27 @@ def make_train_step(model, optimizer, strategy, global_batch_size, *, jit_compil
     return step
 
 
+def make_sync_step(model, strategy):
+    """Averages BatchNorm moving statistics over all replicas (timm's `distribute_bn`).
+
+    Each replica updates its own moving mean and variance from its own batches;
+    without this, workers would end an epoch with different statistics.
+    """
+    variables = [v for v in model.non_trainable_variables
+                 if "float" in str(v.dtype)]
+
+    @tf.function
+    def sync():
+        def fn():
+            ctx = tf.distribute.get_replica_context()
+            for v in variables:
+                v.assign(ctx.all_reduce("MEAN", tf.identity(v.value)))
+
+        strategy.run(fn)
+
+    return sync
+
+
 def make_eval_step(model, strategy):
     def step_fn(images, labels):
         logits = model(images, training=False)
@@ -120,6 +141,7 @@ def fit(
     guard = common.NaNGuard()
     csv_path = os.path.join(write_dir, "log.csv")
     step = make_train_step(model, optimizer, strategy, global_batch_size, jit_compile=jit_compile)
+    sync = make_sync_step(model, strategy)
     iterator = iter(train_dist_dataset)
     history = {}
     for epoch in range(initial_epoch, epochs):
@@ -142,10 +164,11 @@ def fit(
             }
             guard.on_train_batch_end(i, {"loss": out[0]})
             bar.update(i + 1, [(k, v) for k, v in logs.items()])
-            if max_steps and int(optimizer.iterations) >= max_steps:
+            if max_steps and int(common.scalar(optimizer.iterations)) >= max_steps:
                 break
+        sync()
         logs["epoch_time_s"] = time.time() - start
-        logs["lr"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        logs["lr"] = common.scalar(optimizer.learning_rate)
         if val_dist_dataset_fn is not None:
             for k, v in evaluate(model, strategy, val_dist_dataset_fn()).items():
                 logs["val_" + k] = v
@@ -159,6 +182,6 @@ def fit(
             f.write(",".join([str(epoch), *(f"{v:.6g}" for v in logs.values())]) + "\n")
         for k, v in logs.items():
             history.setdefault(k, []).append(v)
-        if max_steps and int(optimizer.iterations) >= max_steps:
+        if max_steps and int(common.scalar(optimizer.iterations)) >= max_steps:
             break
     return history

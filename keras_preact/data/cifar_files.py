@@ -87,3 +87,33 @@ def load_cifar(name, data_dir):
                 batches.append(_unpickle(f))
         out.append(_to_arrays(batches, layout["label_key"]))
     return tuple(out)
+
+
+def write_cifar(name, data_dir, train, test):
+    """Writes arrays in the python-version layout that `load_cifar` reads.
+
+    Used to make small stand-in datasets for smoke tests; the training images
+    are split over the same batch files as the real archive.
+
+    Args:
+        name: `"cifar10"` or `"cifar100"`.
+        data_dir: output directory; the layout's folder is created in it.
+        train: `(images, labels)`, uint8 `(N, 32, 32, 3)` and int labels.
+        test: `(images, labels)`.
+
+    Example:
+
+    >>> x = np.zeros((10, 32, 32, 3), np.uint8); y = np.arange(10)
+    >>> write_cifar("cifar10", "/tmp/c10", (x, y), (x, y))  # doctest: +SKIP
+    """
+    layout = _LAYOUT[name]
+    folder = os.path.join(data_dir, layout["folder"])
+    os.makedirs(folder, exist_ok=True)
+    for split, (images, labels) in (("train", train), ("test", test)):
+        files = layout[split]
+        rows = np.asarray(images, np.uint8).transpose(0, 3, 1, 2).reshape(len(images), -1)
+        for i, fname in enumerate(files):
+            part = slice(i, None, len(files))
+            batch = {b"data": rows[part], layout["label_key"]: [int(v) for v in labels[part]]}
+            with open(os.path.join(folder, fname), "wb") as f:
+                pickle.dump(batch, f)

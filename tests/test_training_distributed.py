@@ -1,0 +1,157 @@
+"""tf.distribute: MirroredStrategy equals one device; two-worker MultiWorkerMirrored.
+
+These need the TensorFlow backend (tf.distribute strategies hold TF variables);
+under KERAS_BACKEND=jax or torch they are skipped. Each runs in a subprocess:
+logical CPU devices and TF_CONFIG must be set before TensorFlow initializes.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import keras
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.distribute strategies need KERAS_BACKEND=tensorflow",
+)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import keras_preact
+    from training import common, custom_loop
+
+    def plain_cnn():
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inputs, keras.layers.Dense(5, name="fc")(x))
+
+    def preact():
+        return keras_preact.PreActResNet(depth=8, family="cifar", block="basic",
+                                         input_shape=(8, 8, 3), classes=5,
+                                         classifier_activation=None)
+
+    def weights(strategy, build, x, y, loop):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = build()
+            common.add_weight_decay(model, 0.01)
+            optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+            if loop == "fit":
+                model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True))
+            optimizer.build(model.trainable_variables)
+        if loop == "fit":
+            model.fit(x, y, batch_size=len(x), epochs=2, shuffle=False, verbose=0)
+        else:
+            data = strategy.experimental_distribute_dataset(
+                tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)).repeat())
+            step = custom_loop.make_train_step(model, optimizer, strategy, len(x))
+            it = iter(data)
+            for _ in range(2):
+                step(it)
+        return [np.asarray(w) for w in model.get_weights()]
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 5, 8)
+    # BatchNorm normalizes per replica, so for the ResNet both halves of the
+    # global batch are the same 4 images: then per-replica and global batch
+    # statistics coincide and the two runs must agree exactly.
+    x_dup, y_dup = np.concatenate([x[:4], x[:4]]), np.concatenate([y[:4], y[:4]])
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    assert mirrored.num_replicas_in_sync == 2
+    worst = {}
+    for name, build, xs, ys in (("cnn", plain_cnn, x, y), ("preact", preact, x_dup, y_dup)):
+        for loop in ("fit", "custom"):
+            ref = weights(one, build, xs, ys, "fit")
+            got = weights(mirrored, build, xs, ys, loop)
+            worst[f"{name}_{loop}"] = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, got))
+    print("RESULT", worst)
+""")
+
+
+def test_mirrored_two_devices_matches_one_device():
+    out = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
+                         text=True, cwd=REPO, timeout=300,
+                         env=dict(os.environ, KERAS_BACKEND="tensorflow"))
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+    assert lines, out.stderr[-4000:]
+    worst = eval(lines[0][len("RESULT"):])  # noqa: S307 - our own dict literal
+    print(worst)
+    for key, diff in worst.items():
+        assert diff < 1e-5, (key, worst)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_worker_multi_worker_mirrored(tmp_path):
+    """Two processes train training/cifar.py together and end with identical weights."""
+    from keras_preact.data import cifar_files
+
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
+    test = (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 20))
+    cifar_files.write_cifar("cifar10", str(tmp_path / "data"), train, test)
+    ports = [_free_port(), _free_port()]
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    model_dir = tmp_path / "run"
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+        cmd = [sys.executable, "training/cifar.py", "--strategy=multi_worker_mirrored",
+               "--dataset=cifar10", "--source=files", f"--data_dir={tmp_path / 'data'}",
+               f"--model_dir={model_dir}", "--batch_size=16", "--epochs=2",
+               "--steps_per_epoch=3", "--lr_schedule=constant", "--base_lr=0.05",
+               "--verbose=2"]
+        log = open(tmp_path / f"worker{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    for proc, log in procs:
+        try:
+            proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    for (proc, _), text in zip(procs, logs):
+        assert proc.returncode == 0, text[-4000:]
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["replicas"] == 2
+    chief = model_dir / "final.weights.h5"
+    other = model_dir / "workers" / "worker_1" / "final.weights.h5"
+    import h5py
+
+    def arrays(path):
+        out = {}
+        with h5py.File(path) as f:
+            f.visititems(lambda k, v: out.__setitem__(k, v[()]) if hasattr(v, "shape")
+                         else None)
+        return out
+
+    a, b = arrays(chief), arrays(other)
+    assert a.keys() == b.keys() and len(a) > 10
+    differ = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not differ, differ
