@@ -196,21 +196,29 @@ RECORDS = [
     ),  # fmt: skip
     WeightsRecord(
         model="PreActResNet20",
-        tag="e8",
+        tag="e6",
         dataset="fashion_mnist",
         classes=10,
         input_shape=(28, 28, 1),
         layout=LAYOUT_PAPER,
-        source="keras-preact (training/cifar.py)",
-        format="keras_h5",
+        source="keras-preact: training/cifar.py, exported by tools/export_weights.py",
+        format="keras_preact_h5",
         shipped="weights_files/preact_resnet20_fashion_mnist.h5",
+        file_hash="03c9e1553559eb811a62f335217722c6b0150115568b4cf0af52cc7cf1107b8b",
+        hash_algorithm="sha256",
         license="Apache-2.0 (keras-preact)",
         num_params=273_370,
-        top1=None,
-        metrics_source="measured here on the 10,000 test images (see command)",
+        top1=92.38,
+        metrics_source="measured here: top-1 on all 10,000 Fashion-MNIST test images "
+        "(tools/export_weights.py, TensorFlow CPU)",
         eval_size=28,
         preprocessing="fashion_mnist",
-        command=None,
+        command="python training/cifar.py --dataset=fashion_mnist --source=files "
+        "--data_dir=/usr/share/datasets/fashion-mnist --model=PreActResNet20 --epochs=6 "
+        "--batch_size=128 --lr_schedule=cosine --base_lr=0.1 --warmup_steps=200 "
+        "--pipeline=numpy --verbose=2 --model_dir=runs/fmnist_r20  # best.weights.h5, then "
+        "python tools/export_weights.py --checkpoint runs/fmnist_r20/best.weights.h5 "
+        "--out keras_preact/weights_files/preact_resnet20_fashion_mnist.h5",
     ),  # fmt: skip
 ]
 
@@ -280,7 +288,7 @@ def _local_record(path, fmt, model_name):
             return r
     return WeightsRecord(
         model=model_name, tag="local", dataset="local", classes=None, input_shape=None,
-        layout=FORMAT_LAYOUTS[fmt], source=os.fspath(path), format=fmt,
+        layout=FORMAT_LAYOUTS.get(fmt, {}), source=os.fspath(path), format=fmt,
     )  # fmt: skip
 
 
@@ -344,6 +352,8 @@ def _check(record, depth, family, include_top, classes, unit, shortcut, layout):
                 f"weights={record.name!r} were trained with {arg}={wanted!r}; got {arg}={value!r}."
             )
     for key, value in (layout or {}).items():
+        if key not in record.layout:  # our own files carry no layout
+            continue
         if value is not None and not _same_option(key, value, record.layout[key]):
             raise ValueError(
                 f"{key}={value!r} contradicts the layout of weights={record.name!r}, which "
@@ -387,6 +397,11 @@ def fetch(record, cache_dir=None):
             raise FileNotFoundError(
                 f"The weights file of {record.name} is missing from the package: {path}."
             )
+        if record.file_hash and file_digest(path, record.hash_algorithm) != record.file_hash:
+            raise ValueError(
+                f"Hash mismatch for the shipped {path}: expected {record.hash_algorithm} "
+                f"{record.file_hash}, got {file_digest(path, record.hash_algorithm)}."
+            )
         return path
     if record.url is None:
         raise ValueError(f"{record.name} has neither a URL nor a shipped file.")
@@ -411,7 +426,7 @@ def fetch(record, cache_dir=None):
 
 def converted_tensors(path, fmt, cache=False):
     """The neutral tensors of `path`; with `cache`, reuses/writes `<path>.keras_preact.h5`."""
-    if fmt == "keras_h5" or not cache:
+    if fmt in ("keras_h5", "keras_preact_h5") or not cache:
         return convert.read_tensors(path, fmt)
     cached = f"{path}.keras_preact.h5"
     if os.path.exists(cached) and os.path.getmtime(cached) >= os.path.getmtime(path):

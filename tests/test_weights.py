@@ -423,7 +423,7 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def test_fashion_mnist_weights_classify_real_test_images():
-    record = kp_weights.get_record("fashion_mnist:e8", depth=20)
+    record = kp_weights.get_record("fashion_mnist:e6", depth=20)
     path = os.path.join(os.path.dirname(kp_weights.__file__), record.shipped)
     if not os.path.isfile(path):
         pytest.skip(f"weights file not shipped yet: {path}")
@@ -440,4 +440,4 @@ def test_fashion_mnist_weights_classify_real_test_images():
     pred = np.argmax(model.predict(x, batch_size=250, verbose=0), axis=-1)
     accuracy = float(np.mean(pred == y_test[pick]))
     # The record's accuracy is on all 10,000 images; 1,000 of them vary by ~1 point.
-    assert accuracy >= (record.top1 or 90.0) / 100 - 0.03, accuracy
+    assert accuracy >= record.top1 / 100 - 0.03, accuracy

@@ -14,6 +14,7 @@ from keras_preact.convert import keras_h5, timm, torch7
 #: format name -> (reader module, the layout options of the networks it holds, unit label)
 FORMATS = {
     "keras_h5": keras_h5,
+    "keras_preact_h5": keras_h5,  # our own by-name files: same layout, tagged, any layout
     "timm_safetensors": timm,
     "torch7": torch7,
 }
@@ -21,6 +22,9 @@ FORMATS = {
 
 def detect_format(path):
     """The format of a weights file, from its content: one of `FORMATS` or `"keras_native"`.
+
+    `"keras_preact_h5"` is this package's own by-layer-name file (`write_tensors`: shipped
+    weights, conversion caches); it carries no layout, the builder arguments give it.
 
     `"keras_native"` is a Keras 3 `.weights.h5` file (`model.save_weights`), keyed by
     Keras' internal paths rather than layer names; it loads with `model.load_weights`.
@@ -32,6 +36,8 @@ def detect_format(path):
         import h5py
 
         with h5py.File(path, "r") as f:
+            if "keras_preact" in f.attrs:
+                return "keras_preact_h5"
             if "layer_names" in f.attrs or "model_weights" in f:
                 return "keras_h5"
             if "layers" in f or "vars" in f:

@@ -43,6 +43,7 @@ def write(path, tensors):
             f.attrs["layer_names"] = np.array([n.encode("utf8") for n in tensors])
             f.attrs["backend"] = b"numpy"
             f.attrs["keras_version"] = b"keras_preact"
+            f.attrs["keras_preact"] = b"1"  # tells our files from keras.applications ones
             for layer, weights in tensors.items():
                 group = f.create_group(layer)
                 names = [f"{layer}/{var}:0" for var in weights]
