@@ -4,8 +4,9 @@
 >>> model = PreActResNet20(input_shape=(28, 28, 1), classes=10)
 """
 
-from keras_preact import layers, shortcuts, units
+from keras_preact import layers, shortcuts, units, weights
 from keras_preact.context import BuildContext
+from keras_preact.imagenet_utils import decode_predictions, preprocess_input
 from keras_preact.preact_resnet import (
     MODELS,
     PreActResNet,
@@ -34,10 +35,13 @@ __all__ = [
     "MODELS",
     "PreActResNet",
     *list(MODELS),
+    "decode_predictions",
     "feature_extractor",
     "get_model",
     "layers",
     "list_models",
+    "preprocess_input",
     "shortcuts",
     "units",
+    "weights",
 ]
