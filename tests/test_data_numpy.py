@@ -28,8 +28,10 @@ def test_idx_round_trip(tmp_path, compress):
     suffix = ".gz" if compress else ""
     arrays = {}
     for prefix, n in (("train", 7), ("t10k", 3)):
-        arrays[prefix] = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-                          rng.integers(0, 10, n, dtype=np.uint8))
+        arrays[prefix] = (
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            rng.integers(0, 10, n, dtype=np.uint8),
+        )
         _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", arrays[prefix][0], compress)
         _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", arrays[prefix][1], compress)
     (x, y), (xt, yt) = idx.load_fashion_mnist(str(tmp_path))
@@ -87,13 +89,15 @@ def test_array_dataset_is_reproducible_and_resumable():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
     y = np.arange(50)
-    ds = numpy_pipeline.ArrayDataset(x, y, 8, [0.5] * 3, [0.25] * 3, training=True,
-                                     steps_per_epoch=4)
+    ds = numpy_pipeline.ArrayDataset(
+        x, y, 8, [0.5] * 3, [0.25] * 3, training=True, steps_per_epoch=4
+    )
     epoch0 = [ds[i] for i in range(len(ds))]
     ds.on_epoch_end()
     epoch1 = [ds[i] for i in range(len(ds))]
-    resumed = numpy_pipeline.ArrayDataset(x, y, 8, [0.5] * 3, [0.25] * 3, training=True,
-                                          steps_per_epoch=4)
+    resumed = numpy_pipeline.ArrayDataset(
+        x, y, 8, [0.5] * 3, [0.25] * 3, training=True, steps_per_epoch=4
+    )
     resumed.epoch = 1
     for (a, la), (b, lb) in zip(epoch1, [resumed[i] for i in range(4)]):
         np.testing.assert_array_equal(a, b)
@@ -112,8 +116,17 @@ def test_numpy_modules_import_without_tensorflow():
         "import keras_preact.data.numpy_pipeline\n"
         "print('ok')"
     )
-    env = dict(os.environ, KERAS_BACKEND="jax" if os.environ.get("KERAS_BACKEND") ==
-               "tensorflow" else os.environ.get("KERAS_BACKEND", "jax"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="jax"
+        if os.environ.get("KERAS_BACKEND") == "tensorflow"
+        else os.environ.get("KERAS_BACKEND", "jax"),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert out.stdout.strip() == "ok", out.stderr[-2000:]

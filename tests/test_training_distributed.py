@@ -12,10 +12,9 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
@@ -87,12 +86,17 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 
 
 def test_mirrored_two_devices_matches_one_device():
-    out = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
-                         text=True, cwd=REPO, timeout=300,
-                         env=dict(os.environ, KERAS_BACKEND="tensorflow"))
+    out = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=dict(os.environ, KERAS_BACKEND="tensorflow"),
+    )
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
     assert lines, out.stderr[-4000:]
-    worst = eval(lines[0][len("RESULT"):])  # noqa: S307 - our own dict literal
+    worst = eval(lines[0][len("RESULT") :])  # noqa: S307 - our own dict literal
     print(worst)
     for key, diff in worst.items():
         assert diff < 1e-5, (key, worst)
@@ -118,16 +122,32 @@ def test_two_worker_multi_worker_mirrored(tmp_path):
     model_dir = tmp_path / "run"
     procs = []
     for i in range(2):
-        env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CONFIG=json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
-        cmd = [sys.executable, "training/cifar.py", "--strategy=multi_worker_mirrored",
-               "--dataset=cifar10", "--source=files", f"--data_dir={tmp_path / 'data'}",
-               f"--model_dir={model_dir}", "--batch_size=16", "--epochs=2",
-               "--steps_per_epoch=3", "--lr_schedule=constant", "--base_lr=0.05",
-               "--verbose=2"]
+        env = dict(
+            os.environ,
+            KERAS_BACKEND="tensorflow",
+            TF_CONFIG=json.dumps(
+                {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+            ),
+        )
+        cmd = [
+            sys.executable,
+            "training/cifar.py",
+            "--strategy=multi_worker_mirrored",
+            "--dataset=cifar10",
+            "--source=files",
+            f"--data_dir={tmp_path / 'data'}",
+            f"--model_dir={model_dir}",
+            "--batch_size=16",
+            "--epochs=2",
+            "--steps_per_epoch=3",
+            "--lr_schedule=constant",
+            "--base_lr=0.05",
+            "--verbose=2",
+        ]
         log = open(tmp_path / f"worker{i}.log", "w")
-        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
+        procs.append(
+            (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        )
     for proc, log in procs:
         try:
             proc.wait(timeout=400)
@@ -147,8 +167,7 @@ def test_two_worker_multi_worker_mirrored(tmp_path):
     def arrays(path):
         out = {}
         with h5py.File(path) as f:
-            f.visititems(lambda k, v: out.__setitem__(k, v[()]) if hasattr(v, "shape")
-                         else None)
+            f.visititems(lambda k, v: out.__setitem__(k, v[()]) if hasattr(v, "shape") else None)
         return out
 
     a, b = arrays(chief), arrays(other)

@@ -52,6 +52,9 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("preset", None, ["paper"], "paper: the paper's CIFAR schedule (64k steps).")
 flags.DEFINE_bool("flip", True, "Random horizontal flips (also used for Fashion-MNIST).")
 flags.DEFINE_integer("padding", 4, "Padding of the random crop; 0 disables cropping.")
+flags.DEFINE_integer(
+    "eval_examples", None, "Evaluate on the first N test images only (smoke runs)."
+)
 
 FLAGS = flags.FLAGS
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
@@ -104,6 +107,8 @@ def main(argv):
     from keras_preact.data import numpy_pipeline
 
     (x_train, y_train), (x_test, y_test) = load_arrays()
+    if FLAGS.eval_examples:
+        x_test, y_test = x_test[: FLAGS.eval_examples], y_test[: FLAGS.eval_examples]
     mean, std = numpy_pipeline.channel_stats(x_train)
     steps_per_epoch = FLAGS.steps_per_epoch or len(x_train) // FLAGS.batch_size
     total_steps = steps_per_epoch * FLAGS.epochs
@@ -258,7 +263,8 @@ def main(argv):
             model, strategy, strategy.distribute_datasets_from_function(val_fn)
         )
     common.save_weights_atomic(
-        model, os.path.join(common.write_dir(strategy, FLAGS.model_dir), "final.weights.h5"))
+        model, os.path.join(common.write_dir(strategy, FLAGS.model_dir), "final.weights.h5")
+    )
     summary = {
         "model": FLAGS.model,
         "dataset": FLAGS.dataset,

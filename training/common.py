@@ -468,7 +468,12 @@ def _has_tensorboard():
     return True
 
 
-def top_k_metrics():
+def top_k_metrics(one_hot=False):
+    if one_hot:
+        return [
+            keras.metrics.CategoricalAccuracy(name="top1"),
+            keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"),
+        ]
     return [
         keras.metrics.SparseCategoricalAccuracy(name="top1"),
         keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"),

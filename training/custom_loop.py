@@ -21,6 +21,8 @@ from training import common
 
 
 def _counts(labels, logits):
+    if labels.shape.rank == 2:  # one-hot (label smoothing)
+        labels = tf.argmax(labels, -1)
     labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
     logits = tf.cast(logits, tf.float32)
     top1 = tf.reduce_sum(
@@ -31,15 +33,24 @@ def _counts(labels, logits):
     return top1, top5, tf.cast(tf.shape(labels)[0], tf.float32)
 
 
-def make_train_step(model, optimizer, strategy, global_batch_size, *, jit_compile=False):
+def _per_example_loss(labels, logits, label_smoothing=0.0):
+    if labels.shape.rank == 2:
+        return keras.losses.categorical_crossentropy(
+            labels, logits, from_logits=True, label_smoothing=label_smoothing
+        )
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+def make_train_step(
+    model, optimizer, strategy, global_batch_size, *, jit_compile=False, label_smoothing=0.0
+):
     """Returns `step(iterator) -> (loss, top1_count, top5_count, n)` summed over replicas."""
-    loss_obj = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     replicas = strategy.num_replicas_in_sync
 
     def step_fn(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            per_example = loss_obj(labels, tf.cast(logits, tf.float32))
+            per_example = _per_example_loss(labels, tf.cast(logits, tf.float32), label_smoothing)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             if model.losses:
                 # Each replica adds 1/R of the L2 term: the gradient all-reduce sums it back.
@@ -63,8 +74,7 @@ def make_sync_step(model, strategy):
     Each replica updates its own moving mean and variance from its own batches;
     without this, workers would end an epoch with different statistics.
     """
-    variables = [v for v in model.non_trainable_variables
-                 if "float" in str(v.dtype)]
+    variables = [v for v in model.non_trainable_variables if "float" in str(v.dtype)]
 
     @tf.function
     def sync():
@@ -120,6 +130,7 @@ def fit(
     max_steps=None,
     jit_compile=False,
     verbose=1,
+    label_smoothing=0.0,
 ):
     """Trains with `strategy.run`, checkpointing and logging like `model.fit`.
 
@@ -140,7 +151,14 @@ def fit(
     checkpoint.set_model(model)
     guard = common.NaNGuard()
     csv_path = os.path.join(write_dir, "log.csv")
-    step = make_train_step(model, optimizer, strategy, global_batch_size, jit_compile=jit_compile)
+    step = make_train_step(
+        model,
+        optimizer,
+        strategy,
+        global_batch_size,
+        jit_compile=jit_compile,
+        label_smoothing=label_smoothing,
+    )
     sync = make_sync_step(model, strategy)
     iterator = iter(train_dist_dataset)
     history = {}
