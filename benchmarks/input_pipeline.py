@@ -125,7 +125,7 @@ def main(argv):
         files = tf.data.Dataset.list_files(os.path.join(folder, "train-*"), shuffle=False)
         ds = files.interleave(tf.data.TFRecordDataset, cycle_length=4)
         ds = ds.map(tfdata.parse_example).cache().shuffle(len(jpegs)).repeat()
-        ds = ds.map(lambda b, y: (fn(b), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda b, y, fn=fn: (fn(b), y), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(64, drop_remainder=True)
         ds = ds.map(lambda x, y: (ipp.normalize(x), y)).with_options(options).prefetch(2)
         it = iter(ds)
