@@ -3,6 +3,7 @@
 Everything here uses `keras.ops` and numpy only; the backend comes from `KERAS_BACKEND`.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def assert_finite(x, what="output"):
 def assert_config_round_trip(model, x):
     """get_config / from_config rebuilds the same graph; with copied weights, same outputs."""
     config = model.get_config()
-    clone = model.__class__.from_config(config)
+    clone = model.__class__.from_config(copy.deepcopy(config))  # from_config may pop keys
     assert [layer.name for layer in clone.layers] == [layer.name for layer in model.layers]
     assert clone.get_config() == config
     clone.set_weights(model.get_weights())
