@@ -537,3 +537,16 @@ def test_trains_one_step_tiny():
     model = tiny()
     x = random_inputs(model, batch=4)
     assert_trains_one_step(model, x, np.array([0, 1, 2, 3]))
+
+
+def test_conv_bias_accepts_a_single_place_name():
+    # A bare string is one place, not a set of its characters.
+    assert _biased(tiny(conv_bias="stem")) == {"conv1_conv"}
+    with pytest.raises(ValueError, match=r"conv_bias='head'.*'stem'"):
+        tiny(conv_bias="head")
+
+
+def test_drop_path_and_dropout_shortcut_train_compiled():
+    model = tiny(depth=14, drop_path_rate=0.3, shortcut="dropout", input_shape=(8, 8, 3), seed=0)
+    x = random_inputs(model, batch=4)
+    assert_trains_one_step(model, x, np.array([0, 1, 2, 3]))
