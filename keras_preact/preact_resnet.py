@@ -328,6 +328,8 @@ def PreActResNet(
     for arg in ("stride_in", "downsample_in", "stem_pool_padding"):
         _check_choice(arg, layout[arg])
     bias = layout["conv_bias"]
+    if isinstance(bias, str):
+        bias = (bias,)  # one place name, not the set of its characters
     bias = set(BIAS_PLACES) if bias is True else set() if bias is False else set(bias or ())
     if not bias <= set(BIAS_PLACES):
         raise ValueError(f"conv_bias={layout['conv_bias']!r}; allowed places: {BIAS_PLACES}.")
