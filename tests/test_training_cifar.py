@@ -158,3 +158,42 @@ def test_smoke_real_fashion_mnist(tmp_path):
     assert losses[-1] < losses[0] * 0.6, losses
     assert summary["test_top1"] > 0.7, summary
     assert os.path.exists(tmp_path / "log.csv")
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow",
+    reason="checks the jax/torch path on a machine without TensorFlow",
+)
+def test_cifar_trainer_runs_without_tensorflow(tmp_path):
+    """jax and torch train in-memory data with TensorFlow made unimportable."""
+    data = _fake_cifar(tmp_path / "data")
+    argv = _cifar_cmd(data, tmp_path / "run", "--epochs=2", "--steps_per_epoch=2")[1:]
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['tensorflow'] = None\n"
+        "sys.modules['tensorboard'] = None\n"
+        f"sys.argv = {argv!r}\n"
+        "runpy.run_path('training/cifar.py', run_name='__main__')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["backend"] == keras.backend.backend()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["pipeline"] == "numpy"
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution is JAX's")
+def test_jax_data_parallel_two_host_devices(tmp_path):
+    """--strategy=mirrored under jax: DataParallel over two (forced) CPU devices."""
+    data = _fake_cifar(tmp_path / "data")
+    cmd = _cifar_cmd(
+        data, tmp_path / "run", "--epochs=1", "--steps_per_epoch=2", "--strategy=mirrored"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["replicas"] == 2 and summary["steps"] == 2

@@ -262,7 +262,7 @@ def main(argv):
         final = custom_loop.evaluate(
             model, strategy, strategy.distribute_datasets_from_function(val_fn)
         )
-    common.save_weights_atomic(
+    common.save_model_weights_atomic(
         model, os.path.join(common.write_dir(strategy, FLAGS.model_dir), "final.weights.h5")
     )
     summary = {

@@ -340,6 +340,15 @@ def save_weights_atomic(model, path):
     os.replace(tmp, path)
 
 
+def save_model_weights_atomic(model, path):
+    """Like `save_weights_atomic`, without the optimizer variables (the shippable file)."""
+    if getattr(model, "optimizer", None) is None:
+        return save_weights_atomic(model, path)
+    clone = model.__class__.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    save_weights_atomic(clone, path)
+
+
 def write_config(model_dir, extra):
     """Writes the trainer's flag values and derived settings to `model_dir/config.json`."""
     config = {}
@@ -404,7 +413,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         value = logs.get(self.monitor)
         if value is not None and value > self.best:
             self.best = float(value)
-            save_weights_atomic(self.model, os.path.join(self.model_dir, "best.weights.h5"))
+            save_model_weights_atomic(self.model, os.path.join(self.model_dir, "best.weights.h5"))
         # Weights first, then the state that points at them: a kill in between
         # replays one epoch at most from the previous state.
         save_weights_atomic(self.model, self.weights)

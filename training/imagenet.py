@@ -252,7 +252,7 @@ def main(argv):
 
     # The base model's weights are the deliverable: they load into
     # keras_preact.get_model(...) without the uint8 wrapper.
-    common.save_weights_atomic(
+    common.save_model_weights_atomic(
         base, os.path.join(common.write_dir(strategy, FLAGS.model_dir), "final.weights.h5")
     )
     summary = {
