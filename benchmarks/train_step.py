@@ -57,6 +57,18 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def multiply_adds(model):
+    """Multiply-adds of one forward pass of one image (convolutions and dense layers)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            h, w, c_in = layer.output.shape[1], layer.output.shape[2], layer.input.shape[-1]
+            total += h * w * layer.kernel_size[0] * layer.kernel_size[1] * c_in * layer.filters
+        elif isinstance(layer, keras.layers.Dense):
+            total += layer.input.shape[-1] * layer.units
+    return total
+
+
 def versions():
     out = {"keras": keras.__version__, "backend": keras.backend.backend()}
     name = keras.backend.backend()
@@ -103,7 +115,8 @@ def main():
         t = time.perf_counter()
         for _ in range(args.warmup + 1):
             m.train_on_batch(x, y)
-        print(f"{n}: {m.count_params():,} params, {len(m.layers)} layers, "
+        print(f"{n}: {m.count_params():,} params, {multiply_adds(m) / 1e9:.3f} GMACs/image, "
+              f"{len(m.layers)} layers, "
               f"warm-up {time.perf_counter() - t:.1f} s", flush=True)  # fmt: skip
         models[n] = m
 

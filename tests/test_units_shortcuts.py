@@ -250,7 +250,7 @@ def test_drop_path_is_per_sample_and_rescaled():
 def test_drop_path_in_a_model_drops_the_branch_only():
     model = tiny(depth=14, drop_path_rate=0.5, seed=0)
     sub = keras.Model(
-        model.inputs,
+        model.input,
         [model.get_layer(n).output for n in
          ("conv4_block1_out", "conv4_block2_2_conv", "conv4_block2_drop_path", "conv4_block2_out")],
     )  # fmt: skip
@@ -270,7 +270,7 @@ def test_zero_init_residual_makes_identity_units_identities(unit):
     model = tiny(depth=20, unit=unit, zero_init_residual=True, input_shape=(8, 8, 3))
     pairs = [(f"conv{s}_block{b}_out", f"conv{s}_block{b + 1}_out") for s in (2, 3, 4)
              for b in (1, 2)]  # fmt: skip
-    sub = keras.Model(model.inputs, {n: model.get_layer(n).output for p in pairs for n in p})
+    sub = keras.Model(model.input, {n: model.get_layer(n).output for p in pairs for n in p})
     x = random_inputs(model, batch=4)
     # Train mode is exact except where a BN follows the addition (Fig. 4b), which
     # normalizes the sum; at init its inference BN is x / sqrt(1 + eps).
@@ -280,7 +280,7 @@ def test_zero_init_residual_makes_identity_units_identities(unit):
         for before, after in pairs:
             np.testing.assert_allclose(out[after], out[before], rtol=1e-4, atol=1e-6)
     plain = tiny(depth=20, unit=unit, input_shape=(8, 8, 3))
-    sub = keras.Model(plain.inputs, [plain.get_layer(n).output for n in pairs[0]])
+    sub = keras.Model(plain.input, [plain.get_layer(n).output for n in pairs[0]])
     before, after = (to_numpy(t) for t in sub(x, training=False))
     assert not np.allclose(before, after)
 
