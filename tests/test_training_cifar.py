@@ -185,6 +185,7 @@ def test_cifar_trainer_runs_without_tensorflow(tmp_path):
     assert config["pipeline"] == "numpy"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution is JAX's")
 def test_jax_data_parallel_two_host_devices(tmp_path):
     """--strategy=mirrored under jax: DataParallel over two (forced) CPU devices."""
