@@ -105,7 +105,7 @@ def test_resume_after_sigkill(tmp_path):
     """A run killed with SIGKILL mid-training resumes from its last epoch and finishes."""
     data = _fake_cifar(tmp_path / "data")
     model_dir = tmp_path / "run"
-    cmd = _cifar_cmd(data, model_dir, "--epochs=40", "--steps_per_epoch=2")
+    cmd = _cifar_cmd(data, model_dir, "--epochs=10", "--steps_per_epoch=2")
     state = model_dir / "checkpoints" / "latest.json"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -118,14 +118,14 @@ def test_resume_after_sigkill(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_at = json.loads(state.read_text())["epoch"]
-    assert 2 <= killed_at < 40
+    assert 2 <= killed_at < 10
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "Resuming from" in rerun.stdout
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["resumed_from_epoch"] >= killed_at
-    assert summary["steps"] == 80  # no step lost or repeated across the kill
-    assert summary["epochs_run"] == 40 - summary["resumed_from_epoch"]
+    assert summary["steps"] == 20  # no step lost or repeated across the kill
+    assert summary["epochs_run"] == 10 - summary["resumed_from_epoch"]
     assert (model_dir / "final.weights.h5").exists()
     config = json.loads((model_dir / "config.json").read_text())
     assert config["batch_size"] == 16 and config["strategy"] == "default"
@@ -133,6 +133,11 @@ def test_resume_after_sigkill(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="PyTorch CPU training here is ~50x slower than TF (10 s/step measured for "
+    "this model): 300 steps would take ~50 min; the smoke run runs under tensorflow and jax",
+)
 def test_smoke_real_fashion_mnist(tmp_path):
     """A few hundred steps on the real Fashion-MNIST: the loss falls."""
     cmd = [
