@@ -550,3 +550,17 @@ def test_drop_path_and_dropout_shortcut_train_compiled():
     model = tiny(depth=14, drop_path_rate=0.3, shortcut="dropout", input_shape=(8, 8, 3), seed=0)
     x = random_inputs(model, batch=4)
     assert_trains_one_step(model, x, np.array([0, 1, 2, 3]))
+
+
+def test_feature_extractor_strides_with_downsampling_in_the_last_unit():
+    # keras.applications' layout strides the last unit of a stage; the stage's feature is the
+    # output before it, so the documented strides 4/8/16/32 hold for this layout too.
+    model = keras_preact.PreActResNet18(
+        include_top=False, input_shape=(64, 64, 3), downsample_in="last_unit"
+    )
+    features = keras_preact.feature_extractor(model)
+    shapes = {k: tuple(v.shape[1:]) for k, v in features.output.items()}
+    assert shapes == {
+        "conv2": (16, 16, 64), "conv3": (8, 8, 128), "conv4": (4, 4, 256), "conv5": (2, 2, 512)
+    }  # fmt: skip
+    assert features.output["conv2"] is model.get_layer("conv2_block1_out").output
