@@ -523,11 +523,20 @@ def get_model(name, **kwargs):
     return globals()[name](**kwargs)
 
 
+def _downsamples(model, prefix):
+    """Whether any layer of the unit named `prefix` has a stride > 1."""
+    return any(
+        layer.name.startswith(f"{prefix}_") and max(getattr(layer, "strides", None) or (1,)) > 1
+        for layer in model.layers
+    )
+
+
 def feature_extractor(model):
     """A backbone view of a built model: a `keras.Model` returning a dict of stage outputs.
 
     Keys are the stage names (`"conv2"` ... `"conv5"` for ImageNet, `"conv2"` ... `"conv4"`
-    for CIFAR); values the stage's last unit output, except that the deepest stage uses the
+    for CIFAR); values the stage's last unit output (with `downsample_in="last_unit"`, the
+    output before the stage's strided last unit, so strides stay 4/8/16/32), except that the deepest stage uses the
     final `post_relu` where the network has one, since pre-activation sums are not normalized
     (timm's `features_only` makes the same choice). Built on the same layers, so it shares
     weights with `model`.
@@ -540,12 +549,21 @@ def feature_extractor(model):
     ['conv2', 'conv3', 'conv4', 'conv5']
     """
     names = [layer.name for layer in model.layers]
-    stages = {}
+    unit_outs = {}
     for n in names:
         if n.endswith("_out") and "_block" in n:
-            stages[n.split("_block")[0]] = n  # the last unit of each stage wins
-    if not stages:
+            unit_outs.setdefault(n.split("_block")[0], []).append(n)
+    if not unit_outs:
         raise ValueError(f"Model {model.name!r} has no `conv*_block*_out` layers.")
+    stages = {}
+    for stage, outs in unit_outs.items():
+        stages[stage] = outs[-1]
+        # downsample_in="last_unit": a later unit that strides already has the next stage's
+        # resolution; the stage's feature is the output just before it.
+        for prev, n in zip(outs, outs[1:]):
+            if _downsamples(model, n[: -len("_out")]):
+                stages[stage] = prev
+                break
     outputs = {k: model.get_layer(v).output for k, v in stages.items()}
     if "post_relu" in names:
         outputs[list(stages)[-1]] = model.get_layer("post_relu").output
