@@ -190,7 +190,7 @@ def main(argv):
             model.compile(
                 optimizer=optimizer,
                 loss=common.loss_fn(10, 0.0),
-                metrics=common.top_k_metrics(),
+                metrics=common.top_k_metrics(num_classes=NUM_CLASSES[FLAGS.dataset]),
                 jit_compile=FLAGS.jit_compile,
             )
         optimizer.build(model.trainable_variables)

@@ -477,15 +477,17 @@ def _has_tensorboard():
     return True
 
 
-def top_k_metrics(one_hot=False):
+def top_k_metrics(one_hot=False, num_classes=1000):
+    """top-1 and top-5 (top-k with k = classes when there are fewer than 5)."""
+    k = min(5, num_classes)
     if one_hot:
         return [
             keras.metrics.CategoricalAccuracy(name="top1"),
-            keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"),
+            keras.metrics.TopKCategoricalAccuracy(k=k, name="top5"),
         ]
     return [
         keras.metrics.SparseCategoricalAccuracy(name="top1"),
-        keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"),
+        keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5"),
     ]
 
 

@@ -193,7 +193,9 @@ def main(argv):
             model.compile(
                 optimizer=optimizer,
                 loss=common.loss_fn(classes, FLAGS.label_smoothing),
-                metrics=common.top_k_metrics(one_hot=bool(FLAGS.label_smoothing)),
+                metrics=common.top_k_metrics(
+                    one_hot=bool(FLAGS.label_smoothing), num_classes=classes
+                ),
                 jit_compile=FLAGS.jit_compile,
             )
         optimizer.build(model.trainable_variables)
