@@ -59,6 +59,12 @@ def named_model(name):
     return keras_preact.get_model(name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_named_models():
+    yield
+    named_model.cache_clear()  # about 1 GB of ImageNet weights
+
+
 def parents(model, layer_name):
     """Names of the layers whose outputs feed `layer_name`."""
     inputs = model.get_layer(layer_name).input
