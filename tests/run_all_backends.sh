@@ -1,8 +1,30 @@
 #!/usr/bin/env bash
-# The project's test command: the whole suite once per Keras backend (README "Tests").
-# Extra arguments go to pytest, e.g. `bash tests/run_all_backends.sh -m "not slow"`.
+# The project's test command (README "Set-up" and .ci/run): installs what the suite needs
+# when it is missing, then runs the whole suite once per Keras backend.
+#   Python: the active virtual environment, or ./.venv (created here).
+#   Extra arguments go to pytest, e.g. `bash tests/run_all_backends.sh -m "not slow"`;
+#   BACKENDS="jax" limits the backends.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  # Real Fashion-MNIST for the smoke run and the shipped-weights accuracy test.
+  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist) >/dev/null
+fi
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+if ! python -c "import keras_preact, tensorflow, tensorflow_datasets, jax, torch, pytest, h5py, safetensors, torchfile, skimage" 2>/dev/null; then
+  quiet() { grep -v "^WARNING: Location" || true; }
+  python -m pip install -q --upgrade pip 2>&1 | quiet
+  # torch pinned first: 2.13.0 is the CPU build here; an unpinned torch pulls CUDA wheels.
+  python -m pip install -q "torch==2.13.0" 2>&1 | quiet
+  python -m pip install -q -e ".[dev,train,weights,jax]" 2>&1 | quiet
+fi
+python -c "import keras, tensorflow, jax, torch; print('keras', keras.__version__, '| tensorflow', tensorflow.__version__, '| jax', jax.__version__, '| torch', torch.__version__)"
+
 status=0
 for backend in ${BACKENDS:-tensorflow jax torch}; do
   echo "=== KERAS_BACKEND=$backend"
