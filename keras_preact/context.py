@@ -12,6 +12,17 @@ import keras
 #: Where convolution biases can be switched on (`conv_bias=`). The paper's code has none.
 BIAS_PLACES = ("stem", "projection", "residual_last", "residual_inner")
 
+#: The paper's reference code for the options a pretrained-weights layout may override
+#: (the defaults of every builder; `docs/models.md` explains each).
+PAPER_LAYOUT = {
+    "stride_in": "first_conv",
+    "downsample_in": "first_unit",
+    "stem_norm": True,
+    "stem_pool_padding": "zeros",
+    "conv_bias": (),
+    "bn_epsilon": 1e-5,
+}
+
 
 def he_normal_fan_out():
     """He et al. 2015 init as the paper's reference code does it: N(0, sqrt(2 / (k*k*c_out)))."""

@@ -13,7 +13,7 @@ from keras_preact import layers as kp_layers
 from keras_preact import shortcuts as kp_shortcuts
 from keras_preact import units as kp_units
 from keras_preact import weights as kp_weights
-from keras_preact.context import BIAS_PLACES, BuildContext, torch_linear_init
+from keras_preact.context import BIAS_PLACES, PAPER_LAYOUT, BuildContext, torch_linear_init
 
 #: Per family: stem, stage strides, stage output widths per block kind, default input,
 #: smallest input side (the total stride, so the last stage is at least 1x1).
@@ -54,14 +54,7 @@ CIFAR_NAMED = {20: "basic", 32: "basic", 44: "basic", 56: "basic", 110: "basic",
                164: "bottleneck", 1001: "bottleneck"}  # fmt: skip
 
 #: The paper's defaults for the options a pretrained-weights layout may override.
-LAYOUT_DEFAULTS = {
-    "stride_in": "first_conv",
-    "downsample_in": "first_unit",
-    "stem_norm": True,
-    "stem_pool_padding": "zeros",
-    "conv_bias": (),
-    "bn_epsilon": 1e-5,
-}
+LAYOUT_DEFAULTS = PAPER_LAYOUT
 _CHOICES = {
     "family": tuple(FAMILIES),
     "stride_in": ("first_conv", "3x3"),

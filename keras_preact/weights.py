@@ -20,16 +20,10 @@ import keras
 import numpy as np
 
 from keras_preact import convert
+from keras_preact.context import PAPER_LAYOUT
 
-#: The paper's reference code (fb.resnet.torch CIFAR, the authors' resnet-1k-layers).
-LAYOUT_PAPER = {
-    "stride_in": "first_conv",
-    "downsample_in": "first_unit",
-    "stem_norm": True,
-    "stem_pool_padding": "zeros",
-    "conv_bias": (),
-    "bn_epsilon": 1e-5,
-}
+#: The paper's reference code (the authors' resnet-1k-layers): every builder's defaults.
+LAYOUT_PAPER = PAPER_LAYOUT
 #: timm `resnetv2_{18,34,50,101}`: stem conv without norm, Torch max-pool (-inf border),
 #: stride on the 3x3, projection on the pre-activated input, no conv biases.
 LAYOUT_TIMM = {
