@@ -30,6 +30,11 @@ def _png(array):
     return buf.getvalue()
 
 
+def _shard_dataset(shards, split, **kwargs):
+    """`tfdata.imagenet_dataset` over the test's TFRecord shards."""
+    return tfdata.imagenet_dataset(source="tfrecord", split=split, data_dir=str(shards), **kwargs)
+
+
 @pytest.fixture(scope="module")
 def photos():
     """Encoded real photos: RGB JPEGs, a grayscale JPEG, a CMYK JPEG and PNGs."""
@@ -80,15 +85,7 @@ def test_formats_decode_to_rgb(photos):
 
 @pytest.mark.parametrize("crop", ["inception", "scale"])
 def test_train_batches(shards, crop):
-    ds = tfdata.imagenet_dataset(
-        source="tfrecord",
-        split="train",
-        data_dir=str(shards),
-        batch_size=4,
-        training=True,
-        crop=crop,
-        color=True,
-    )
+    ds = _shard_dataset(shards, "train", batch_size=4, training=True, crop=crop, color=True)
     for images, labels in ds.take(3):
         assert images.shape == (4, 224, 224, 3) and images.dtype == tf.float32
         assert labels.dtype == tf.int64
@@ -96,15 +93,7 @@ def test_train_batches(shards, crop):
         x = images.numpy()
         # Normalized [0, 1] values: (0 - 0.485)/0.229 ... (1 - 0.406)/0.225.
         assert x.min() >= -2.2 and x.max() <= 2.7 and np.isfinite(x).all()
-    raw = tfdata.imagenet_dataset(
-        source="tfrecord",
-        split="train",
-        data_dir=str(shards),
-        batch_size=4,
-        training=True,
-        crop=crop,
-        normalize=False,
-    )
+    raw = _shard_dataset(shards, "train", batch_size=4, training=True, crop=crop, normalize=False)
     images, _ = next(iter(raw))
     assert images.dtype == tf.uint8
 
@@ -131,10 +120,9 @@ def test_eval_is_deterministic_and_skips_broken_images(shards, photos):
     counter = tfdata.SkipCounter()
 
     def run(resize, size, counter=None):
-        ds = tfdata.imagenet_dataset(
-            source="tfrecord",
-            split="validation",
-            data_dir=str(shards),
+        ds = _shard_dataset(
+            shards,
+            "validation",
             batch_size=3,
             training=False,
             eval_resize=resize,
@@ -159,14 +147,8 @@ def test_ten_crop(photos):
 
 def test_deterministic_training_pipeline(shards):
     def take():
-        ds = tfdata.imagenet_dataset(
-            source="tfrecord",
-            split="train",
-            data_dir=str(shards),
-            batch_size=2,
-            training=True,
-            deterministic=True,
-            seed=3,
+        ds = _shard_dataset(
+            shards, "train", batch_size=2, training=True, deterministic=True, seed=3
         )
         return np.concatenate([x.numpy() for x, _ in ds.take(2)])
 

@@ -85,22 +85,10 @@ def main(argv):
         FLAGS.lr_schedule, FLAGS.lr_boundaries = "step", ["32000", "48000"]
         FLAGS.warmup_steps, FLAGS.warmup, FLAGS.warmup_lr = 400, "constant", 0.01
         FLAGS.base_lr, FLAGS.momentum, FLAGS.weight_decay = 0.1, 0.9, 1e-4
-    keras.utils.set_random_seed(FLAGS.seed)
-    if FLAGS.deterministic and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-
-    # Strategy and precision come first: variables are created under them.
-    strategy = common.make_strategy(FLAGS.strategy, FLAGS.tpu)
-    policy = common.set_precision(FLAGS.mixed_precision, FLAGS.strategy)
-    replicas = common.num_replicas(strategy)
-    chief = common.is_chief(strategy)
-    loop = FLAGS.loop
-    if loop == "auto":
-        loop = "custom" if FLAGS.strategy == "multi_worker_mirrored" else "fit"
+    # Seeds, strategy and precision come first: variables are created under them.
+    run = common.setup_run()
     pipeline = FLAGS.pipeline
-    if pipeline == "auto" or loop == "custom":
+    if pipeline == "auto" or run.loop == "custom":
         pipeline = "tfdata" if keras.backend.backend() == "tensorflow" else "numpy"
 
     # Data.
@@ -126,6 +114,7 @@ def main(argv):
             seed=FLAGS.seed,
         )
         val_data = numpy_pipeline.ArrayDataset(x_test, y_test, 500, mean, std, training=False)
+        val_data_fn = lambda: val_data  # noqa: E731
     else:
         from keras_preact.data import tfdata
 
@@ -155,69 +144,33 @@ def main(argv):
                 input_context=input_context,
             )
 
-        if loop == "custom":
-            train_data = strategy.distribute_datasets_from_function(train_fn)
+        if run.loop == "custom":
+            train_data = run.strategy.distribute_datasets_from_function(train_fn)
+            val_data_fn = lambda: run.strategy.distribute_datasets_from_function(val_fn)  # noqa: E731
         else:
             train_data, val_data = train_fn(), val_fn()
+            val_data_fn = lambda: val_data  # noqa: E731
 
     # Model and optimizer.
     base_lr = FLAGS.base_lr if FLAGS.base_lr is not None else 0.1
-    schedule = common.WarmupSchedule(
-        base_lr,
-        total_steps,
-        decay=FLAGS.lr_schedule,
-        boundaries=[int(b) for b in FLAGS.lr_boundaries],
-        warmup_steps=FLAGS.warmup_steps,
-        warmup=FLAGS.warmup,
-        warmup_lr=FLAGS.warmup_lr,
+    schedule = common.lr_schedule(base_lr, total_steps, [int(b) for b in FLAGS.lr_boundaries])
+    model, _, optimizer, decayed = common.build_model(
+        run, schedule, input_shape=x_train.shape[1:], classes=NUM_CLASSES[FLAGS.dataset]
     )
-    import keras_preact
-
-    with common.scope(strategy):
-        model = keras_preact.get_model(
-            FLAGS.model,
-            input_shape=x_train.shape[1:],
-            classes=NUM_CLASSES[FLAGS.dataset],
-            classifier_activation=None,
-            weights=None,
-            **({"drop_path_rate": FLAGS.drop_path_rate} if FLAGS.drop_path_rate else {}),
-        )
-        decayed = common.add_weight_decay(model, FLAGS.weight_decay, FLAGS.weight_decay_on)
-        optimizer = common.make_optimizer(schedule)
-        if loop == "custom" and policy == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        if loop == "fit":
-            model.compile(
-                optimizer=optimizer,
-                loss=common.loss_fn(10, 0.0),
-                metrics=common.top_k_metrics(num_classes=NUM_CLASSES[FLAGS.dataset]),
-                jit_compile=FLAGS.jit_compile,
-            )
-        optimizer.build(model.trainable_variables)
 
     os.makedirs(FLAGS.model_dir, exist_ok=True)
-    config = (
-        common.write_config(
-            FLAGS.model_dir,
-            {
-                "replicas": replicas,
-                "precision_policy": policy,
-                "loop": loop,
-                "pipeline": pipeline,
-                "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps,
-                "base_lr": base_lr,
-                "decayed_variables": decayed,
-                "mean": mean.tolist(),
-                "std": std.tolist(),
-                "num_train": len(x_train),
-                "num_test": len(x_test),
-            },
-        )
-        if chief
-        else {}
+    common.write_run_config(
+        run,
+        pipeline=pipeline,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        base_lr=base_lr,
+        decayed_variables=decayed,
+        mean=mean.tolist(),
+        std=std.tolist(),
+        num_train=len(x_train),
+        num_test=len(x_test),
     )
-    del config
 
     # Resume from the last completed epoch, if the run was interrupted.
     initial_epoch = common.restore(model, optimizer, FLAGS.model_dir)
@@ -225,63 +178,31 @@ def main(argv):
         train_data.epoch = initial_epoch
 
     # Train.
-    if loop == "fit":
-        history = model.fit(
-            train_data,
-            epochs=FLAGS.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=val_data,
-            callbacks=common.callbacks(FLAGS.model_dir, chief=chief, max_steps=FLAGS.max_steps),
-            verbose=FLAGS.verbose,
-        ).history
-        history = {k.replace("compile_metrics_", ""): v for k, v in history.items()}
-    else:
-        from training import custom_loop
-
-        history = custom_loop.fit(
-            model,
-            optimizer,
-            strategy,
-            train_data,
-            epochs=FLAGS.epochs,
-            steps_per_epoch=steps_per_epoch,
-            global_batch_size=FLAGS.batch_size,
-            model_dir=FLAGS.model_dir,
-            initial_epoch=initial_epoch,
-            val_dist_dataset_fn=lambda: strategy.distribute_datasets_from_function(val_fn),
-            max_steps=FLAGS.max_steps,
-            jit_compile=FLAGS.jit_compile,
-            verbose=FLAGS.verbose,
-        )
+    history = common.fit(
+        run,
+        model,
+        optimizer,
+        train_data,
+        val_data_fn,
+        steps_per_epoch=steps_per_epoch,
+        initial_epoch=initial_epoch,
+    )
 
     # Final evaluation on the test set, and the run's summary.
-    if loop == "fit":
-        final = model.evaluate(val_data, verbose=0, return_dict=True)
-    else:
-        final = custom_loop.evaluate(
-            model, strategy, strategy.distribute_datasets_from_function(val_fn)
-        )
-    common.save_model_weights_atomic(
-        model, os.path.join(common.write_dir(strategy, FLAGS.model_dir), "final.weights.h5")
+    final = common.final_evaluation(run, model, val_data_fn)
+    common.write_final(
+        run,
+        model,
+        optimizer,
+        history=history,
+        initial_epoch=initial_epoch,
+        start=start,
+        dataset=FLAGS.dataset,
+        test_top1=float(final.get("top1")),
+        test_top5=float(final.get("top5")),
+        test_loss=float(final.get("loss")),
+        train_loss_per_epoch=[float(v) for v in history.get("loss", [])],
     )
-    summary = {
-        "model": FLAGS.model,
-        "dataset": FLAGS.dataset,
-        "epochs_run": len(history.get("loss", [])),
-        "resumed_from_epoch": initial_epoch,
-        "steps": int(common.scalar(optimizer.iterations)),
-        "test_top1": float(final.get("top1")),
-        "test_top5": float(final.get("top5")),
-        "test_loss": float(final.get("loss")),
-        "train_loss_per_epoch": [float(v) for v in history.get("loss", [])],
-        "wall_time_s": round(time.time() - start, 1),
-        "backend": keras.backend.backend(),
-        "replicas": replicas,
-        "model_dir": FLAGS.model_dir,
-    }
-    if chief:
-        common.write_summary(FLAGS.model_dir, summary)
 
 
 if __name__ == "__main__":

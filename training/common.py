@@ -2,8 +2,9 @@
 
 Flags common to both trainers, strategy creation for every backend, the
 learning-rate schedules of the paper, weight decay, the callbacks that make a
-run resumable and loud about NaNs, and the `strategy.run` loop used under
-`MultiWorkerMirroredStrategy`.
+run resumable and loud about NaNs, and the steps of the trainers' `main()`
+that do not depend on the data set (at the end of this file, in the order the
+trainers call them).
 """
 
 import contextlib
@@ -12,6 +13,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -504,3 +506,181 @@ def write_summary(model_dir, summary):
     path = os.path.join(model_dir, "summary.json")
     write_json_atomic(path, summary)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str), flush=True)
+
+
+# ----------------------------------------------------------------------------
+# The trainers' main(): the steps both share, in the order they call them.
+
+
+class Run(NamedTuple):
+    """What `setup_run` decides before any variable exists."""
+
+    strategy: object  # a tf.distribute.Strategy, or None outside TensorFlow
+    policy: str  # the Keras precision policy
+    replicas: int
+    chief: bool  # this worker writes the run's files
+    loop: str  # "fit" or "custom" (`--loop=auto` resolved)
+
+
+def setup_run():
+    """Seeds, determinism, strategy and precision from the flags; returns a `Run`."""
+    keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    # Strategy and precision come first: variables are created under them.
+    strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)
+    policy = set_precision(FLAGS.mixed_precision, FLAGS.strategy)
+    replicas = num_replicas(strategy)
+    chief = is_chief(strategy)
+    loop = FLAGS.loop
+    if loop == "auto":
+        loop = "custom" if FLAGS.strategy == "multi_worker_mirrored" else "fit"
+    return Run(strategy, policy, replicas, chief, loop)
+
+
+def lr_schedule(base_lr, total_steps, boundaries):
+    """The `WarmupSchedule` of the flags; `boundaries` in steps."""
+    return WarmupSchedule(
+        base_lr,
+        total_steps,
+        decay=FLAGS.lr_schedule,
+        boundaries=boundaries,
+        warmup_steps=FLAGS.warmup_steps,
+        warmup=FLAGS.warmup,
+        warmup_lr=FLAGS.warmup_lr,
+    )
+
+
+def build_model(run, schedule, *, input_shape, classes, label_smoothing=0.0, wrap=None):
+    """`--model` with weight decay and its SGD optimizer, under the run's strategy.
+
+    Args:
+        run: the `Run` from `setup_run`.
+        schedule: the learning-rate schedule.
+        input_shape: input shape of the keras_preact model.
+        classes: number of classes (logits out, no softmax).
+        label_smoothing: for the loss and metrics of `--loop=fit`.
+        wrap: optional function of the keras_preact model that returns the model
+            to train (e.g. with on-device input normalization).
+
+    Returns:
+        `(base, model, optimizer, decayed)`: the keras_preact model (the weights
+        the run ships), the model that trains (`wrap(base)` or `base`), its
+        built optimizer (compiled in when `run.loop == "fit"`) and the number of
+        weight-decayed variables.
+    """
+    import keras_preact
+
+    with scope(run.strategy):
+        base = keras_preact.get_model(
+            FLAGS.model,
+            input_shape=input_shape,
+            classes=classes,
+            classifier_activation=None,
+            weights=None,
+            **({"drop_path_rate": FLAGS.drop_path_rate} if FLAGS.drop_path_rate else {}),
+        )
+        decayed = add_weight_decay(base, FLAGS.weight_decay, FLAGS.weight_decay_on)
+        model = wrap(base) if wrap is not None else base
+        optimizer = make_optimizer(schedule)
+        if run.loop == "custom" and run.policy == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        if run.loop == "fit":
+            model.compile(
+                optimizer=optimizer,
+                loss=loss_fn(classes, label_smoothing),
+                metrics=top_k_metrics(one_hot=bool(label_smoothing), num_classes=classes),
+                jit_compile=FLAGS.jit_compile,
+            )
+        optimizer.build(model.trainable_variables)
+    return base, model, optimizer, decayed
+
+
+def write_run_config(run, **derived):
+    """`config.json` (flags, the run's set-up and `derived` values), on the chief only."""
+    if run.chief:
+        write_config(
+            FLAGS.model_dir,
+            {"replicas": run.replicas, "precision_policy": run.policy, "loop": run.loop, **derived},
+        )
+
+
+def fit(
+    run,
+    model,
+    optimizer,
+    train_data,
+    val_data_fn,
+    *,
+    steps_per_epoch,
+    initial_epoch,
+    label_smoothing=0.0,
+):
+    """Trains to `--epochs` with `model.fit` or the `strategy.run` loop; returns the history.
+
+    `val_data_fn()` returns the validation data (distributed for the custom loop).
+    """
+    if run.loop == "fit":
+        history = model.fit(
+            train_data,
+            epochs=FLAGS.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_data_fn(),
+            callbacks=callbacks(FLAGS.model_dir, chief=run.chief, max_steps=FLAGS.max_steps),
+            verbose=FLAGS.verbose,
+        ).history
+        return {k.replace("compile_metrics_", ""): v for k, v in history.items()}
+    from training import custom_loop
+
+    return custom_loop.fit(
+        model,
+        optimizer,
+        run.strategy,
+        train_data,
+        epochs=FLAGS.epochs,
+        steps_per_epoch=steps_per_epoch,
+        global_batch_size=FLAGS.batch_size,
+        model_dir=FLAGS.model_dir,
+        initial_epoch=initial_epoch,
+        val_dist_dataset_fn=val_data_fn,
+        max_steps=FLAGS.max_steps,
+        jit_compile=FLAGS.jit_compile,
+        verbose=FLAGS.verbose,
+        label_smoothing=label_smoothing,
+    )
+
+
+def final_evaluation(run, model, val_data_fn):
+    """`{"loss", "top1", "top5", ...}` of `model` on `val_data_fn()`."""
+    if run.loop == "fit":
+        return model.evaluate(val_data_fn(), verbose=0, return_dict=True)
+    from training import custom_loop
+
+    return custom_loop.evaluate(model, run.strategy, val_data_fn())
+
+
+def write_final(run, base, optimizer, *, history, initial_epoch, start, **results):
+    """Saves `final.weights.h5` of `base` and writes `summary.json` (chief only).
+
+    The summary holds `results` and what every run reports; it is returned.
+    """
+    save_model_weights_atomic(
+        base, os.path.join(write_dir(run.strategy, FLAGS.model_dir), "final.weights.h5")
+    )
+    summary = {
+        "model": FLAGS.model,
+        **results,
+        "epochs_run": len(history.get("loss", [])),
+        "resumed_from_epoch": initial_epoch,
+        "steps": int(scalar(optimizer.iterations)),
+        "wall_time_s": round(time.time() - start, 1),
+        "backend": keras.backend.backend(),
+        "replicas": run.replicas,
+        "model_dir": FLAGS.model_dir,
+    }
+    if run.chief:
+        write_summary(FLAGS.model_dir, summary)
+    return summary

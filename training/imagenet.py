@@ -96,66 +96,52 @@ def main(argv):
     if FLAGS.preset == "paper":
         FLAGS.batch_size, FLAGS.epochs, FLAGS.lr_schedule = 256, 90, "step"
         FLAGS.lr_boundaries, FLAGS.momentum, FLAGS.weight_decay = ["30", "60"], 0.9, 1e-4
-    keras.utils.set_random_seed(FLAGS.seed)
-    if FLAGS.deterministic and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-
-    # Strategy and precision first: variables are created under them.
-    strategy = common.make_strategy(FLAGS.strategy, FLAGS.tpu)
-    policy = common.set_precision(FLAGS.mixed_precision, FLAGS.strategy)
-    replicas = common.num_replicas(strategy)
-    chief = common.is_chief(strategy)
-    loop = FLAGS.loop
-    if loop == "auto":
-        loop = "custom" if FLAGS.strategy == "multi_worker_mirrored" else "fit"
+    # Seeds, strategy and precision first: variables are created under them.
+    run = common.setup_run()
 
     # Data: per-replica batches, one file-level shard per input pipeline.
     from keras_preact.data import tfdata
 
     counter = tfdata.SkipCounter()
+    both = dict(  # the same records, batches, labels and normalization for training and eval
+        source=FLAGS.source,
+        data_dir=FLAGS.data_dir,
+        batch_size=FLAGS.batch_size,
+        normalize=not FLAGS.normalize_on_device,
+        label_offset=FLAGS.label_offset,
+        one_hot_classes=classes if FLAGS.label_smoothing else None,
+    )
 
     def train_fn(input_context=None):
         return tfdata.imagenet_dataset(
-            source=FLAGS.source,
             split=FLAGS.train_split,
-            data_dir=FLAGS.data_dir,
-            batch_size=FLAGS.batch_size,
             training=True,
             input_context=input_context,
             crop=FLAGS.train_crop,
             image_size=FLAGS.image_size,
             color=FLAGS.color_augmentation,
             fused=FLAGS.fused_decode,
-            normalize=not FLAGS.normalize_on_device,
             seed=FLAGS.seed,
             deterministic=FLAGS.deterministic,
             shuffle_buffer=FLAGS.shuffle_buffer,
-            label_offset=FLAGS.label_offset,
             counter=counter,
-            one_hot_classes=classes if FLAGS.label_smoothing else None,
+            **both,
         )
 
     def eval_fn(input_context=None):
         return tfdata.imagenet_dataset(
-            source=FLAGS.source,
             split=FLAGS.eval_split,
-            data_dir=FLAGS.data_dir,
-            batch_size=FLAGS.batch_size,
             training=False,
             input_context=input_context,
             image_size=FLAGS.eval_size,
             eval_resize=FLAGS.eval_resize,
-            normalize=not FLAGS.normalize_on_device,
-            label_offset=FLAGS.label_offset,
-            one_hot_classes=classes if FLAGS.label_smoothing else None,
+            **both,
         )
 
-    distributed = strategy is not None and (replicas > 1 or loop == "custom")
+    distributed = run.strategy is not None and (run.replicas > 1 or run.loop == "custom")
     if distributed:
-        train_data = strategy.distribute_datasets_from_function(train_fn)
-        eval_data_fn = lambda: strategy.distribute_datasets_from_function(eval_fn)  # noqa: E731
+        train_data = run.strategy.distribute_datasets_from_function(train_fn)
+        eval_data_fn = lambda: run.strategy.distribute_datasets_from_function(eval_fn)  # noqa: E731
     else:
         train_data, eval_data_fn = train_fn(), eval_fn
     steps_per_epoch = FLAGS.steps_per_epoch or n_train // FLAGS.batch_size
@@ -163,119 +149,62 @@ def main(argv):
 
     # Model and optimizer; lr 0.1 per 256 images (linear scaling rule).
     base_lr = FLAGS.base_lr if FLAGS.base_lr is not None else 0.1 * FLAGS.batch_size / 256
-    schedule = common.WarmupSchedule(
-        base_lr,
-        total_steps,
-        decay=FLAGS.lr_schedule,
-        boundaries=[int(float(e) * steps_per_epoch) for e in FLAGS.lr_boundaries],
-        warmup_steps=FLAGS.warmup_steps,
-        warmup=FLAGS.warmup,
-        warmup_lr=FLAGS.warmup_lr,
+    schedule = common.lr_schedule(
+        base_lr, total_steps, [int(float(e) * steps_per_epoch) for e in FLAGS.lr_boundaries]
     )
-    import keras_preact
-
     size = FLAGS.image_size
-    with common.scope(strategy):
-        base = keras_preact.get_model(
-            FLAGS.model,
-            input_shape=(size, size, 3),
-            classes=classes,
-            classifier_activation=None,
-            weights=None,
-            **({"drop_path_rate": FLAGS.drop_path_rate} if FLAGS.drop_path_rate else {}),
-        )
-        decayed = common.add_weight_decay(base, FLAGS.weight_decay, FLAGS.weight_decay_on)
-        model = with_input_normalization(base, size) if FLAGS.normalize_on_device else base
-        optimizer = common.make_optimizer(schedule)
-        if loop == "custom" and policy == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        if loop == "fit":
-            model.compile(
-                optimizer=optimizer,
-                loss=common.loss_fn(classes, FLAGS.label_smoothing),
-                metrics=common.top_k_metrics(
-                    one_hot=bool(FLAGS.label_smoothing), num_classes=classes
-                ),
-                jit_compile=FLAGS.jit_compile,
-            )
-        optimizer.build(model.trainable_variables)
+    base, model, optimizer, decayed = common.build_model(
+        run,
+        schedule,
+        input_shape=(size, size, 3),
+        classes=classes,
+        label_smoothing=FLAGS.label_smoothing,
+        wrap=(lambda m: with_input_normalization(m, size)) if FLAGS.normalize_on_device else None,
+    )
 
-    if chief:
-        common.write_config(
-            FLAGS.model_dir,
-            {
-                "replicas": replicas,
-                "precision_policy": policy,
-                "loop": loop,
-                "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps,
-                "base_lr": base_lr,
-                "decayed_variables": decayed,
-                "num_classes": classes,
-                "num_train_examples": n_train,
-            },
-        )
+    common.write_run_config(
+        run,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        base_lr=base_lr,
+        decayed_variables=decayed,
+        num_classes=classes,
+        num_train_examples=n_train,
+    )
 
     # Resume from the last completed epoch, if the run was interrupted.
     initial_epoch = common.restore(model, optimizer, FLAGS.model_dir)
 
     # Train.
-    if loop == "fit":
-        history = model.fit(
-            train_data,
-            epochs=FLAGS.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=eval_data_fn(),
-            callbacks=common.callbacks(FLAGS.model_dir, chief=chief, max_steps=FLAGS.max_steps),
-            verbose=FLAGS.verbose,
-        ).history
-        final = model.evaluate(eval_data_fn(), verbose=0, return_dict=True)
-    else:
-        from training import custom_loop
-
-        history = custom_loop.fit(
-            model,
-            optimizer,
-            strategy,
-            train_data,
-            epochs=FLAGS.epochs,
-            steps_per_epoch=steps_per_epoch,
-            global_batch_size=FLAGS.batch_size,
-            model_dir=FLAGS.model_dir,
-            initial_epoch=initial_epoch,
-            val_dist_dataset_fn=eval_data_fn,
-            max_steps=FLAGS.max_steps,
-            jit_compile=FLAGS.jit_compile,
-            verbose=FLAGS.verbose,
-            label_smoothing=FLAGS.label_smoothing,
-        )
-        final = custom_loop.evaluate(model, strategy, eval_data_fn())
-
-    # The base model's weights are the deliverable: they load into
-    # keras_preact.get_model(...) without the uint8 wrapper.
-    common.save_model_weights_atomic(
-        base, os.path.join(common.write_dir(strategy, FLAGS.model_dir), "final.weights.h5")
+    history = common.fit(
+        run,
+        model,
+        optimizer,
+        train_data,
+        eval_data_fn,
+        steps_per_epoch=steps_per_epoch,
+        initial_epoch=initial_epoch,
+        label_smoothing=FLAGS.label_smoothing,
     )
-    summary = {
-        "model": FLAGS.model,
-        "source": FLAGS.source,
-        "epochs_run": len(history.get("loss", [])),
-        "resumed_from_epoch": initial_epoch,
-        "steps": int(common.scalar(optimizer.iterations)),
-        "eval_top1": float(final["top1"]),
-        "eval_top5": float(final["top5"]),
-        "eval_loss": float(final["loss"]),
-        "eval_size": FLAGS.eval_size,
-        "eval_resize": FLAGS.eval_resize,
-        "skipped_images": counter.skipped(),
-        "wall_time_s": round(time.time() - start, 1),
-        "backend": keras.backend.backend(),
-        "replicas": replicas,
-        "model_dir": FLAGS.model_dir,
-    }
-    if chief:
-        common.write_summary(FLAGS.model_dir, summary)
+
+    # Final evaluation. The base model's weights are the deliverable: they load
+    # into keras_preact.get_model(...) without the uint8 wrapper.
+    final = common.final_evaluation(run, model, eval_data_fn)
+    common.write_final(
+        run,
+        base,
+        optimizer,
+        history=history,
+        initial_epoch=initial_epoch,
+        start=start,
+        source=FLAGS.source,
+        eval_top1=float(final["top1"]),
+        eval_top5=float(final["top5"]),
+        eval_loss=float(final["loss"]),
+        eval_size=FLAGS.eval_size,
+        eval_resize=FLAGS.eval_resize,
+        skipped_images=counter.skipped(),
+    )
 
 
 if __name__ == "__main__":
