@@ -79,6 +79,12 @@ def load_arrays():
 def main(argv):
     del argv
     start = time.time()
+    if FLAGS.label_smoothing:
+        # The in-memory pipelines yield sparse labels; smoothing needs one-hot ones.
+        raise app.UsageError(
+            f"--label_smoothing={FLAGS.label_smoothing} is supported by training/imagenet.py "
+            "only; training/cifar.py allows 0."
+        )
     if FLAGS.preset == "paper":
         # 64k iterations = 160 epochs of 400 steps at batch 128.
         FLAGS.batch_size, FLAGS.steps_per_epoch, FLAGS.epochs = 128, 400, 160
