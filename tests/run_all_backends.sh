@@ -28,6 +28,6 @@ python -c "import keras, tensorflow, jax, torch; print('keras', keras.__version_
 status=0
 for backend in ${BACKENDS:-tensorflow jax torch}; do
   echo "=== KERAS_BACKEND=$backend"
-  KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider "$@" || status=1
+  KERAS_BACKEND=$backend python -m pytest -q -rs -p no:cacheprovider "$@" || status=1
 done
 exit $status

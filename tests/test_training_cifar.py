@@ -133,11 +133,6 @@ def test_resume_after_sigkill(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")
-@pytest.mark.skipif(
-    keras.backend.backend() == "torch",
-    reason="PyTorch CPU training here is ~50x slower than TF (10 s/step measured for "
-    "this model): 300 steps would take ~50 min; the smoke run runs under tensorflow and jax",
-)
 def test_smoke_real_fashion_mnist(tmp_path):
     """A few hundred steps on the real Fashion-MNIST: the loss falls."""
     cmd = [

@@ -425,8 +425,7 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 def test_fashion_mnist_weights_classify_real_test_images():
     record = kp_weights.get_record("fashion_mnist:e6", depth=20)
     path = os.path.join(os.path.dirname(kp_weights.__file__), record.shipped)
-    if not os.path.isfile(path):
-        pytest.skip(f"weights file not shipped yet: {path}")
+    assert os.path.isfile(path), f"the shipped weights file is missing: {path}"
     if not os.path.isdir(FASHION_DIR):
         pytest.skip(f"Fashion-MNIST not installed at {FASHION_DIR} (Debian dataset-fashion-mnist)")
     from keras_preact.data import idx
