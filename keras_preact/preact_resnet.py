@@ -560,4 +560,5 @@ def feature_extractor(model):
     outputs = {k: model.get_layer(v).output for k, v in stages.items()}
     if "post_relu" in names:
         outputs[list(stages)[-1]] = model.get_layer("post_relu").output
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_features")
+    inputs = model.input if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, outputs, name=f"{model.name}_features")
