@@ -12,6 +12,22 @@ import keras
 #: Where convolution biases can be switched on (`conv_bias=`). The paper's code has none.
 BIAS_PLACES = ("stem", "projection", "residual_last", "residual_inner")
 
+
+def conv_bias_places(value):
+    """`conv_bias=` as a frozenset of `BIAS_PLACES`.
+
+    True means every place, False or None none, a string one place, an iterable several.
+    """
+    if value is True:
+        return frozenset(BIAS_PLACES)
+    if value is False or value is None:
+        return frozenset()
+    places = frozenset((value,) if isinstance(value, str) else value)
+    if not places <= set(BIAS_PLACES):
+        raise ValueError(f"conv_bias={value!r}; allowed places: {BIAS_PLACES}.")
+    return places
+
+
 #: The paper's reference code for the options a pretrained-weights layout may override
 #: (the defaults of every builder; `docs/models.md` explains each).
 PAPER_LAYOUT = {

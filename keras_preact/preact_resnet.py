@@ -13,7 +13,12 @@ from keras_preact import layers as kp_layers
 from keras_preact import shortcuts as kp_shortcuts
 from keras_preact import units as kp_units
 from keras_preact import weights as kp_weights
-from keras_preact.context import BIAS_PLACES, PAPER_LAYOUT, BuildContext, torch_linear_init
+from keras_preact.context import (
+    PAPER_LAYOUT,
+    BuildContext,
+    conv_bias_places,
+    torch_linear_init,
+)
 
 #: Per family: stem, stage strides, stage output widths per block kind, default input,
 #: smallest input side (the total stride, so the last stage is at least 1x1).
@@ -320,12 +325,7 @@ def PreActResNet(
         raise ValueError(f"classes={classes!r} must be a positive integer.")
     for arg in ("stride_in", "downsample_in", "stem_pool_padding"):
         _check_choice(arg, layout[arg])
-    bias = layout["conv_bias"]
-    if isinstance(bias, str):
-        bias = (bias,)  # one place name, not the set of its characters
-    bias = set(BIAS_PLACES) if bias is True else set() if bias is False else set(bias or ())
-    if not bias <= set(BIAS_PLACES):
-        raise ValueError(f"conv_bias={layout['conv_bias']!r}; allowed places: {BIAS_PLACES}.")
+    bias = conv_bias_places(layout["conv_bias"])
     head = getattr(unit_fn, "head", None)
     if not layout["stem_norm"] and isinstance(unit, str) and head is None:
         raise ValueError(
@@ -341,7 +341,7 @@ def PreActResNet(
         data_format=data_format,
         bn_epsilon=float(layout["bn_epsilon"]),
         bn_momentum=float(bn_momentum),
-        conv_bias=frozenset(bias),
+        conv_bias=bias,
         kernel_initializer=kernel_initializer,
         zero_init_residual=bool(zero_init_residual),
         stem_norm=bool(layout["stem_norm"]),

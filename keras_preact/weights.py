@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from keras_preact import convert
-from keras_preact.context import PAPER_LAYOUT
+from keras_preact.context import PAPER_LAYOUT, conv_bias_places
 
 #: The paper's reference code (the authors' resnet-1k-layers): every builder's defaults.
 LAYOUT_PAPER = PAPER_LAYOUT
@@ -256,19 +256,9 @@ def get_record(name, depth=None):
     return found[0]
 
 
-def _bias_set(value):
-    from keras_preact.context import BIAS_PLACES
-
-    if value is True:
-        return frozenset(BIAS_PLACES)
-    if value is False or value is None:
-        return frozenset()
-    return frozenset(value)
-
-
 def _same_option(key, a, b):
     if key == "conv_bias":
-        return _bias_set(a) == _bias_set(b)
+        return conv_bias_places(a) == conv_bias_places(b)
     if key == "bn_epsilon":
         return abs(float(a) - float(b)) <= 1e-9
     return a == b
@@ -391,10 +381,11 @@ def fetch(record, cache_dir=None):
             raise FileNotFoundError(
                 f"The weights file of {record.name} is missing from the package: {path}."
             )
-        if record.file_hash and file_digest(path, record.hash_algorithm) != record.file_hash:
+        actual = file_digest(path, record.hash_algorithm) if record.file_hash else None
+        if actual != record.file_hash:
             raise ValueError(
                 f"Hash mismatch for the shipped {path}: expected {record.hash_algorithm} "
-                f"{record.file_hash}, got {file_digest(path, record.hash_algorithm)}."
+                f"{record.file_hash}, got {actual}."
             )
         return path
     if record.url is None:

@@ -115,6 +115,23 @@ def test_contradicting_layout_raises():
         keras_preact.PreActResNet152(weights="imagenet", conv_bias=())
 
 
+def test_conv_bias_compares_as_a_set_of_places():
+    # The builder and the weights check read `conv_bias=` through one function.
+    same = ["residual_last", "stem", "projection"]  # the keras layout, in another order
+    record = kp_weights.resolve(
+        "imagenet:keras", depth=50, family="imagenet", layout={"conv_bias": same}
+    )
+    assert record.name == "imagenet:keras"
+    with pytest.raises(ValueError, match=r"conv_bias='stem' contradicts"):
+        kp_weights.resolve(
+            "imagenet:keras", depth=50, family="imagenet", layout={"conv_bias": "stem"}
+        )
+    with pytest.raises(ValueError, match=r"conv_bias='bogus'; allowed places"):
+        kp_weights.resolve(
+            "imagenet:keras", depth=50, family="imagenet", layout={"conv_bias": "bogus"}
+        )
+
+
 def test_other_unit_raises():
     with pytest.raises(ValueError, match=r"unit='full_preact'"):
         keras_preact.PreActResNet200(weights="imagenet", unit="relu_preact")
