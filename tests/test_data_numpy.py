@@ -1,6 +1,5 @@
 """The numpy-only data modules: IDX and CIFAR readers, numpy augmentation."""
 
-import gzip
 import os
 import subprocess
 import sys
@@ -13,15 +12,6 @@ from keras_preact.data import cifar_files, idx, numpy_pipeline
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def _write_idx(path, array, compress):
-    codes = {np.uint8: 0x08}
-    header = bytes([0, 0, codes[array.dtype.type], array.ndim])
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.tobytes()
-    with open(path, "wb") as f:
-        f.write(gzip.compress(data) if compress else data)
-
-
 @pytest.mark.parametrize("compress", [True, False])
 def test_idx_round_trip(tmp_path, compress):
     rng = np.random.default_rng(0)
@@ -32,8 +22,8 @@ def test_idx_round_trip(tmp_path, compress):
             rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
             rng.integers(0, 10, n, dtype=np.uint8),
         )
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", arrays[prefix][0], compress)
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", arrays[prefix][1], compress)
+        idx.write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", arrays[prefix][0], compress)
+        idx.write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", arrays[prefix][1], compress)
     (x, y), (xt, yt) = idx.load_fashion_mnist(str(tmp_path))
     np.testing.assert_array_equal(x[..., 0], arrays["train"][0])
     np.testing.assert_array_equal(yt, arrays["t10k"][1])

@@ -1,6 +1,5 @@
 """Offline TFDS preparation (training/prepare_tfds.py) and TFDS-backed sources."""
 
-import gzip
 import os
 import subprocess
 import sys
@@ -8,16 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from keras_preact.data.idx import write_idx
+
 tfds = pytest.importorskip("tensorflow_datasets")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    # Re-gzipped like Debian's copy: bytes differ from upstream, data does not.
-    path.write_bytes(gzip.compress(header + array.tobytes(), compresslevel=9, mtime=0))
 
 
 def test_prepare_fashion_mnist_offline_then_tfds_load(tmp_path):
@@ -30,8 +23,8 @@ def test_prepare_fashion_mnist_offline_then_tfds_load(tmp_path):
             rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
             rng.integers(0, 10, n, dtype=np.uint8),
         )
-        _write_idx(files / f"{prefix}-images-idx3-ubyte.gz", arrays[prefix][0])
-        _write_idx(files / f"{prefix}-labels-idx1-ubyte.gz", arrays[prefix][1])
+        write_idx(files / f"{prefix}-images-idx3-ubyte.gz", arrays[prefix][0])
+        write_idx(files / f"{prefix}-labels-idx1-ubyte.gz", arrays[prefix][1])
     data_dir = tmp_path / "tfds"
     out = subprocess.run(
         [

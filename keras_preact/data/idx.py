@@ -77,6 +77,22 @@ def read_idx(path):
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 
+def write_idx(path, array, compress=True):
+    """Writes a uint8 array as an IDX file, gzip-compressed unless `compress=False`.
+
+    The inverse of `read_idx` for the Fashion-MNIST/MNIST element type; tests use it to make
+    small IDX fixtures (gzip `mtime=0`, so equal arrays give equal bytes).
+    """
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"write_idx writes uint8 arrays; received dtype={array.dtype}.")
+    header = bytes([0, 0, 0x08, array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data, mtime=0) if compress else data)
+
+
 def _find(data_dir, stem):
     for suffix in (".gz", ""):
         path = os.path.join(data_dir, stem + suffix)
