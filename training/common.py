@@ -580,7 +580,7 @@ def build_model(run, schedule, *, input_shape, classes, label_smoothing=0.0, wra
             classes=classes,
             classifier_activation=None,
             weights=None,
-            **({"drop_path_rate": FLAGS.drop_path_rate} if FLAGS.drop_path_rate else {}),
+            drop_path_rate=FLAGS.drop_path_rate,
         )
         decayed = add_weight_decay(base, FLAGS.weight_decay, FLAGS.weight_decay_on)
         model = wrap(base) if wrap is not None else base
