@@ -37,7 +37,11 @@ PAPER_LAYOUT = {
     "stem_pool_padding": "zeros",
     "conv_bias": (),
     "bn_epsilon": 1e-5,
+    "preact_scope": "shared",
 }
+
+#: `preact_scope=` values: what a unit's pre-activation feeds.
+PREACT_SCOPES = ("shared", "branch")
 
 
 def he_normal_fan_out():
@@ -72,6 +76,11 @@ class BuildContext:
         stride_in: which convolution of a downsampling unit is strided: `"first_conv"` (the
             first 1x1 of a bottleneck, as in [1] and the paper's CIFAR code) or `"3x3"` (the
             3x3, as in fb.resnet.torch, timm and keras.applications). Same for basic units.
+        preact_scope: `"shared"` (the paper's appendix): a projection unit's pre-activation
+            feeds both paths, its bare 1x1 projection included, and the first unit reuses
+            the stem's BN-ReLU. `"branch"` (the published fb.resnet.torch ResNet-200): every
+            unit, the first included, pre-activates only its residual branch; projections
+            are 1x1 conv-BN on the un-activated unit input.
         seed: base seed for the random layers (dropout shortcut, drop path).
     """
 
@@ -83,6 +92,7 @@ class BuildContext:
     zero_init_residual: bool = False
     stem_norm: bool = True
     stride_in: str = "first_conv"
+    preact_scope: str = "shared"
     seed: int | None = None
 
     @property

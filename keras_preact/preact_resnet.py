@@ -15,6 +15,7 @@ from keras_preact import units as kp_units
 from keras_preact import weights as kp_weights
 from keras_preact.context import (
     PAPER_LAYOUT,
+    PREACT_SCOPES,
     BuildContext,
     conv_bias_places,
     torch_linear_init,
@@ -65,6 +66,7 @@ _CHOICES = {
     "stride_in": ("first_conv", "3x3"),
     "downsample_in": ("first_unit", "last_unit"),
     "stem_pool_padding": ("zeros", "neg_inf"),
+    "preact_scope": PREACT_SCOPES,
     "pooling": (None, "avg", "max"),
     "data_format": (None, "channels_last", "channels_first"),
 }
@@ -206,6 +208,7 @@ def PreActResNet(
     stem_pool_padding=None,
     conv_bias=None,
     bn_epsilon=None,
+    preact_scope=None,
     bn_momentum=0.9,
     kernel_initializer="he_normal_fan_out",
     drop_path_rate=0.0,
@@ -261,6 +264,12 @@ def PreActResNet(
         conv_bias: True, False, or a subset of `("stem", "projection", "residual_last",
             "residual_inner")` whose convolutions get a bias. Paper: none.
         bn_epsilon: BatchNorm epsilon (paper's code: 1e-5).
+        preact_scope: what a unit's pre-activation feeds. `"shared"` (paper): both paths
+            of a projection unit (its bare 1x1 conv reads the pre-activated input), and the
+            first unit reuses the stem's BN-ReLU. `"branch"` (fb.resnet.torch's published
+            ResNet-200): only the residual branch, in every unit including the first;
+            projections are 1x1 conv-BN on the un-activated unit input. Units without
+            pre-activation (Fig. 4 a-c) are the same under both.
         bn_momentum: BatchNorm momentum, Keras convention (paper's code: Torch 0.1 = 0.9).
         kernel_initializer: conv kernel initializer; default fan-out He normal.
         drop_path_rate: stochastic depth, rising linearly from 0 to this rate over the
@@ -300,6 +309,7 @@ def PreActResNet(
         "stem_pool_padding": stem_pool_padding,
         "conv_bias": conv_bias,
         "bn_epsilon": bn_epsilon,
+        "preact_scope": preact_scope,
     }
     default_name = f"preact_resnet{depth}"
     record = kp_weights.resolve(
@@ -323,7 +333,7 @@ def PreActResNet(
         classes = 10 if family == "cifar" else 1000
     if include_top and (not isinstance(classes, int) or classes < 1):
         raise ValueError(f"classes={classes!r} must be a positive integer.")
-    for arg in ("stride_in", "downsample_in", "stem_pool_padding"):
+    for arg in ("stride_in", "downsample_in", "stem_pool_padding", "preact_scope"):
         _check_choice(arg, layout[arg])
     bias = conv_bias_places(layout["conv_bias"])
     head = getattr(unit_fn, "head", None)
@@ -346,6 +356,7 @@ def PreActResNet(
         zero_init_residual=bool(zero_init_residual),
         stem_norm=bool(layout["stem_norm"]),
         stride_in=layout["stride_in"],
+        preact_scope=layout["preact_scope"],
         seed=seed,
     )
     spec = FAMILIES[family]

@@ -54,7 +54,8 @@ class UnitSpec:
         post: applied after the addition, or None.
         head: applied after the last unit of the network, before pooling, or None.
         projection_norm: whether a projection shortcut is conv-BN (as in [1], for the
-            post-activation units) rather than a bare conv on the pre-activated input.
+            post-activation units) rather than a bare conv on the pre-activated input
+            (`preact_scope="branch"` makes it conv-BN for every unit).
     """
 
     fig: str
@@ -91,18 +92,26 @@ def _residual_unit(
     spec, x, *, block, filters, stride, first, shortcut, ctx, name, drop_path_rate=0.0
 ):
     project = ctx.channels(x) != filters
-    # Appendix: the first unit reuses the activation right after conv1 (the stem's BN-ReLU)
-    # for both paths; every projection unit shares its pre-activation with the 1x1 conv.
-    if spec.pre and not (first and ctx.stem_norm):
+    shared = ctx.preact_scope == "shared"
+    # Appendix ("shared"): the first unit reuses the activation right after conv1 (the
+    # stem's BN-ReLU) for both paths; every projection unit shares its pre-activation with
+    # the 1x1 conv. "branch": the pre-activation feeds the residual branch only, in every
+    # unit, and the projection (conv-BN) reads the raw unit input.
+    if spec.pre and not (shared and first and ctx.stem_norm):
         preact = ctx.act(x, spec.pre, name=f"{name}_preact")
     else:
         preact = x
 
     if project:
         sc = ctx.conv(
-            preact, filters, 1, stride=stride, name=f"{name}_0_conv", bias_place="projection"
+            preact if shared else x,
+            filters,
+            1,
+            stride=stride,
+            name=f"{name}_0_conv",
+            bias_place="projection",
         )
-        if spec.projection_norm:
+        if spec.projection_norm or not shared:
             sc = ctx.bn(sc, name=f"{name}_0_bn")
     elif stride > 1:
         # Same channels but a smaller map (the keras.applications layout): subsample x.

@@ -33,6 +33,7 @@ LAYOUT_TIMM = {
     "stem_pool_padding": "neg_inf",
     "conv_bias": (),
     "bn_epsilon": 1e-5,
+    "preact_scope": "shared",
 }
 #: keras.applications ResNetV2 (`keras/src/applications/resnet.py`, `residual_block_v2`):
 #: stride in each stage's last unit with a 1x1 max-pool shortcut, biases on all but the
@@ -44,8 +45,10 @@ LAYOUT_KERAS = {
     "stem_pool_padding": "zeros",
     "conv_bias": ("stem", "projection", "residual_last"),
     "bn_epsilon": 1.001e-5,
+    "preact_scope": "shared",
 }
-#: fb.resnet.torch `models/preresnet.lua` (ImageNet): stem conv-BN-ReLU, stride on the 3x3.
+#: fb.resnet.torch `models/preresnet.lua` since PR #42 (ImageNet): stem conv-BN-ReLU, stride
+#: on the 3x3, the first unit of each later stage pre-activates both paths ("both_preact").
 LAYOUT_FB = {
     "stride_in": "3x3",
     "downsample_in": "first_unit",
@@ -53,8 +56,14 @@ LAYOUT_FB = {
     "stem_pool_padding": "zeros",
     "conv_bias": (),
     "bn_epsilon": 1e-5,
+    "preact_scope": "shared",
 }
-#: The layout each upstream file format implies when a local file has no record.
+#: The structure of the published `resnet-200.t7` (preresnet.lua before PR #42, whose
+#: `layer()` dropped each unit's type): every unit pre-activates only its residual branch,
+#: the first unit again after the stem's BN-ReLU; projections are conv-BN on the raw input.
+LAYOUT_FB_LEGACY = {**LAYOUT_FB, "preact_scope": "branch"}
+#: The layout each upstream file format implies when a local file has no record (a local
+#: `.t7` file is read first and takes LAYOUT_FB or LAYOUT_FB_LEGACY from its structure).
 FORMAT_LAYOUTS = {"keras_h5": LAYOUT_KERAS, "timm_safetensors": LAYOUT_TIMM, "torch7": LAYOUT_FB}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -70,7 +79,7 @@ class WeightsRecord:
         dataset: `"imagenet"`, `"fashion_mnist"`, or `"local"` for a file without a record.
         classes: classifier width of the file (None: unknown, for local files).
         input_shape: default input `(height, width, channels)` the builder uses.
-        layout: the `PreActResNet` layout options the file needs (all six).
+        layout: the `PreActResNet` layout options the file needs (all seven).
         source: where the weights come from, with a link.
         format: `"keras_h5"`, `"timm_safetensors"`, `"torch7"` or `"keras_native"`.
         url: download URL (None for shipped files).
@@ -174,14 +183,14 @@ RECORDS = [
         dataset="imagenet",
         classes=1000,
         input_shape=(224, 224, 3),
-        layout=LAYOUT_FB,
+        layout=LAYOUT_FB_LEGACY,
         source="fb.resnet.torch resnet-200.t7 (github.com/facebookarchive/fb.resnet.torch, "
         "pretrained/README.md)",
         format="torch7",
         url="https://d2j0dndfm35trm.cloudfront.net/resnet-200.t7",
         file_name="resnet-200.t7",
         license="BSD-3-Clause + PATENTS (fb.resnet.torch)",
-        num_params=64_834_472,
+        num_params=64_850_088,
         top1=100 - 21.66,
         top5=100 - 5.79,
         metrics_source="fb.resnet.torch pretrained/README.md, 1-crop 224x224 error 21.66 / 5.79",
@@ -264,15 +273,34 @@ def _same_option(key, a, b):
     return a == b
 
 
+#: Tensors read from a local file while resolving its layout, kept for `load`:
+#: {(path, size, mtime_ns): tensors}; `load` pops them, so a file is read once.
+_READ_AHEAD = {}
+
+
+def _file_key(path):
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
 def _local_record(path, fmt, model_name):
-    """A record for a local upstream file: the one whose file name it bears, or its format's."""
+    """A record for a local upstream file: the one whose file name it bears, or its format's.
+
+    A `.t7` file without a record is read here: its structure picks `preact_scope`.
+    """
     base = os.path.basename(os.fspath(path))
     for r in RECORDS:
         if r.file_name == base and r.format == fmt:
             return r
+    layout = FORMAT_LAYOUTS.get(fmt, {})
+    if fmt == "torch7":
+        tensors = convert.read_tensors(path, fmt)
+        _READ_AHEAD.clear()
+        _READ_AHEAD[_file_key(path)] = tensors
+        layout = {**layout, "preact_scope": convert.torch7.preact_scope(tensors)}
     return WeightsRecord(
         model=model_name, tag="local", dataset="local", classes=None, input_shape=None,
-        layout=FORMAT_LAYOUTS.get(fmt, {}), source=os.fspath(path), format=fmt,
+        layout=layout, source=os.fspath(path), format=fmt,
     )  # fmt: skip
 
 
@@ -482,8 +510,19 @@ def load(model, weights, record):
     else:
         path, downloaded = fetch(record), record.shipped is None
     try:
-        tensors = converted_tensors(path, record.format, cache=downloaded)
+        tensors = _READ_AHEAD.pop(_file_key(path), None)
+        if tensors is None:
+            tensors = converted_tensors(path, record.format, cache=downloaded)
     except (OSError, ValueError, KeyError) as e:
         hint = f" Delete {path} to download it again." if downloaded else ""
         raise ValueError(f"Cannot read {record.name} from {path}: {e}.{hint}") from e
+    if record.format == "torch7":
+        scope = convert.torch7.preact_scope(tensors)
+        if scope != record.layout["preact_scope"]:
+            raise ValueError(
+                f"{path} has the preact_scope={scope!r} structure; {record.name} expects "
+                f"preact_scope={record.layout['preact_scope']!r}. Pass a copy under another "
+                "file name: a local .t7 file no record names takes its layout from its "
+                "structure."
+            )
     assign(model, tensors, source=f"{record.name} ({os.path.basename(path)})")

@@ -219,6 +219,31 @@ def test_projection_units_share_their_preactivation():
         ]
 
 
+def test_preact_scope_branch_preactivates_only_the_branch():
+    # The published fb.resnet.torch ResNet-200: pre-activation inside every branch, the
+    # first unit's included (after the stem's BN-ReLU), projections conv-BN on the raw input.
+    model = tiny(depth=11, block="bottleneck", preact_scope="branch")
+    assert parents(model, "conv2_block1_preact_bn") == ["conv1_relu"]
+    assert parents(model, "conv2_block1_1_conv") == ["conv2_block1_preact_relu"]
+    assert parents(model, "conv2_block1_0_conv") == ["conv1_relu"]
+    assert parents(model, "conv2_block1_out") == ["conv2_block1_0_bn", "conv2_block1_3_conv"]
+    model = tiny(depth=14, preact_scope="branch")
+    for stage in (3, 4):
+        assert parents(model, f"conv{stage}_block1_0_conv") == [f"conv{stage - 1}_block2_out"]
+        assert parents(model, f"conv{stage}_block1_0_bn") == [f"conv{stage}_block1_0_conv"]
+        assert parents(model, f"conv{stage}_block1_1_pad") == [f"conv{stage}_block1_preact_relu"]
+    # Identity units are the same under both scopes.
+    assert parents(model, "conv3_block2_out") == ["conv3_block1_out", "conv3_block2_2_conv"]
+
+
+def test_preact_scope_is_moot_for_post_activation_units():
+    shared, branch = tiny(unit="original"), tiny(unit="original", preact_scope="branch")
+    assert [layer.name for layer in shared.layers[1:]] == [
+        layer.name for layer in branch.layers[1:]
+    ]
+    assert shared.count_params() == branch.count_params()
+
+
 @pytest.mark.parametrize(
     "unit, head",
     [("full_preact", ["post_bn", "post_relu"]), ("relu_preact", ["post_relu"]),
@@ -521,6 +546,7 @@ def test_import_does_not_import_tensorflow(backend):
         (dict(conv_bias=("stem", "head")), r"conv_bias=\('stem', 'head'\).*'residual_inner'"),
         (dict(stride_in="1x1"), r"stride_in='1x1'.*'first_conv', '3x3'"),
         (dict(downsample_in="middle"), r"downsample_in='middle'.*'first_unit', 'last_unit'"),
+        (dict(preact_scope="both"), r"preact_scope='both'.*'shared', 'branch'"),
         (dict(data_format="NHWC"), r"data_format='NHWC'.*'channels_first'"),
         (dict(drop_path_rate=1.0), r"drop_path_rate=1.0"),
         (dict(classes=0), r"classes=0"),

@@ -6,6 +6,7 @@ blocks), timm (golden outputs in tests/fixtures, tools/make_timm_fixture.py) and
 fb.resnet.torch (a Torch7 fixture with an independent forward, tools/make_t7_fixture.py).
 """
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -247,6 +248,45 @@ def test_torch7_parity():
     np.testing.assert_allclose(_logits(model, x), golden["logits"], atol=TOL, rtol=1e-5)
 
 
+def test_torch7_legacy_parity():
+    # The structure of the published resnet-200.t7 (preresnet.lua before PR #42), read from
+    # a local file no record names: the converter detects it and the builder follows.
+    golden = np.load(os.path.join(FIXTURES, "fb_preresnet_legacy_tiny.npz"))
+    path = os.path.join(FIXTURES, "fb_preresnet_legacy_tiny.t7")
+    model = _tiny("bottleneck", (2, 2, 1, 1), 0.125, weights=path)
+    names = {layer.name for layer in model.layers}
+    assert {"conv2_block1_preact_bn", "conv2_block1_0_bn", "conv5_block1_0_bn"} <= names
+    x = golden["x_nchw"].transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(_logits(model, x), golden["logits"], atol=TOL, rtol=1e-5)
+    assert torch7.preact_scope(convert.read_tensors(path)) == "branch"
+    with pytest.raises(ValueError, match=r"preact_scope='shared' contradicts"):
+        _tiny("bottleneck", (2, 2, 1, 1), 0.125, weights=path, preact_scope="shared")
+
+
+def test_torch7_detects_the_current_structure():
+    path = os.path.join(FIXTURES, "fb_preresnet_tiny.t7")
+    assert torch7.preact_scope(convert.read_tensors(path)) == "shared"
+    with pytest.raises(ValueError, match=r"preact_scope='branch' contradicts"):
+        _tiny("bottleneck", (2, 2, 1, 1), 0.125, weights=path, preact_scope="branch")
+
+
+def test_fb_record_has_the_published_structure():
+    record = kp_weights.get_record("imagenet:fb_torch")
+    assert record.layout == kp_weights.LAYOUT_FB_LEGACY
+    assert record.layout["preact_scope"] == "branch"
+
+
+def test_torch7_file_of_the_other_structure_than_its_record_raises(tmp_path):
+    # A file claimed by a record (by name) but with the other unit structure: clear error.
+    record = dataclasses.replace(
+        kp_weights.get_record("imagenet:fb_torch"), file_name="fb_preresnet_tiny.t7", classes=10
+    )
+    model = _tiny("bottleneck", (2, 2, 1, 1), 0.125, **record.layout)
+    path = os.path.join(FIXTURES, "fb_preresnet_tiny.t7")
+    with pytest.raises(ValueError, match=r"has the preact_scope='shared' structure"):
+        kp_weights.load(model, path, record)
+
+
 def _t7_unit(shortcut):
     conv = functools.partial(
         torch7.T7Module, "cudnn.SpatialConvolution"
@@ -264,19 +304,46 @@ def _t7_unit(shortcut):
 
     seq = lambda *m, kind="nn.Sequential": torch7.T7Module(kind, {"modules": list(m)})  # noqa: E731
     relu = torch7.T7Module("cudnn.ReLU", {})
-    branch = seq(c(64, 8, 1), bn(8), relu, c(8, 8, 3), bn(8), relu, c(8, 32, 1))
-    sc = seq(c(64, 32, 1), bn(32)) if shortcut == "conv_bn" else seq(c(64, 32, 1))
-    unit = seq(seq(branch, sc, kind="nn.ConcatTable"), torch7.T7Module("nn.CAddTable", {}))
-    return seq(c(3, 64, 7), bn(64), relu, seq(unit))
+
+    def unit(n_in, preact, conv_bn, outer=False):
+        branch = [bn(n_in), relu] if preact else []
+        branch = seq(*branch, c(n_in, 8, 1), bn(8), relu, c(8, 8, 3), bn(8), relu, c(8, 32, 1))
+        sc = seq(c(n_in, 32, 1), bn(32)) if conv_bn else seq(c(n_in, 32, 1))
+        outer = [bn(n_in), relu] if outer else []  # "both_preact"
+        return seq(*outer, seq(branch, sc, kind="nn.ConcatTable"),
+                   torch7.T7Module("nn.CAddTable", {}))  # fmt: skip
+
+    units = {
+        # preresnet.lua's first version: no pre-activation in the first unit, conv-BN shortcut
+        "first_conv_bn": [unit(64, False, True)],
+        "branch_bare": [unit(64, True, False)],  # raw input into a bare 1x1: not expressible
+        "shared": [unit(64, False, False)],
+        "mixed": [unit(64, True, True), unit(32, False, False, outer=True)],  # branch, shared
+    }[shortcut]
+    return seq(c(3, 64, 7), bn(64), relu, seq(*units))
 
 
-def test_torch7_refuses_a_projection_with_batchnorm(tmp_path):
-    # The first preresnet.lua (2016) had conv-BN projections: no PreActResNet option has it.
-    path = str(tmp_path / "old.t7")
-    torch7.write(path, _t7_unit("conv_bn"))
-    with pytest.raises(ValueError, match=r"conv2_block1: shortcut .* not a bare 1x1"):
+@pytest.mark.parametrize(
+    "structure, match",
+    [
+        ("first_conv_bn", r"conv2_block1: shortcut \['SpatialConvolution', "
+         r"'SpatialBatchNormalization'\] on the un-activated input.*preact_scope='branch'"),
+        ("branch_bare", r"conv2_block1: shortcut \['SpatialConvolution'\] on the un-activated "
+         r"input, with the branch pre-activating itself"),
+        ("mixed", r"conv2_block2 has the preact_scope='shared' structure but conv2_block1 has "
+         r"preact_scope='branch'"),
+    ],
+)  # fmt: skip
+def test_torch7_refuses_structures_no_option_expresses(tmp_path, structure, match):
+    path = str(tmp_path / "odd.t7")
+    torch7.write(path, _t7_unit(structure))
+    with pytest.raises(ValueError, match=match):
         convert.read_tensors(path)
-    torch7.write(path, _t7_unit("conv"))
+
+
+def test_torch7_reads_a_bare_projection_on_the_stem_activation(tmp_path):
+    path = str(tmp_path / "ok.t7")
+    torch7.write(path, _t7_unit("shared"))
     assert set(convert.read_tensors(path)) >= {"conv1_conv", "conv1_bn", "conv2_block1_0_conv"}
 
 

@@ -71,7 +71,11 @@ def torch7_reference(record, path, x):
 
     def forward(m, h):
         kind = m.torch_typename().decode().rpartition(".")[2]
-        mods = f(m, "modules")
+        if kind in ("Identity", "Copy", "Dropout"):
+            return h
+        if kind in ("Sequential", "ConcatTable"):
+            mods = f(m, "modules") or []  # a Lua table: a list, or a dict keyed 1..n
+            mods = [mods[k] for k in sorted(mods)] if isinstance(mods, dict) else list(mods)
         if kind == "Sequential":
             for c in mods:
                 h = forward(c, h)
@@ -97,8 +101,6 @@ def torch7_reference(record, path, x):
             return F.max_pool2d(h, int(f(m, "kW")), int(f(m, "dW")), int(f(m, "padW")))
         if kind == "SpatialAveragePooling":  # the checkpoint's Avg(7,7) at 224 is global
             return F.adaptive_avg_pool2d(h, 1)
-        if kind in ("Identity", "Copy", "Dropout"):
-            return h
         if kind in ("View", "Reshape"):
             return h.reshape(h.shape[0], -1)
         if kind == "Linear":

@@ -9,10 +9,16 @@ at 1/8 width with (2, 2, 1, 1) bottleneck units and random weights, serialized b
 batch and the logits of an independent forward pass: a small interpreter of the Torch
 modules written with torch.nn.functional, walking the same module tree as Lua would.
 
+`fb_preresnet_legacy_tiny.{t7,npz}` is the same network with the structure of the published
+`resnet-200.t7` (preresnet.lua before PR #42): every unit, the first included, pre-activates
+inside its branch, and projections are 1x1 conv + BN on the un-activated unit input.
+
     python tools/make_t7_fixture.py
+    python tools/make_t7_fixture.py --resnet200 /tmp/fb/resnet-200.t7  # full size, random
 """
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -57,20 +63,23 @@ def seq(*modules, kind="nn.Sequential"):
     return T7Module(kind, {"modules": list(modules), "train": False})
 
 
-def bottleneck(n_in, n, stride, kind):
+def bottleneck(n_in, n, stride, kind, legacy=False):
+    """One unit; `legacy`: preresnet.lua before PR #42, whose `layer()` passed no `kind`,
+    and whose projection shortcut was conv-BN (the published resnet-200.t7)."""
     s = []
     block = []
-    if kind == "both_preact":
+    if kind == "both_preact" and not legacy:
         block += [bn(n_in), relu()]
-    elif kind != "no_preact":
+    elif kind != "no_preact" or legacy:
         s += [bn(n_in), relu()]
     s += [conv(n_in, n, 1), bn(n), relu(), conv(n, n, 3, stride, 1), bn(n), relu(),
           conv(n, 4 * n, 1)]  # fmt: skip
-    shortcut = (
-        seq(conv(n_in, 4 * n, 1, stride, zero_bias=True))
-        if n_in != 4 * n
-        else T7Module("nn.Identity", {"train": False})
-    )
+    if n_in == 4 * n:
+        shortcut = T7Module("nn.Identity", {"train": False})
+    elif legacy:
+        shortcut = seq(conv(n_in, 4 * n, 1, stride), bn(4 * n))
+    else:
+        shortcut = seq(conv(n_in, 4 * n, 1, stride, zero_bias=True))
     block += [
         seq(seq(*s), shortcut, kind="nn.ConcatTable"),
         T7Module("nn.CAddTable", {"inplace": True}),
@@ -78,44 +87,52 @@ def bottleneck(n_in, n, stride, kind):
     return seq(*block)
 
 
-def network():
+def network(legacy=False, stages=STAGES, widths=WIDTHS, classes=CLASSES, size=SIZE):
     mods = [conv(3, 64, 7, 2, 3), bn(64), relu(),
             T7Module("nn.SpatialMaxPooling", {"kW": 3, "kH": 3, "dW": 2, "dH": 2, "padW": 1, "padH": 1})]  # fmt: skip
     n_in = 64
-    for s, (count, n) in enumerate(zip(STAGES, WIDTHS)):
+    for s, (count, n) in enumerate(zip(stages, widths)):
         units = []
         for i in range(count):
             kind = ("no_preact" if s == 0 else "both_preact") if i == 0 else None
-            units.append(bottleneck(n_in, n, (1 if s == 0 else 2) if i == 0 else 1, kind))
+            stride = (1 if s == 0 else 2) if i == 0 else 1
+            units.append(bottleneck(n_in, n, stride, kind, legacy))
             n_in = 4 * n
         mods.append(seq(*units))
-    side = SIZE // 32
+    side = size // 32
     mods += [T7Module("nn.Copy", {}), bn(n_in), relu(),
              T7Module("cudnn.SpatialAveragePooling", {"kW": side, "kH": side, "dW": 1, "dH": 1}),
              T7Module("nn.View", {"size": [n_in], "numInputDims": 3}),
              T7Module("nn.Linear", {
-                 "weight": (rng.standard_normal((CLASSES, n_in)) / np.sqrt(n_in)).astype(np.float32),
-                 "bias": (0.1 * rng.standard_normal(CLASSES)).astype(np.float32)})]  # fmt: skip
+                 "weight": (rng.standard_normal((classes, n_in)) / np.sqrt(n_in)).astype(np.float32),
+                 "bias": (0.1 * rng.standard_normal(classes)).astype(np.float32)})]  # fmt: skip
     return seq(*mods)
 
 
-def forward(m, x):
-    """Torch7 semantics of each module type, in eval mode (NCHW)."""
+def forward(m, x, calibrate=False):
+    """Torch7 semantics of each module type, in eval mode (NCHW).
+
+    With `calibrate`, every BatchNorm first sets its running statistics to those of its
+    input batch, so that a deep random network keeps activations of order one.
+    """
     kind = m.typename.rpartition(".")[2]
     f = m.fields
     t = lambda a: torch.from_numpy(a)  # noqa: E731
     if kind == "Sequential":
         for child in f["modules"]:
-            x = forward(child, x)
+            x = forward(child, x, calibrate)
         return x
     if kind == "ConcatTable":
-        return [forward(child, x) for child in f["modules"]]
+        return [forward(child, x, calibrate) for child in f["modules"]]
     if kind == "CAddTable":
         return sum(x)
     if kind == "SpatialConvolution":
         b = t(f["bias"]) if "bias" in f else None
         return F.conv2d(x, t(f["weight"]), b, stride=f["dW"], padding=f["padW"])
     if kind == "SpatialBatchNormalization":
+        if calibrate:
+            f["running_mean"] = x.mean((0, 2, 3)).numpy().astype(np.float32)
+            f["running_var"] = x.var((0, 2, 3)).numpy().astype(np.float32)
         return F.batch_norm(x, t(f["running_mean"]), t(f["running_var"]), t(f["weight"]),
                             t(f["bias"]), False, 0.0, f["eps"])  # fmt: skip
     if kind == "ReLU":
@@ -134,13 +151,28 @@ def forward(m, x):
 
 
 def main():
-    net = network()
-    x = rng.uniform(-2, 2, (2, 3, SIZE, SIZE)).astype(np.float32)
-    with torch.no_grad():
-        logits = forward(net, torch.from_numpy(x)).numpy()
-    write(os.path.join(FIXTURES, "fb_preresnet_tiny.t7"), net)
-    np.savez_compressed(os.path.join(FIXTURES, "fb_preresnet_tiny.npz"), x_nchw=x, logits=logits)
-    print("logits", logits.shape, "max |logit|", float(np.abs(logits).max()))
+    global rng
+    if len(sys.argv) == 3 and sys.argv[1] == "--resnet200":
+        # A full-size ResNet-200 with the published file's structure and random weights,
+        # for an end-to-end check of tools/convert_weights.py without the real download.
+        rng = np.random.default_rng(200)
+        net = network(True, (3, 24, 36, 3), (64, 128, 256, 512), 1000, 224)
+        x = rng.uniform(-2, 2, (8, 3, 28, 28)).repeat(8, axis=2).repeat(8, axis=3)
+        with torch.no_grad():
+            forward(net, torch.from_numpy(x.astype(np.float32)), calibrate=True)
+        write(sys.argv[2], net)
+        print("wrote", sys.argv[2], os.path.getsize(sys.argv[2]), "bytes")
+        return
+    for name, legacy, seed in (("fb_preresnet_tiny", False, 7),
+                               ("fb_preresnet_legacy_tiny", True, 8)):  # fmt: skip
+        rng = np.random.default_rng(seed)
+        net = network(legacy)
+        x = rng.uniform(-2, 2, (2, 3, SIZE, SIZE)).astype(np.float32)
+        with torch.no_grad():
+            logits = forward(net, torch.from_numpy(x)).numpy()
+        write(os.path.join(FIXTURES, f"{name}.t7"), net)
+        np.savez_compressed(os.path.join(FIXTURES, f"{name}.npz"), x_nchw=x, logits=logits)
+        print(name, "logits", logits.shape, "max |logit|", float(np.abs(logits).max()))
 
 
 if __name__ == "__main__":

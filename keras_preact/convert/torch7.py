@@ -4,14 +4,22 @@ The network `models/preresnet.lua` builds for ImageNet (facebookarchive/fb.resne
 
     conv 7x7/2 - BN - ReLU - max-pool 3x3/2 - 4 stages - BN - ReLU - avg-pool - View - Linear
 
-Each unit is `Sequential[(BN, ReLU)?, ConcatTable[branch, shortcut], CAddTable]`: the
-first unit of a stage has its BN-ReLU outside the ConcatTable ("both_preact": the
-projection shortcut, a bare 1x1 conv, reads the pre-activated input), the others inside
-the branch (identity shortcut), and the network's first unit has none (it reuses the
-stem's BN-ReLU). That is `PreActResNet(stem_norm=True, stride_in="3x3")`. `read` walks the
-module tree, maps every tensor to its layer name, and refuses the structures this layout
-cannot express (a BN in the shortcut, a unit without pre-activation after the first, a
-projection reading the un-activated input, a non-zero conv bias) naming the module.
+Each unit is `Sequential[(BN, ReLU)?, ConcatTable[branch, shortcut], CAddTable]`. Two unit
+structures exist, and `read` accepts either (one per network):
+
+- since PR #42 (`preact_scope="shared"`): the first unit of a stage has its BN-ReLU outside
+  the ConcatTable ("both_preact": the projection, a bare 1x1 conv, reads the pre-activated
+  input), the others inside the branch (identity shortcut), and the network's first unit
+  has none (it reuses the stem's BN-ReLU);
+- before PR #42, the published `resnet-200.t7` (`preact_scope="branch"`): `layer()` dropped
+  the unit type (issue #36), so every unit, the first included, has its BN-ReLU inside the
+  branch, and projections are 1x1 conv + BN on the un-activated unit input.
+
+Both are `PreActResNet(stem_norm=True, stride_in="3x3", preact_scope=...)`; `preact_scope`
+tells which a converted file has. `read` walks the module tree, maps every tensor to its
+layer name, and refuses what no option expresses (a unit without pre-activation after the
+first, a bare projection on the un-activated input, a non-zero conv bias, a mix of the two
+structures), naming the module.
 
 The file is read with the `torchfile` package (pure Python); no Torch install is needed.
 """
@@ -39,6 +47,7 @@ class _Converter:
     def __init__(self):
         self.tensors = {}
         self.eps = set()
+        self.scope = None  # (preact_scope, the unit that showed it first)
 
     def conv(self, module, layer, where):
         w = np.asarray(module["weight"], np.float32)
@@ -84,12 +93,10 @@ class _Converter:
         layers = _children(branch)
         inner_preact = [_kind(m) for m in layers[:2]] == ["SpatialBatchNormalization", "ReLU"]
         if inner_preact:
+            if outer_preact:
+                raise ValueError(f"{prefix}: the unit pre-activates twice.")
             self.bn(layers[0], f"{prefix}_preact_bn")
             layers = layers[2:]
-        if first and (outer_preact or inner_preact):
-            raise ValueError(
-                f"{prefix}: the first unit pre-activates again after the stem BN-ReLU."
-            )
         if not first and not (outer_preact or inner_preact):
             raise ValueError(
                 f"{prefix}: unit without pre-activation (an early preresnet.lua variant); "
@@ -111,17 +118,39 @@ class _Converter:
         if sc_kind == "Identity":
             if outer_preact:
                 raise ValueError(f"{prefix}: identity shortcut on the pre-activated input.")
+            if first:  # a basic first unit: its branch alone tells the structure
+                self.observe("branch" if inner_preact else "shared", prefix)
             return
         sc_layers = _children(shortcut) if sc_kind == "Sequential" else [shortcut]
         sc_kinds = [_kind(m) for m in sc_layers]
-        if sc_kinds != ["SpatialConvolution"]:
+        if sc_kinds == ["SpatialConvolution"] and not inner_preact:
+            # Current preresnet.lua: a bare projection on the shared pre-activation (or, in
+            # the first unit, on the stem's BN-ReLU output).
+            self.observe("shared", prefix)
+        elif sc_kinds == ["SpatialConvolution", "SpatialBatchNormalization"] and inner_preact:
+            # The published ResNet-200: conv-BN on the un-activated unit input.
+            self.observe("branch", prefix)
+            self.bn(sc_layers[1], f"{prefix}_0_bn")
+        else:
+            reads = "pre-activated" if outer_preact else "un-activated"
             raise ValueError(
-                f"{prefix}: shortcut {sc_kinds} is not a bare 1x1 projection (type B of "
-                "preresnet.lua without BN); not expressible with PreActResNet options."
+                f"{prefix}: shortcut {sc_kinds} on the {reads} input, with the branch "
+                f"{'pre-activating itself' if inner_preact else 'not pre-activating'}; "
+                "PreActResNet expresses a bare 1x1 conv on the shared pre-activation "
+                "(preact_scope='shared') or a 1x1 conv-BN on the raw input with a "
+                "branch-only pre-activation (preact_scope='branch')."
             )
-        if inner_preact:
-            raise ValueError(f"{prefix}: projection reads the un-activated input.")
         self.conv(sc_layers[0], f"{prefix}_0_conv", prefix)
+
+    def observe(self, scope, prefix):
+        """Records which `preact_scope` a unit shows; every unit must show the same."""
+        if self.scope is None:
+            self.scope = (scope, prefix)
+        elif self.scope[0] != scope:
+            raise ValueError(
+                f"{prefix} has the preact_scope={scope!r} structure but {self.scope[1]} has "
+                f"preact_scope={self.scope[0]!r}; one network cannot mix them."
+            )
 
     def network(self, model):
         mods = _children(model)
@@ -156,6 +185,13 @@ def convert_module(model):
     conv = _Converter()
     tensors = conv.network(model)
     return tensors, conv.eps
+
+
+def preact_scope(tensors):
+    """The `preact_scope` of a network `read` converted: `"branch"` where its units have
+    conv-BN projections or the first unit pre-activates after the stem's BN-ReLU."""
+    branch = "conv1_bn" in tensors and "conv2_block1_preact_bn" in tensors
+    return "branch" if branch or any(k.endswith("_0_bn") for k in tensors) else "shared"
 
 
 def read(path):
