@@ -47,17 +47,9 @@ LAYOUT_KERAS = {
     "bn_epsilon": 1.001e-5,
     "preact_scope": "shared",
 }
-#: fb.resnet.torch `models/preresnet.lua` since PR #42 (ImageNet): stem conv-BN-ReLU, stride
-#: on the 3x3, the first unit of each later stage pre-activates both paths ("both_preact").
-LAYOUT_FB = {
-    "stride_in": "3x3",
-    "downsample_in": "first_unit",
-    "stem_norm": True,
-    "stem_pool_padding": "zeros",
-    "conv_bias": (),
-    "bn_epsilon": 1e-5,
-    "preact_scope": "shared",
-}
+#: fb.resnet.torch `models/preresnet.lua` since PR #42 (ImageNet): the paper's layout (stem
+#: conv-BN-ReLU, "both_preact" first units of later stages) but the stride on the 3x3.
+LAYOUT_FB = {**LAYOUT_PAPER, "stride_in": "3x3"}
 #: The structure of the published `resnet-200.t7` (preresnet.lua before PR #42, whose
 #: `layer()` dropped each unit's type): every unit pre-activates only its residual branch,
 #: the first unit again after the stem's BN-ReLU; projections are conv-BN on the raw input.

@@ -8,8 +8,8 @@ the top-5 agreement. References, where installed:
 - keras_h5 (`imagenet:keras`): `keras.applications.ResNet{50,101,152}V2(weights=<file>)`;
 - timm_safetensors (`imagenet:timm_*`): `timm.create_model("resnetv2_<d>")` with the file
   (timm's torchvision import is stubbed as in tools/make_timm_fixture.py);
-- torch7 (`imagenet:fb_torch`): the Torch7 module tree run by a torch.nn.functional
-  interpreter (tools/make_t7_fixture.py's `forward`, applied to the torchfile objects).
+- torch7 (`imagenet:fb_torch`): the Torch7 module tree run by tools/make_t7_fixture.py's
+  torch.nn.functional interpreter (`forward`, on `from_torchfile` of the torchfile objects).
 
     python tools/convert_weights.py --model PreActResNet50 --weights imagenet:keras \
         [--file ~/Downloads/resnet50v2_weights_tf_dim_ordering_tf_kernels.h5] \
@@ -60,55 +60,12 @@ def timm_reference(record, path, x):
 
 def torch7_reference(record, path, x):
     import torch
-    import torch.nn.functional as F
     import torchfile
-
-    def f(m, key):
-        return m[key]
-
-    def t(a):
-        return torch.from_numpy(np.ascontiguousarray(a, np.float32))
-
-    def forward(m, h):
-        kind = m.torch_typename().decode().rpartition(".")[2]
-        if kind in ("Identity", "Copy", "Dropout"):
-            return h
-        if kind in ("Sequential", "ConcatTable"):
-            mods = f(m, "modules") or []  # a Lua table: a list, or a dict keyed 1..n
-            mods = [mods[k] for k in sorted(mods)] if isinstance(mods, dict) else list(mods)
-        if kind == "Sequential":
-            for c in mods:
-                h = forward(c, h)
-            return h
-        if kind == "ConcatTable":
-            return [forward(c, h) for c in mods]
-        if kind == "CAddTable":
-            return sum(h)
-        if kind == "SpatialConvolution":
-            n_out, n_in, kh, kw = (
-                int(f(m, k)) for k in ("nOutputPlane", "nInputPlane", "kH", "kW")
-            )
-            w = t(np.asarray(f(m, "weight")).reshape(n_out, n_in, kh, kw))
-            b = f(m, "bias")
-            return F.conv2d(h, w, None if b is None else t(b), stride=int(f(m, "dW")),
-                            padding=int(f(m, "padW") or 0))  # fmt: skip
-        if kind == "SpatialBatchNormalization":
-            return F.batch_norm(h, t(f(m, "running_mean")), t(f(m, "running_var")),
-                                t(f(m, "weight")), t(f(m, "bias")), False, 0.0, float(f(m, "eps")))  # fmt: skip
-        if kind == "ReLU":
-            return F.relu(h)
-        if kind == "SpatialMaxPooling":
-            return F.max_pool2d(h, int(f(m, "kW")), int(f(m, "dW")), int(f(m, "padW")))
-        if kind == "SpatialAveragePooling":  # the checkpoint's Avg(7,7) at 224 is global
-            return F.adaptive_avg_pool2d(h, 1)
-        if kind in ("View", "Reshape"):
-            return h.reshape(h.shape[0], -1)
-        if kind == "Linear":
-            return F.linear(h, t(f(m, "weight")), t(f(m, "bias")))
-        raise ValueError(f"No reference for Torch module {kind}.")
+    from make_t7_fixture import forward, from_torchfile
 
     with torch.no_grad():
-        return forward(torchfile.load(path), t(x.transpose(0, 3, 1, 2))).numpy()
+        nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        return forward(from_torchfile(torchfile.load(path)), nchw).numpy()
 
 
 REFERENCES = {"keras_h5": keras_reference, "timm_safetensors": timm_reference,

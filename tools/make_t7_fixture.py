@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from keras_preact.convert import torch7
 from keras_preact.convert.torch7 import T7Module, write
 
 FIXTURES = os.path.join(os.path.dirname(__file__), os.pardir, "tests", "fixtures")
@@ -109,6 +110,17 @@ def network(legacy=False, stages=STAGES, widths=WIDTHS, classes=CLASSES, size=SI
     return seq(*mods)
 
 
+def from_torchfile(obj):
+    """A `torchfile.load`ed module tree as `T7Module`s, so `forward` runs real checkpoints
+    (tools/convert_weights.py). torchfile keeps a module's fields in `_obj`, keyed by bytes;
+    a field-less module (an `nn.Copy`) comes back with an empty list there."""
+    raw = obj._obj if isinstance(obj._obj, dict) else {}
+    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    if fields.get("modules") is not None:
+        fields["modules"] = [from_torchfile(c) for c in torch7._children(obj)]
+    return T7Module(obj.torch_typename().decode(), fields)
+
+
 def forward(m, x, calibrate=False):
     """Torch7 semantics of each module type, in eval mode (NCHW).
 
@@ -117,7 +129,7 @@ def forward(m, x, calibrate=False):
     """
     kind = m.typename.rpartition(".")[2]
     f = m.fields
-    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))  # noqa: E731
     if kind == "Sequential":
         for child in f["modules"]:
             x = forward(child, x, calibrate)
@@ -127,27 +139,29 @@ def forward(m, x, calibrate=False):
     if kind == "CAddTable":
         return sum(x)
     if kind == "SpatialConvolution":
-        b = t(f["bias"]) if "bias" in f else None
-        return F.conv2d(x, t(f["weight"]), b, stride=f["dW"], padding=f["padW"])
+        shape = [int(f[k]) for k in ("nOutputPlane", "nInputPlane", "kH", "kW")]
+        b = t(f["bias"]) if f.get("bias") is not None else None
+        return F.conv2d(x, t(f["weight"]).reshape(shape), b, stride=int(f["dW"]),
+                        padding=int(f.get("padW") or 0))  # fmt: skip
     if kind == "SpatialBatchNormalization":
         if calibrate:
             f["running_mean"] = x.mean((0, 2, 3)).numpy().astype(np.float32)
             f["running_var"] = x.var((0, 2, 3)).numpy().astype(np.float32)
         return F.batch_norm(x, t(f["running_mean"]), t(f["running_var"]), t(f["weight"]),
-                            t(f["bias"]), False, 0.0, f["eps"])  # fmt: skip
+                            t(f["bias"]), False, 0.0, float(f["eps"]))  # fmt: skip
     if kind == "ReLU":
         return F.relu(x)
     if kind == "SpatialMaxPooling":  # Torch7 pads max-pooling with -inf, as PyTorch does
-        return F.max_pool2d(x, f["kW"], f["dW"], f["padW"])
+        return F.max_pool2d(x, int(f["kW"]), int(f["dW"]), int(f.get("padW") or 0))
     if kind == "SpatialAveragePooling":
-        return F.avg_pool2d(x, f["kW"], f["dW"])
-    if kind in ("Identity", "Copy"):
+        return F.avg_pool2d(x, int(f["kW"]), int(f["dW"]))
+    if kind in ("Identity", "Copy", "Dropout", "SpatialDropout"):
         return x
-    if kind == "View":
+    if kind in ("View", "Reshape"):
         return x.reshape(x.shape[0], -1)
     if kind == "Linear":
         return F.linear(x, t(f["weight"]), t(f["bias"]))
-    raise ValueError(kind)
+    raise ValueError(f"No reference for Torch module {kind}.")
 
 
 def main():
