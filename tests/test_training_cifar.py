@@ -196,6 +196,7 @@ def test_checkpointer_refuses_a_model_without_optimizer(tmp_path):
         checkpoints.Checkpointer(str(tmp_path)).save(_small_cnn(), epoch=1, logs={})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loop", LOOPS)
 def test_resume_after_sigkill(tmp_path, loop):
     """A run killed with SIGKILL resumes at its last epoch with the optimizer's step, so the
@@ -248,6 +249,7 @@ def test_resume_after_sigkill(tmp_path, loop):
     assert config["loop"] == loop
 
 
+@pytest.mark.slow
 def test_resume_continues_momentum_exactly(tmp_path):
     """2 epochs, then the same command resumed to 4, ends with the weights of an
     uninterrupted 4-epoch run: the numpy pipeline replays the same batches and the

@@ -291,6 +291,7 @@ def test_training_modules_import_without_cycles():
 # Command-line runs.
 
 
+@pytest.mark.slow
 def test_preset_overridden_by_a_flag(tmp_path):
     """`--preset=paper --epochs=1` runs one epoch; config.json says where each value came from
     and holds only the trainer's own flags."""
@@ -321,6 +322,7 @@ def test_preset_overridden_by_a_flag(tmp_path):
     assert "shuffle=True" not in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_ablation_from_the_command_line_then_evaluate(tmp_path):
     """The paper's Fig. 4(c) unit with Fig. 2(c) shortcuts, trained for a few steps; then
     evaluate.py rebuilds that architecture from the run's config.json and gets the
@@ -397,6 +399,7 @@ def test_ablation_from_the_command_line_then_evaluate(tmp_path):
     assert bad.returncode != 0 and "--unit=full_preact contradicts" in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TF, reason="both loops run under TensorFlow only")
 def test_label_smoothing_on_both_loops(tmp_path):
     """`--label_smoothing` trains and evaluates under `fit` and the custom loop alike: from the
