@@ -171,7 +171,7 @@ def test_checkpointer_restores_the_optimizer(tmp_path, loop):
     model = compiled_model()
     variables = model.trainable_variables
     for i in range(3):  # three optimizer steps, as either loop makes them
-        grads = [keras.ops.ones_like(v) * (i + 1) for v in variables]
+        grads = [np.full(v.shape, i + 1.0, "float32") for v in variables]
         model.optimizer.apply(grads, variables)
     checkpoints.Checkpointer(str(tmp_path)).save(model, epoch=1, logs={"loss": 1.0})
     fresh = compiled_model()

@@ -128,11 +128,10 @@ def with_input_normalization(model, mean, std):
     """
     shape = tuple(model.input_shape[1:])
     inputs = keras.Input(shape, dtype="uint8", name="image_uint8")
-    x = keras.layers.Normalization(
-        mean=[255.0 * float(m) for m in mean],
-        variance=[(255.0 * float(s)) ** 2 for s in std],
-        name="input_normalization",
-    )(keras.ops.cast(inputs, "float32"))
+    # Plain ops, not keras.layers.Normalization (a preprocessing layer that needs TF).
+    offset = keras.ops.convert_to_tensor([255.0 * float(m) for m in mean], "float32")
+    scale = keras.ops.convert_to_tensor([1.0 / (255.0 * float(s)) for s in std], "float32")
+    x = (keras.ops.cast(inputs, "float32") - offset) * scale
     return keras.Model(inputs, model(x), name=model.name + "_uint8")
 
 
