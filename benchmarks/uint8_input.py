@@ -11,8 +11,8 @@ and ships float32. This script measures, for the trainers' own pipelines and mod
   the accelerator per step;
 * host time per batch of the numpy pipeline (CPU time of `ArrayDataset[i]`);
 * the training-step time (`train_on_batch`, SGD + momentum, the trainers' loss) of the
-  model fed float32 batches and of the same model behind the trainers' on-device
-  normalization fed uint8 batches, timed in interleaved rounds (A, B, A, B, ...), median
+  model fed float32 batches and of the same model built with `include_preprocessing=True`
+  (the trainers' on-device normalization, its first layer) fed uint8 batches, timed in interleaved rounds (A, B, A, B, ...), median
   per-step time over rounds.
 
     KERAS_BACKEND=tensorflow python benchmarks/uint8_input.py --case=cifar
@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import keras  # noqa: E402
 
-import keras_preact  # noqa: E402
 from keras_preact.data import numpy_pipeline  # noqa: E402
 from training import modeling, optimization  # noqa: E402
 
@@ -112,16 +111,18 @@ def step_times(name, shape, classes, batch, steps, rounds, images_u8, labels, me
     models = {}
     for kind in ("float32 (host normalizes)", "uint8 (device normalizes)"):
         keras.utils.set_random_seed(0)
-        base = keras_preact.get_model(
-            name, input_shape=shape, classes=classes, classifier_activation=None
-        )
-        model = (
-            base
-            if kind.startswith("float32")
-            else modeling.with_input_normalization(base, mean, std)
+        on_device = kind.startswith("uint8")
+        # The trainers' model: `include_preprocessing=True` when it normalizes on the device.
+        model = modeling.build_base(
+            {},
+            model=name,
+            input_shape=shape,
+            classes=classes,
+            mean=mean if on_device else None,
+            std=std if on_device else None,
         )
         model.compile(keras.optimizers.SGD(0.01, momentum=0.9), optimization.SparseCrossentropy())
-        x = float_images if kind.startswith("float32") else images_u8
+        x = images_u8 if on_device else float_images
         for _ in range(3):  # compilation and warm-up
             model.train_on_batch(x, labels)
         models[kind] = (model, x)

@@ -316,12 +316,18 @@ def test_cifar_trainer_runs_without_tensorflow(tmp_path):
     """jax and torch train in-memory data with TensorFlow made unimportable."""
     data = _fake_cifar(tmp_path / "data")
     argv = _cifar_cmd(data, tmp_path / "run", "--epochs=2", "--steps_per_epoch=2")[1:]
+    # As on a machine without them: importing them fails, and they are not in sys.modules
+    # (Keras' preprocessing layers look there to tell whether they run inside tf.data).
     code = (
         "import runpy, sys\n"
-        "sys.modules['tensorflow'] = None\n"
-        "sys.modules['tensorboard'] = None\n"
+        "class Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'tensorboard'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Missing())\n"
         f"sys.argv = {argv!r}\n"
         "runpy.run_path('training/cifar.py', run_name='__main__')\n"
+        "assert 'tensorflow' not in sys.modules\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600

@@ -52,18 +52,22 @@ def test_tfdata_array_pipeline_ships_uint8():
     )
 
 
-def test_on_device_normalization_matches_host_normalization():
-    """The model behind the trainers' uint8 input gives the float model's logits."""
-    import keras_preact
-
+def test_on_device_normalization_matches_host_normalization(tmp_path):
+    """The trainers' model with `include_preprocessing` fed uint8 gives the logits of the
+    same weights fed host-normalized float32; its weights file loads into either."""
     x, _ = _arrays(4)
     keras.utils.set_random_seed(0)
-    base = keras_preact.PreActResNet20(input_shape=(8, 8, 3), classes=5, classifier_activation=None)
-    wrapped = modeling.with_input_normalization(base, MEAN, STD)
-    assert wrapped.input.dtype == "uint8"
-    want = base.predict(numpy_pipeline.normalize(x, MEAN, STD), verbose=0)
-    got = wrapped.predict(x, verbose=0)
+    options = {"unit": "full_preact"}
+    common = dict(model="PreActResNet20", input_shape=(8, 8, 3), classes=5)
+    on_device = modeling.build_base(options, mean=MEAN, std=STD, **common)
+    on_host = modeling.build_base(options, **common)
+    path = str(tmp_path / "device.weights.h5")
+    on_device.save_weights(path)
+    on_host.load_weights(path)
+    want = on_host.predict(numpy_pipeline.normalize(x, MEAN, STD), verbose=0)
+    got = on_device.predict(x, verbose=0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert on_device.layers[1].name == "preprocessing"
 
 
 @pytest.mark.slow

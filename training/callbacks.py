@@ -48,19 +48,17 @@ class LearningRate(keras.callbacks.Callback):
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves the run's state through a `checkpoints.Checkpointer` at every epoch end."""
 
-    def __init__(self, checkpointer, export_model=None):
+    def __init__(self, checkpointer):
         super().__init__()
-        self.checkpointer, self.export_model = checkpointer, export_model
+        self.checkpointer = checkpointer
 
     def on_epoch_end(self, epoch, logs=None):
-        self.checkpointer.save(
-            self.model, epoch=epoch + 1, logs=logs or {}, export_model=self.export_model
-        )
+        self.checkpointer.save(self.model, epoch=epoch + 1, logs=logs or {})
 
 
-def fit_callbacks(run, checkpointer, *, model_dir, max_steps=None, export_model=None):
+def fit_callbacks(run, checkpointer, *, model_dir, max_steps=None):
     """NaN guard, learning rate, checkpoint, CSV and TensorBoard logs under `model_dir`."""
-    cbs = [NaNGuard(), LearningRate(), EpochCheckpoint(checkpointer, export_model)]
+    cbs = [NaNGuard(), LearningRate(), EpochCheckpoint(checkpointer)]
     if run.chief:
         cbs.append(keras.callbacks.CSVLogger(os.path.join(model_dir, "log.csv"), append=True))
         if _has_tensorboard():

@@ -136,15 +136,13 @@ class Checkpointer:
         print(message, flush=True)
         return Restored(int(state["epoch"]), steps, self.best)
 
-    def save(self, model, *, epoch, logs, export_model=None):
+    def save(self, model, *, epoch, logs):
         """Writes the state after `epoch` completed epochs (and the best weights).
 
         Args:
             model: the model that trains, compiled with its optimizer.
             epoch: the number of completed epochs.
             logs: the epoch's metrics (floats).
-            export_model: the model whose weights users load (`best.weights.h5`);
-                default `model`.
         """
         optimizer = self._optimizer(model)
         weights, state_path = self._paths(self.write_dir)
@@ -152,9 +150,7 @@ class Checkpointer:
         value = logs.get(self.monitor)
         if value is not None and value > self.best:
             self.best = float(value)
-            save_model_weights_atomic(
-                export_model or model, os.path.join(self.write_dir, "best.weights.h5")
-            )
+            save_model_weights_atomic(model, os.path.join(self.write_dir, "best.weights.h5"))
         # Weights first, then the state that points at them: a kill in between
         # replays one epoch at most from the previous state.
         save_weights_atomic(model, weights)

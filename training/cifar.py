@@ -154,16 +154,17 @@ def main(argv):
         )
     if cfg.eval_examples:
         x_test, y_test = x_test[: cfg.eval_examples], y_test[: cfg.eval_examples]
+    # The data set's statistics normalize the inputs, unless the start weights carry their own.
     mean, std = numpy_pipeline.channel_stats(x_train)
     cfg = cfg.derive(
+        **modeling.resolved_options(cfg, model=cfg.model, mean=mean, std=std),
         pipeline=pipeline,
         steps_per_epoch=cfg.steps_per_epoch or len(x_train) // cfg.batch_size,
-        mean=mean.tolist(),
-        std=std.tolist(),
         num_train=len(x_train),
         num_test=len(x_test),
     )
     cfg = cfg.derive(total_steps=cfg.steps_per_epoch * cfg.epochs)
+    mean, std = cfg.mean, cfg.std
     on_host = not cfg.normalize_on_device
     if pipeline == "numpy":
         train_data = numpy_pipeline.ArrayDataset(
@@ -234,8 +235,6 @@ def main(argv):
         schedule,
         input_shape=x_train.shape[1:],
         classes=sources.MEMORY_DATASETS[cfg.dataset],
-        mean=mean,
-        std=std,
     )
     cfg = cfg.derive(decayed_variables=built.decayed)
     checkpoints.write_config(cfg, run)

@@ -138,7 +138,6 @@ def fit(
     jit_compile=False,
     verbose=1,
     label_smoothing=0.0,
-    export_model=None,
 ):
     """Trains with `strategy.run`, checkpointing and logging like `model.fit`.
 
@@ -158,7 +157,6 @@ def fit(
         jit_compile: XLA-compile the step (single replica only).
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
         label_smoothing: of the loss.
-        export_model: the model whose weights `best.weights.h5` holds (default `model`).
 
     Returns:
         A dict of lists, like `History.history`.
@@ -209,7 +207,7 @@ def fit(
                 logs["val_" + k] = v
         if verbose and chief:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
-        checkpointer.save(model, epoch=epoch + 1, logs=logs, export_model=export_model)
+        checkpointer.save(model, epoch=epoch + 1, logs=logs)
         new = not os.path.exists(csv_path)
         with open(csv_path, "a") as f:
             if new:

@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
@@ -137,43 +138,80 @@ def architecture(cfg, run):
     return recorded
 
 
-def build_model(cfg, run, input_shape, classes):
-    """The model at `input_shape`, with the weights of `--weights` loaded."""
+class Plan(NamedTuple):
+    """What to build: the architecture, and who normalizes the pixels."""
+
+    options: dict  # "model" and the architecture options (empty for a .keras file)
+    classes: int | None  # the weights' number of classes, when they say
+    normalization: tuple | None  # (mean, std) the model applies to [0, 255] pixels
+
+
+def plan(cfg, run):
+    """The architecture of `--weights` and its input normalization.
+
+    A trainer's `.weights.h5` with its `config.json`: the run's architecture, classes and
+    normalization statistics. A record or an upstream file: its model, classes and
+    preprocessing (weights carry their preprocessing). A bare `.weights.h5`: the flags', and
+    the pipeline normalizes (the data set's statistics; ImageNet's for ImageNet data).
+    """
+    if cfg.weights.endswith(".keras"):
+        return Plan({}, None, None)
+    options = architecture(cfg, run)
+    if run is not None:
+        classes = run.get("num_classes") or sources.MEMORY_DATASETS.get(run.get("dataset"))
+        normalization = (run["mean"], run["std"]) if "mean" in run else None
+        return Plan(options, classes, normalization)
+    if cfg.weights.endswith(".weights.h5"):
+        return Plan(options, None, None)
     import keras_preact
 
+    if not os.path.isfile(cfg.weights):  # a record name
+        options["model"] = options["model"] or keras_preact.weights.get_record(cfg.weights).model
+    if not options["model"]:
+        raise app.UsageError(f"--model is needed to build the network of {cfg.weights}.")
+    record = modeling.start_record({**options, "weights": cfg.weights}, options["model"])
+    normalization = None
+    if record is not None and record.preprocessing is not None:
+        normalization = keras_preact.imagenet_utils.mean_std(record.preprocessing)
+    return Plan(options, record.classes if record is not None else None, normalization)
+
+
+def build_model(cfg, plan, input_shape, classes):
+    """The model at `input_shape`, with the weights of `--weights` loaded."""
     weights = cfg.weights
     if weights.endswith(".keras"):
         loaded = keras.saving.load_model(weights, compile=False)
         if tuple(loaded.input_shape[1:]) == tuple(input_shape):
-            return loaded, {"model": loaded.name}
+            return loaded
         # Same weights at another resolution: rebuild the graph with a new input.
         model_config = loaded.get_config()
         model_config["layers"][0]["config"]["batch_shape"] = (None, *input_shape)
         model = keras.Model.from_config(model_config)
         model.set_weights(loaded.get_weights())
-        return model, {"model": loaded.name}
-    options = architecture(cfg, run)
-    if not os.path.isfile(weights):  # a record name
-        record = keras_preact.weights.get_record(weights)
-        options["model"] = options["model"] or record.model
-        classes = record.classes
-    if not options["model"]:
+        return model
+    if not plan.options["model"]:
         raise app.UsageError(
             "--model is needed: --weights has no config.json beside it (pass --config)."
         )
+    mean, std = plan.normalization or (None, None)
+    trainer_file = weights.endswith(".weights.h5")
     model = modeling.build_base(
-        options,
-        model=options["model"],
+        plan.options,
+        model=plan.options["model"],
         input_shape=input_shape,
         classes=classes,
-        weights=weights if not weights.endswith(".weights.h5") else None,
+        weights=None if trainer_file else weights,
+        mean=mean,
+        std=std,
     )
-    if weights.endswith(".weights.h5"):
+    if trainer_file:
         model.load_weights(weights)
-    return model, options
+    return model
 
 
-def imagenet_batches(source):
+def imagenet_batches(source, raw):
+    """Batches of the evaluation protocol: [0, 255] pixels if `raw`, else normalized with
+    ImageNet's statistics."""
     import tensorflow as tf
 
     from keras_preact.data import imagenet_preprocessing as ipp
@@ -191,29 +229,32 @@ def imagenet_batches(source):
             eval_resize=FLAGS.eval_resize,
             label_offset=FLAGS.label_offset,
             counter=counter,
+            normalize=not raw,
         )
     else:
         records = tfdata._encoded_records(
             source, FLAGS.split, FLAGS.data_dir, False, None, 0, True, FLAGS.label_offset, 16
         )
-        crops = counter.wrap(
-            lambda b: ipp.normalize(ipp.ten_crop(b, resize=FLAGS.eval_resize, crop=FLAGS.eval_size))
-        )
-        ds = records.map(crops, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-        ds = ds.batch(FLAGS.batch_size).prefetch(tf.data.AUTOTUNE)
+
+        def crops(image_bytes):
+            images = ipp.ten_crop(image_bytes, resize=FLAGS.eval_resize, crop=FLAGS.eval_size)
+            return tf.cast(tf.round(images), tf.uint8) if raw else ipp.normalize(images)
+
+        ds = records.map(counter.wrap(crops), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.ignore_errors().batch(FLAGS.batch_size).prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator(), counter
 
 
-def memory_batches(source, run):
-    """Test-set batches normalized with the statistics the run trained with."""
+def memory_batches(source, raw):
+    """Test-set batches: uint8 pixels if `raw`, else normalized with the training set's
+    statistics (what the trainer computes)."""
     from keras_preact.data import numpy_pipeline
 
     (x, _), (xt, yt) = sources.load_arrays(FLAGS.dataset, source, FLAGS.data_dir)
-    if run is not None and "mean" in run:
-        mean, std = run["mean"], run["std"]
-    else:
-        mean, std = numpy_pipeline.channel_stats(x)  # what the trainer computes
-    ds = numpy_pipeline.ArrayDataset(xt, yt, FLAGS.batch_size, mean, std, training=False)
+    mean, std = numpy_pipeline.channel_stats(x)
+    ds = numpy_pipeline.ArrayDataset(
+        xt, yt, FLAGS.batch_size, mean, std, training=False, normalize=not raw
+    )
     return (ds[i] for i in range(len(ds))), xt.shape[1:]
 
 
@@ -222,16 +263,19 @@ def main(argv):
     start = time.time()
     cfg = config.from_flags(FLAGS)
     run = run_config(cfg.weights, cfg.config)
+    what = plan(cfg, run)
+    # The model normalizes [0, 255] pixels itself when the weights say how.
+    raw = what.normalization is not None
     source = _source(cfg.values)
     if cfg.dataset == "imagenet":
-        batches, counter = imagenet_batches(source)
+        batches, counter = imagenet_batches(source, raw)
         shape = (cfg.eval_size, cfg.eval_size, 3)
-        classes = cfg.num_classes or (run or {}).get("num_classes") or 1000
+        classes = cfg.num_classes or what.classes or 1000
     else:
-        batches, shape = memory_batches(source, run)
+        batches, shape = memory_batches(source, raw)
         counter = None
-        classes = cfg.num_classes or sources.MEMORY_DATASETS[cfg.dataset]
-    model, options = build_model(cfg, run, shape, classes)
+        classes = cfg.num_classes or what.classes or sources.MEMORY_DATASETS[cfg.dataset]
+    model = build_model(cfg, what, shape, classes)
 
     def probabilities(images):
         flat = images.reshape((-1, *images.shape[-3:]))
@@ -255,8 +299,9 @@ def main(argv):
         n += len(labels)
     result = {
         "weights": cfg.weights,
-        "model": options["model"],
-        "architecture": {k: v for k, v in options.items() if k != "model"},
+        "model": what.options.get("model", model.name),
+        "architecture": {k: v for k, v in what.options.items() if k != "model"},
+        "normalization": list(map(list, what.normalization)) if raw else "pipeline",
         "run_config": bool(run),
         "dataset": cfg.dataset,
         "examples": n,

@@ -153,25 +153,44 @@ def main(argv):
         total_steps=cfg.steps_per_epoch * cfg.epochs,
     )
 
+    # ImageNet's statistics normalize the inputs, unless the start weights carry their own.
+    from keras_preact.data import imagenet_preprocessing as ipp
+
+    cfg = cfg.derive(
+        **modeling.resolved_options(cfg, model=cfg.model, mean=ipp.MEAN_RGB, std=ipp.STDDEV_RGB)
+    )
+
     # 2. Seeds, strategy and precision: variables are created under them.
     run = distribution.setup(cfg)
 
     # 3. Data: per-replica batches, one file-level shard per input pipeline; uint8
     # batches when the model normalizes on the device.
-    from keras_preact.data import imagenet_preprocessing as ipp
+    import tensorflow as tf
+
     from keras_preact.data import tfdata
 
     counter = tfdata.SkipCounter()
-    both = dict(  # the same records, batches, labels and normalization for training and eval
+    both = dict(  # the same records, batches and labels for training and eval
         source=cfg.source,
         data_dir=cfg.data_dir,
         batch_size=cfg.batch_size,
-        normalize=not cfg.normalize_on_device,
+        normalize=False,
         label_offset=cfg.label_offset,
     )
 
+    def on_host(ds):
+        """With --nonormalize_on_device: float32 batches, normalized with the run's statistics."""
+        if cfg.normalize_on_device:
+            return ds
+        offset = tf.constant([255.0 * m for m in cfg.mean])
+        scale = tf.constant([1.0 / (255.0 * s) for s in cfg.std])
+        return ds.map(
+            lambda x, y: ((tf.cast(x, tf.float32) - offset) * scale, y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+
     def train_fn(input_context=None):
-        return tfdata.imagenet_dataset(
+        ds = tfdata.imagenet_dataset(
             split=cfg.train_split,
             training=True,
             input_context=input_context,
@@ -185,6 +204,7 @@ def main(argv):
             counter=counter,
             **both,
         )
+        return on_host(ds)
 
     def eval_fn(input_context=None):
         ds = tfdata.imagenet_dataset(
@@ -199,7 +219,7 @@ def main(argv):
             pipelines = input_context.num_input_pipelines if input_context else 1
             batch = tfdata.per_replica_batch(cfg.batch_size, input_context)
             ds = ds.unbatch().take(cfg.num_eval_examples // pipelines).batch(batch)
-        return ds
+        return on_host(ds)
 
     distributed = run.strategy is not None and (run.replicas > 1 or run.loop == "custom")
     if distributed:
@@ -216,13 +236,7 @@ def main(argv):
         boundaries=[int(e * cfg.steps_per_epoch) for e in config.lr_boundaries(cfg)],
     )
     built = modeling.build(
-        cfg,
-        run,
-        schedule,
-        input_shape=(cfg.image_size, cfg.image_size, 3),
-        classes=cfg.num_classes,
-        mean=ipp.MEAN_RGB,
-        std=ipp.STDDEV_RGB,
+        cfg, run, schedule, input_shape=(cfg.image_size, cfg.image_size, 3), classes=cfg.num_classes
     )
     cfg = cfg.derive(decayed_variables=built.decayed)
     checkpoints.write_config(cfg, run)
@@ -243,8 +257,7 @@ def main(argv):
         initial_epoch=initial_epoch,
     )
 
-    # 7. Final evaluation. The base model's weights are the deliverable: they load
-    # into keras_preact.get_model(...) without the uint8 wrapper.
+    # 7. Final evaluation, and the run's summary.
     final = loops.evaluate(cfg, run, built, eval_data_fn)
     loops.finish(
         cfg,

@@ -39,7 +39,6 @@ def train(
                 checkpointer,
                 model_dir=cfg.model_dir,
                 max_steps=cfg.max_steps,
-                export_model=built.base,
             ),
             verbose=cfg.verbose,
             # The pipelines shuffle themselves (a PyDataset or tf.data ignores `shuffle`).
@@ -64,7 +63,6 @@ def train(
         jit_compile=cfg.jit_compile,
         verbose=cfg.verbose,
         label_smoothing=cfg.label_smoothing,
-        export_model=built.base,
     )
 
 
@@ -81,13 +79,13 @@ def evaluate(cfg, run, built, val_data_fn):
 
 
 def finish(cfg, run, built, *, history, initial_epoch, start, **results):
-    """Saves `final.weights.h5` of the bare model and writes `summary.json` (chief only).
+    """Saves `final.weights.h5` (the model alone) and writes `summary.json` (chief only).
 
     The summary holds `results` and what every run reports; it is returned.
     """
     os.makedirs(run.write_dir, exist_ok=True)
     checkpoints.save_model_weights_atomic(
-        built.base, os.path.join(run.write_dir, "final.weights.h5")
+        built.model, os.path.join(run.write_dir, "final.weights.h5")
     )
     summary = {
         "model": cfg.model,

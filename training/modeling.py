@@ -2,7 +2,10 @@
 
 `builder_kwargs` maps a run's options (a `Config`, or the dict of a run's `config.json`)
 to the keyword arguments of the keras_preact builders, so the trainers and
-`evaluate.py` build exactly the same architecture from the same record.
+`evaluate.py` build exactly the same architecture from the same record. With
+`--normalize_on_device` the model is built with `include_preprocessing=True`: it takes
+[0, 255] pixels (the pipelines ship uint8) and normalizes them as its first layer, which
+has no variables, so the saved weights load into a model built either way.
 """
 
 from collections.abc import Mapping
@@ -50,8 +53,8 @@ def builder_kwargs(options):
 
     >>> kw = builder_kwargs({"unit": "relu_before_add", "shortcut": "exclusive_gating",
     ...                      "gate_bias": -4.0})
-    >>> kw["unit"], kw["shortcut"].shortcut_name
-    ('relu_before_add', 'exclusive_gating')
+    >>> kw["unit"], kw["shortcut"]
+    ('relu_before_add', shortcuts.exclusive_gating(gate_bias=-4.0))
     """
     import keras_preact
 
@@ -69,38 +72,73 @@ def builder_kwargs(options):
     }
     if arch["seed"] is not None:
         kwargs["seed"] = int(arch["seed"])
-    if arch["layout"] is not None:
-        kwargs.update(layout_kwargs(arch["layout"]))
+    layout = arch["layout"]
+    if isinstance(layout, Mapping):  # a layout that is no preset, as `Layout.to_config()`
+        layout = keras_preact.Layout(**layout)
+    if layout is not None:
+        kwargs["layout"] = layout
     return kwargs
 
 
-def layout_kwargs(name):
-    """The builder keywords of a layout preset name."""
+def start_record(options, model):
+    """The `keras_preact.weights` record of the run's `--weights` (None without one, or for
+    a Keras `.weights.h5` file): it fixes the layout and the input normalization."""
     import keras_preact
 
-    if hasattr(keras_preact, "Layout"):
-        return {"layout": name}
-    # The model library before `keras_preact.Layout`: one keyword per option.
-    w = keras_preact.weights
-    table = {
-        "paper": w.LAYOUT_PAPER,
-        "timm": w.LAYOUT_TIMM,
-        "keras": w.LAYOUT_KERAS,
-        "fb": w.LAYOUT_FB,
-        "fb_legacy": w.LAYOUT_FB_LEGACY,
+    values = options if isinstance(options, Mapping) else options.values
+    weights = values.get("weights")
+    if weights is None:
+        return None
+    resolved = keras_preact.weights.resolve(
+        weights,
+        model_name=model,
+        depth=keras_preact.MODELS[model]["depth"],
+        include_top=False,
+        **{k: v for k, v in builder_kwargs(options).items() if k in ("unit", "shortcut")},
+    )
+    return resolved.record
+
+
+def resolved_options(options, *, model, mean, std):
+    """What a run derives from its start weights: the layout and the input normalization.
+
+    The layout is `--layout`, else the start weights' (a record's or an upstream file's),
+    else the paper's. The normalization is the start weights' own (weights carry their
+    preprocessing), else `mean` / `std` (the data set's statistics, [0, 1] units).
+
+    Returns:
+        `{"layout": name or Layout config, "mean": [...], "std": [...]}`.
+    """
+    import keras_preact
+
+    record = start_record(options, model)
+    layout = architecture(options)["layout"]
+    if layout is None:
+        found = record.layout if record is not None and record.layout is not None else None
+        found = found or keras_preact.Layout()
+        layout = found.name or found.to_config()
+    if record is not None and record.preprocessing is not None:
+        mean, std = keras_preact.imagenet_utils.mean_std(record.preprocessing)
+        logging.info("Input normalization of %s: mean %s, std %s.", record.name, mean, std)
+    return {
+        "layout": layout,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
     }
-    return dict(table[name])
 
 
-def build_base(options, *, model, input_shape, classes, weights=None):
+def build_base(options, *, model, input_shape, classes, weights=None, mean=None, std=None):
     """The keras_preact model of a run's options, with `weights` loaded.
 
-    `weights` (a record name or a file) with another number of classes than `classes`
-    loads every layer but the classifier (fine-tuning).
+    With `mean` and `std` the model normalizes [0, 255] pixels itself
+    (`include_preprocessing=True`). `weights` (a record name or a file) with another number
+    of classes than `classes` loads every layer but the classifier (fine-tuning).
     """
     import keras_preact
 
     kwargs = dict(input_shape=input_shape, classifier_activation=None, **builder_kwargs(options))
+    if mean is not None:
+        kwargs.update(include_preprocessing=True, preprocessing=(tuple(mean), tuple(std)))
     if weights is None:
         return keras_preact.get_model(model, classes=classes, weights=None, **kwargs)
     try:
@@ -118,55 +156,41 @@ def build_base(options, *, model, input_shape, classes, weights=None):
     return target
 
 
-def with_input_normalization(model, mean, std):
-    """uint8 images -> `(x / 255 - mean) / std` -> `model`, all on the device.
-
-    Args:
-        model: a model of float images.
-        mean: per-channel mean, [0, 1] units.
-        std: per-channel standard deviation, [0, 1] units.
-    """
-    shape = tuple(model.input_shape[1:])
-    inputs = keras.Input(shape, dtype="uint8", name="image_uint8")
-    # Plain ops, not keras.layers.Normalization (a preprocessing layer that needs TF).
-    offset = keras.ops.convert_to_tensor([255.0 * float(m) for m in mean], "float32")
-    scale = keras.ops.convert_to_tensor([1.0 / (255.0 * float(s)) for s in std], "float32")
-    x = (keras.ops.cast(inputs, "float32") - offset) * scale
-    return keras.Model(inputs, model(x), name=model.name + "_uint8")
-
-
 class Built(NamedTuple):
     """What `build` returns."""
 
-    base: keras.Model  # the keras_preact model: the weights the run ships
-    model: keras.Model  # the model that trains (`base`, or it behind the uint8 normalization)
+    model: keras.Model  # the keras_preact model that trains; its weights are the run's
     optimizer: keras.optimizers.Optimizer
     decayed: int  # the number of weight-decayed variables
 
 
-def build(cfg, run, schedule, *, input_shape, classes, mean=None, std=None):
+def build(cfg, run, schedule, *, input_shape, classes):
     """`--model` with weight decay and its SGD optimizer, under the run's strategy.
 
     Args:
-        cfg: the run's `Config`.
+        cfg: the run's `Config`, with `mean` and `std` derived (`resolved_options`).
         run: the `distribution.Run`.
         schedule: the learning-rate schedule.
         input_shape: input shape of the keras_preact model.
         classes: number of classes (logits out, no softmax).
-        mean: per-channel mean of the inputs ([0, 1] units), for `--normalize_on_device`.
-        std: per-channel standard deviation, for `--normalize_on_device`.
 
     Returns:
         A `Built`. The model is compiled in both loops: for `fit` with the loss and
         metrics, for the custom loop with the optimizer alone, so that in both the
         checkpoint (`model.save_weights`) holds the optimizer's iterations and momentum.
     """
+    on_device = cfg.normalize_on_device
     with distribution.scope(run.strategy):
-        base = build_base(
-            cfg, model=cfg.model, input_shape=input_shape, classes=classes, weights=cfg.weights
+        model = build_base(
+            cfg,
+            model=cfg.model,
+            input_shape=input_shape,
+            classes=classes,
+            weights=cfg.weights,
+            mean=cfg.mean if on_device else None,
+            std=cfg.std if on_device else None,
         )
-        decayed = optimization.add_weight_decay(base, cfg.weight_decay, cfg.weight_decay_on)
-        model = with_input_normalization(base, mean, std) if cfg.normalize_on_device else base
+        decayed = optimization.add_weight_decay(model, cfg.weight_decay, cfg.weight_decay_on)
         optimizer = optimization.make_optimizer(
             cfg, schedule, loss_scale=run.loop == "custom" and run.policy == "mixed_float16"
         )
@@ -181,4 +205,4 @@ def build(cfg, run, schedule, *, input_shape, classes, mean=None, std=None):
             model.compile(optimizer=optimizer)
         optimizer = model.optimizer  # compile wraps it for loss scaling under mixed_float16
         optimizer.build(model.trainable_variables)
-    return Built(base, model, optimizer, decayed)
+    return Built(model, optimizer, decayed)
