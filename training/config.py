@@ -347,8 +347,8 @@ def define_train_flags(*, model, batch_size, epochs, lr_schedule, presets):
     flags.DEFINE_bool(
         "normalize_on_device",
         True,
-        "Ship uint8 batches and normalize on the accelerator (4x less host-to-device "
-        "traffic); the saved weights are the bare model's either way.",
+        "Ship uint8 batches; the model normalizes them as its first layer "
+        "(include_preprocessing=True), on the accelerator: 4x less host-to-device traffic.",
     )
     flags.DEFINE_integer(
         "verbose", 1, "Keras progress bar: 0 silent, 1 bar, 2 line per epoch.", lower_bound=0
