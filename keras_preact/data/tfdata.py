@@ -300,7 +300,8 @@ def write_imagenet_tfrecords(path, encoded_images, labels):
 # TFRecord framing: uint64 length, masked CRC-32C of the length, the data, masked
 # CRC-32C of the data, all little-endian. `tf.data.TFRecordDataset` stops a file
 # at its first record that fails a check and moves on to the next file; the
-# readers below resume after the bad record instead.
+# readers below resume after the bad record instead. They build their graphs with
+# explicit `tf.cond` / `tf.while_loop`, so AutoGraph is told not to convert them.
 _HEADER_BYTES = 12
 _FRAMING_BYTES = 16
 _SCAN_WINDOW = 1 << 20
@@ -321,6 +322,7 @@ def _crc32c_table():
 _CRC32C_TABLE = _crc32c_table()
 
 
+@tf.autograph.experimental.do_not_convert
 def _record_headers(data, start, count):
     """Which of the `count` byte offsets from `start` of `data` (uint8) hold a
     TFRecord header whose length passes its CRC, and that length (int64)."""
@@ -344,6 +346,7 @@ def _record_headers(data, start, count):
     return tf.equal(masked, stored) & (length >= 0), length
 
 
+@tf.autograph.experimental.do_not_convert
 def _next_record(data, pos):
     """Offset of the first record after the unreadable one at `pos` (or the size).
 
@@ -383,6 +386,7 @@ def _records_from(path, offset):
     return tf.data.experimental.from_variant(variant, tf.TensorSpec([], tf.string))
 
 
+@tf.autograph.experimental.do_not_convert
 def _readable_run(path, offset):
     """The records from `offset` up to the first unreadable one, and the bytes they span."""
     everything = tf.int64.max
@@ -398,6 +402,7 @@ def _readable_run(path, offset):
     return records, span
 
 
+@tf.autograph.experimental.do_not_convert
 def _recover(path, offset, counter):
     """Every readable record of `path` from `offset`, where reading stopped early.
 
@@ -443,6 +448,7 @@ def _recover(path, offset, counter):
         return tf.identity(records)
 
 
+@tf.autograph.experimental.do_not_convert
 def _shard_records(path, size, counter):
     """The records of one TFRecord file; an unreadable record costs only itself.
 
