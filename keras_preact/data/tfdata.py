@@ -322,28 +322,40 @@ def _crc32c_table():
 _CRC32C_TABLE = _crc32c_table()
 
 
+def _le_int(data, first, count, size):
+    """Little-endian unsigned ints of `size` bytes at offsets `first + range(count)`."""
+    out = tf.zeros([count], tf.int64)
+    for i in range(size):
+        out = tf.bitwise.bitwise_or(
+            out, tf.bitwise.left_shift(data[first + i : first + i + count], 8 * i)
+        )
+    return out
+
+
 @tf.autograph.experimental.do_not_convert
 def _record_headers(data, start, count):
     """Which of the `count` byte offsets from `start` of `data` (uint8) hold a
     TFRecord header whose length passes its CRC, and that length (int64)."""
     b = tf.cast(data[start : start + count + _HEADER_BYTES - 1], tf.int64)
-    bitwise = tf.bitwise
     table = tf.constant(_CRC32C_TABLE, tf.int64)
-    crc = tf.fill([count], tf.constant(0xFFFFFFFF, tf.int64))
-    length = tf.zeros([count], tf.int64)
-    for i in range(8):
+
+    def crc_step(i, crc):
         byte = b[i : i + count]
-        index = bitwise.bitwise_and(bitwise.bitwise_xor(crc, byte), 0xFF)
-        crc = bitwise.bitwise_xor(tf.gather(table, index), bitwise.right_shift(crc, 8))
-        length = bitwise.bitwise_or(length, bitwise.left_shift(byte, 8 * i))
-    crc = bitwise.bitwise_xor(crc, 0xFFFFFFFF)
-    rotated = bitwise.bitwise_or(bitwise.right_shift(crc, 15), bitwise.left_shift(crc, 17))
-    masked = bitwise.bitwise_and(bitwise.bitwise_and(rotated, 0xFFFFFFFF) + 0xA282EAD8, 0xFFFFFFFF)
-    stored = tf.zeros([count], tf.int64)
-    for i in range(4):
-        stored = bitwise.bitwise_or(stored, bitwise.left_shift(b[8 + i : 8 + i + count], 8 * i))
+        index = tf.bitwise.bitwise_and(tf.bitwise.bitwise_xor(crc, byte), 0xFF)
+        return i + 1, tf.bitwise.bitwise_xor(
+            tf.gather(table, index), tf.bitwise.right_shift(crc, 8)
+        )
+
+    crc = tf.fill([count], tf.constant(0xFFFFFFFF, tf.int64))
+    _, crc = tf.while_loop(lambda i, crc: i < 8, crc_step, (tf.constant(0, tf.int64), crc))
+    crc = tf.bitwise.bitwise_xor(crc, 0xFFFFFFFF)
+    rotated = tf.bitwise.bitwise_or(tf.bitwise.right_shift(crc, 15), tf.bitwise.left_shift(crc, 17))
+    masked = tf.bitwise.bitwise_and(
+        tf.bitwise.bitwise_and(rotated, 0xFFFFFFFF) + 0xA282EAD8, 0xFFFFFFFF
+    )
+    length = _le_int(b, 0, count, 8)
     # A length with the top bit set is negative here; none is that long.
-    return tf.equal(masked, stored) & (length >= 0), length
+    return tf.equal(masked, _le_int(b, 8, count, 4)) & (length >= 0), length
 
 
 @tf.autograph.experimental.do_not_convert
@@ -356,24 +368,21 @@ def _next_record(data, pos):
     """
     size = tf.size(data, out_type=tf.int64)
 
-    def jump():
-        ok, length = _record_headers(data, pos, 1)
-        end = pos + _FRAMING_BYTES + length[0]
-        return tf.where(ok[0], tf.minimum(end, size), tf.constant(-1, tf.int64))
-
-    nxt = tf.cond(pos + _HEADER_BYTES <= size, jump, lambda: size)
-
     def scan(p, found):
         count = tf.minimum(tf.constant(_SCAN_WINDOW, tf.int64), size - _HEADER_BYTES + 1 - p)
         ok, length = _record_headers(data, p, count)
-        ok &= p + tf.range(count, dtype=tf.int64) + _FRAMING_BYTES + length <= size
-        first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int64)
-        return p + count, tf.where(tf.reduce_any(ok), p + first, found)
+        end = p + tf.range(count, dtype=tf.int64) + _FRAMING_BYTES + length
+        fits = ok & (end <= size)
+        first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int64)
+        # At `pos` itself an intact header gives the end of the bad record.
+        at_pos = tf.equal(p, pos) & ok[0]
+        found = tf.where(tf.reduce_any(fits), p + first, found)
+        return p + count, tf.where(at_pos, tf.minimum(end[0], size), found)
 
     _, found = tf.while_loop(
         lambda p, found: (found < 0) & (p + _HEADER_BYTES <= size),
         scan,
-        (pos + 1, nxt),
+        (pos, tf.constant(-1, tf.int64)),
     )
     return tf.where(found < 0, size, found)
 
