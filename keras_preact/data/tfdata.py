@@ -189,7 +189,8 @@ class SkipCounter:
     `delivered` counts the images in the batches the pipeline produced. One
     counter may serve every input pipeline of a process (each call of
     `strategy.distribute_datasets_from_function`'s function) and several
-    passes; its variables live on the host CPU, outside any strategy. Counts are
+    passes; create it outside `strategy.scope()`, so that its variables are
+    plain variables on the host's CPU. Counts are
     exact once the datasets using the counter are exhausted (an evaluation
     pass). While a pipeline runs, `unparsable` and `undecodable` (records started
     minus records finished) can also include the few records being parsed or
