@@ -232,6 +232,10 @@ class SkipCounter:
         for var in self._vars.values():
             var.assign(0)
 
+    def variable(self, name):
+        """The int64 `tf.Variable` behind count `name` (a cause or `"delivered"`)."""
+        return self._vars[name]
+
     def add(self, name, n=1):
         """Adds `n` to count `name` (a cause or `"delivered"`) from inside a dataset function."""
         return self._vars[name].assign_add(tf.cast(n, tf.int64))
@@ -412,15 +416,19 @@ def _readable_run(path, offset):
     return records, span
 
 
-@tf.autograph.experimental.do_not_convert
-def _recover(path, offset, counter):
+# A function call that is not inlined: the recovery graph is not part of the
+# per-record function, which then runs faster. Variables are arguments, so one
+# trace serves every counter.
+@functools.partial(tf.function, autograph=False, experimental_attributes={"_noinline": True})
+def _recover(path, offset, corrupt):
     """Every readable record of `path` from `offset`, where reading stopped early.
 
-    Holds the whole shard in memory; it runs only after a read error.
+    Adds the unreadable stretches to the int64 variable `corrupt`. Holds the
+    whole shard in memory; it runs only after a read error.
     """
     # Counted before anything is read: if the shard cannot be read again the
     # loss is still counted once.
-    with tf.control_dependencies([counter.add("corrupt_record")]):
+    with tf.control_dependencies([corrupt.assign_add(1)]):
         data = tf.io.decode_raw(tf.io.read_file(path), tf.uint8)
     size = tf.size(data, out_type=tf.int64)
 
@@ -454,7 +462,7 @@ def _recover(path, offset, counter):
     )
     # The first unreadable stretch was counted above; a re-read that worked
     # (a transient error) takes it back.
-    with tf.control_dependencies([counter.add("corrupt_record", bad - 1)]):
+    with tf.control_dependencies([corrupt.assign_add(bad - 1)]):
         return tf.identity(records)
 
 
@@ -464,17 +472,20 @@ def _shard_records(path, size, counter):
 
     The file is read with `TFRecordDataset` while the bytes read are summed; if
     it stops before `size`, `_recover` reads the rest, skipping what fails. The
-    sum runs on small batches of records, so the check costs next to nothing
-    per record.
+    sum runs on batches of records (one function call per batch, not per record).
     """
     head = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).ignore_errors()
-    batches = head.batch(_SCAN_BATCH).map(lambda records: (records, False))
-    batches = batches.concatenate(tf.data.Dataset.from_tensors((tf.zeros([0], tf.string), True)))
+    # `batch` yields no empty batch, so an empty one marks the end.
+    batches = head.batch(_SCAN_BATCH).concatenate(
+        tf.data.Dataset.from_tensors(tf.zeros([0], tf.string))
+    )
 
-    def step(offset, element):
-        records, end = element
+    def step(offset, records):
+        end = tf.equal(tf.size(records), 0)
         out = tf.cond(
-            end & (offset < size), lambda: _recover(path, offset, counter), lambda: records
+            end & (offset < size),
+            lambda: _recover(path, offset, counter.variable("corrupt_record")),
+            lambda: records,
         )
         span = tf.reduce_sum(tf.cast(tf.strings.length(records), tf.int64) + _FRAMING_BYTES)
         return offset + span, out
@@ -548,13 +559,13 @@ def encoded_records(
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     order = bool(deterministic) or not training
 
-    def checked(image, label):
-        # (image, label, label in range); out-of-range labels are counted here.
+    def label_ok(image, label):
+        # A filter predicate that counts what it drops.
         ok = label >= 0
         if num_classes is not None:
             ok &= label < num_classes
         with tf.control_dependencies([counter.add("bad_label", tf.cast(~ok, tf.int64))]):
-            return image, label, tf.identity(ok)
+            return tf.identity(ok)
 
     if source == "tfrecord":
         prefix = "train" if split.startswith("train") else "validation"
@@ -578,7 +589,7 @@ def encoded_records(
             deterministic=order,
         )
         ds = ds.map(
-            counter.guard("unparsable", lambda r: checked(*parse_example(r, label_offset))),
+            counter.guard("unparsable", lambda r: parse_example(r, label_offset)),
             num_parallel_calls=AUTOTUNE,
             deterministic=order,
         ).ignore_errors(log_warning=True)
@@ -608,19 +619,8 @@ def encoded_records(
                 f"{source!r} declares {declared} classes, more than num_classes={num_classes}: "
                 f"its labels {num_classes}..{declared - 1} would be out of range."
             )
-        ds = ds.map(
-            lambda e: checked(e["image"], e["label"]),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=order,
-        )
-
-    def keep(image, label, ok):
-        return ok
-
-    def drop_flag(image, label, ok):
-        return image, label
-
-    return ds.filter(keep).map(drop_flag)
+        ds = ds.map(lambda e: (e["image"], e["label"]), num_parallel_calls=AUTOTUNE)
+    return ds.filter(label_ok)
 
 
 def _encoded_records(
