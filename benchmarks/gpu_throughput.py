@@ -85,9 +85,22 @@ MODELS = {
     "matmul": (0, 0, 0, 0, "matmul"),
 }
 PATHS = {"jit", "fit", "eager", "compile"}
-OPTIONS = {"batch": int, "size": int, "steps": int, "rounds": int, "warmup": int, "donate": int,
-           "precision": str, "bn": str, "xla": str, "input": str, "remat": str, "seeds": int,
-           "workers": int, "spe": int}  # fmt: skip
+OPTIONS = {
+    "batch": int,
+    "size": int,
+    "steps": int,
+    "rounds": int,
+    "warmup": int,
+    "donate": int,
+    "precision": str,
+    "bn": str,
+    "xla": str,
+    "input": str,
+    "remat": str,
+    "seeds": int,
+    "workers": int,
+    "spe": int,
+}
 DEFAULT_CASES = [
     "matmul",
     "timm_resnetv2_50:eager",
@@ -116,13 +129,16 @@ def parse_case(text):
         raise ValueError(f"Unknown path {path!r} in case {text!r}; allowed: {sorted(PATHS)}.")
     torch_model = model.startswith("timm_")
     if torch_model != (path in ("eager", "compile")):
-        raise ValueError(f"Case {text!r}: timm runs 'eager' or 'compile'; the Keras models "
-                         "'jit' or 'fit'.")  # fmt: skip
+        raise ValueError(
+            f"Case {text!r}: timm runs 'eager' or 'compile'; the Keras models 'jit' or 'fit'."
+        )
     options = {}
     for item in filter(None, (parts[2] if len(parts) > 2 else "").split(",")):
         key, _, value = item.partition("=")
         if key not in OPTIONS:
-            raise ValueError(f"Unknown option {key!r} in case {text!r}; allowed: {sorted(OPTIONS)}.")
+            raise ValueError(
+                f"Unknown option {key!r} in case {text!r}; allowed: {sorted(OPTIONS)}."
+            )
         options[key] = OPTIONS[key](value)
     if options.get("xla", "default") not in XLA_PRESETS:
         raise ValueError(f"Unknown xla={options['xla']!r}; presets: {sorted(XLA_PRESETS)}.")
@@ -146,16 +162,22 @@ def _settings(model, options, smoke):
     if smoke:
         size, batch = SMOKE_SIZE, SMOKE_BATCH
     return {
-        "size": options.get("size", size), "batch": options.get("batch", batch),
-        "channels": channels, "classes": classes,
+        "size": options.get("size", size),
+        "batch": options.get("batch", batch),
+        "channels": channels,
+        "classes": classes,
         "steps": options.get("steps", 2 if smoke else 30),
         "rounds": options.get("rounds", 1 if smoke else 3),
         "warmup": options.get("warmup", 1 if smoke else 5),
-        "donate": bool(options.get("donate", 1)), "precision": options.get("precision", "bf16"),
-        "bn": options.get("bn", "keras"), "input": options.get("input", "uint8"),
-        "remat": options.get("remat", "none"), "seeds": options.get("seeds", 1),
-        "workers": options.get("workers", 8), "spe": options.get("spe", 1),
-    }  # fmt: skip
+        "donate": bool(options.get("donate", 1)),
+        "precision": options.get("precision", "bf16"),
+        "bn": options.get("bn", "keras"),
+        "input": options.get("input", "uint8"),
+        "remat": options.get("remat", "none"),
+        "seeds": options.get("seeds", 1),
+        "workers": options.get("workers", 8),
+        "spe": options.get("spe", 1),
+    }
 
 
 def _onepass_moments():
@@ -204,21 +226,29 @@ def _build_keras(model, s, smoke):
         if smoke:
             return keras_preact.PreActResNet(**tiny, **layout, **kw)
         return keras_preact.PreActResNet50(**layout, **kw)
-    depth, width = {"preact164": (164, 1), "preact1001": (1001, 1), "preact110_fmnist": (110, 1),
-                    "wrn26_4_fmnist": (26, 4)}[model]  # fmt: skip
+    depth, width = {
+        "preact164": (164, 1),
+        "preact1001": (1001, 1),
+        "preact110_fmnist": (110, 1),
+        "wrn26_4_fmnist": (26, 4),
+    }[model]
     block = "bottleneck" if depth in (164, 1001) else "basic"
     if smoke:
         depth, width = (11 if block == "bottleneck" else 8), 0.5
-    return keras_preact.PreActResNet(depth=depth, block=block, family="cifar",
-                                     width_multiplier=width, **kw)  # fmt: skip
+    return keras_preact.PreActResNet(
+        depth=depth, block=block, family="cifar", width_multiplier=width, **kw
+    )
 
 
 def _device_info_jax():
     import jax
 
     d = jax.devices()[0]
-    return {"platform": d.platform, "device": getattr(d, "device_kind", str(d)),
-            "jax": jax.__version__}  # fmt: skip
+    return {
+        "platform": d.platform,
+        "device": getattr(d, "device_kind", str(d)),
+        "jax": jax.__version__,
+    }
 
 
 def _peak_memory_jax():
@@ -273,8 +303,9 @@ def run_keras(model, path, s, smoke):
     else:
         net = _build_keras(model, s, smoke)
     macs = jax_loop.multiply_adds(net)
-    info.update(params=net.count_params(), build_s=round(time.time() - t_build, 1),
-                flops_per_image=6 * macs)  # fmt: skip
+    info.update(
+        params=net.count_params(), build_s=round(time.time() - t_build, 1), flops_per_image=6 * macs
+    )
     mean, std = [0.5] * s["channels"], [0.25] * s["channels"]
     rng = np.random.default_rng(0)
     shape = (s["batch"], s["size"], s["size"], s["channels"])
@@ -283,8 +314,9 @@ def run_keras(model, path, s, smoke):
 
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
     normalize = jax_loop.device_normalizer(mean, std) if s["input"] == "uint8" else None
-    step = jax_loop.make_train_step(net, optimizer, normalize=normalize, seeds=s["seeds"],
-                                    donate=s["donate"])  # fmt: skip
+    step = jax_loop.make_train_step(
+        net, optimizer, normalize=normalize, seeds=s["seeds"], donate=s["donate"]
+    )
     if s["seeds"] > 1:
         states = []
         for i in range(s["seeds"]):
@@ -327,8 +359,12 @@ def run_keras(model, path, s, smoke):
     if not np.all(np.isfinite(loss)):
         raise FloatingPointError(f"non-finite training loss {loss}")
     del jnp
-    return {**info, "images_per_s": sorted(rates)[len(rates) // 2], "rounds_images_per_s": rates,
-            "peak_memory_gib": _peak_memory_jax()}  # fmt: skip
+    return {
+        **info,
+        "images_per_s": sorted(rates)[len(rates) // 2],
+        "rounds_images_per_s": rates,
+        "peak_memory_gib": _peak_memory_jax(),
+    }
 
 
 def _run_fit(net, s, mean, std, rng, shape, t0):
@@ -398,9 +434,12 @@ def _run_fit(net, s, mean, std, rng, shape, t0):
         raise FloatingPointError(f"non-finite training loss {loss}")
     images = (total - marks["start_batch"]) * batch
     rate = images / max(marks["end"] - marks["start"], 1e-9)
-    return {"images_per_s": rate, "first_step_s": round(marks["first"] - t0, 1),
-            "host_pipeline_images_per_s_per_thread": round(host_rate, 1),
-            "peak_memory_gib": _peak_memory_jax()}  # fmt: skip
+    return {
+        "images_per_s": rate,
+        "first_step_s": round(marks["first"] - t0, 1),
+        "host_pipeline_images_per_s_per_thread": round(host_rate, 1),
+        "peak_memory_gib": _peak_memory_jax(),
+    }
 
 
 def run_timm(path, s, smoke):
@@ -440,9 +479,14 @@ def run_timm(path, s, smoke):
         torch.cuda.reset_peak_memory_stats()
     loss = step()
     sync()
-    info = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "timm": timm.__version__, "params": sum(p.numel() for p in net.parameters()),
-            "flops_per_image": 6 * macs, "first_step_s": round(time.time() - t0, 1)}  # fmt: skip
+    info = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "params": sum(p.numel() for p in net.parameters()),
+        "flops_per_image": 6 * macs,
+        "first_step_s": round(time.time() - t0, 1),
+    }
     for _ in range(s["warmup"]):
         step()
     sync()
@@ -456,8 +500,12 @@ def run_timm(path, s, smoke):
     if not math.isfinite(float(loss)):
         raise FloatingPointError(f"non-finite training loss {float(loss)}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return {**info, "images_per_s": sorted(rates)[len(rates) // 2], "rounds_images_per_s": rates,
-            "peak_memory_gib": None if peak is None else round(peak, 2)}  # fmt: skip
+    return {
+        **info,
+        "images_per_s": sorted(rates)[len(rates) // 2],
+        "rounds_images_per_s": rates,
+        "peak_memory_gib": None if peak is None else round(peak, 2),
+    }
 
 
 def _torch_macs(net, s, dev):
@@ -472,8 +520,11 @@ def _torch_macs(net, s, dev):
         elif isinstance(module, torch.nn.Linear):
             total[0] += module.in_features * module.out_features
 
-    handles = [m.register_forward_hook(hook) for m in net.modules()
-               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]  # fmt: skip
+    handles = [
+        m.register_forward_hook(hook)
+        for m in net.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     with torch.no_grad():
         net.eval()
         net(torch.zeros(1, s["channels"], s["size"], s["size"], device=dev))
@@ -487,8 +538,14 @@ def child(case, result_file, smoke):
     """Runs one case and writes its result (or its error) as JSON."""
     model, path, options = parse_case(case)
     s = _settings(model, options, smoke)
-    out = {"case": case, "model": model, "path": path, "options": options,
-           "batch": s["batch"], "size": s["size"]}  # fmt: skip
+    out = {
+        "case": case,
+        "model": model,
+        "path": path,
+        "options": options,
+        "batch": s["batch"],
+        "size": s["size"],
+    }
     try:
         if model == "matmul":
             out.update(run_matmul(s, smoke))
@@ -512,8 +569,12 @@ def run_case(index, case, args, scratch):
     if os.path.exists(result_file):
         os.remove(result_file)
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONUNBUFFERED="1")
-    flags = " ".join(filter(None, [env.get("XLA_FLAGS", ""), args.xla_flags,
-                                   XLA_PRESETS[options.get("xla", "default")]]))  # fmt: skip
+    flags = " ".join(
+        filter(
+            None,
+            [env.get("XLA_FLAGS", ""), args.xla_flags, XLA_PRESETS[options.get("xla", "default")]],
+        )
+    )
     if args.smoke:
         flags = (flags + " --xla_backend_optimization_level=0").strip()
         env["JAX_PLATFORMS"] = "cpu"
@@ -521,7 +582,12 @@ def run_case(index, case, args, scratch):
         env["XLA_FLAGS"] = flags
     if path in ("eager", "compile"):
         env["JAX_PLATFORMS"] = "cpu"  # the timm case leaves the GPU's memory to torch
-    cmd = [sys.executable, os.path.abspath(__file__), f"--_child={case}", f"--_result={result_file}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--_child={case}",
+        f"--_result={result_file}",
+    ]
     if args.smoke:
         cmd.append("--smoke")
     timeout = args.case_timeout_s
@@ -529,14 +595,19 @@ def run_case(index, case, args, scratch):
         timeout = min(timeout, START + args.time_budget_s - time.time())
     t = time.time()
     try:
-        proc = subprocess.run(cmd, env=env, timeout=max(timeout, 1), capture_output=True,
-                              text=True)  # fmt: skip
+        proc = subprocess.run(cmd, env=env, timeout=max(timeout, 1), capture_output=True, text=True)
         tail = (proc.stdout + proc.stderr)[-1500:]
         code = proc.returncode
     except subprocess.TimeoutExpired as e:
-        out = {"case": case, "model": model, "path": path, "options": options,
-               "status": "timeout", "error": f"no result within {timeout:.0f} s (process killed)",
-               "wall_s": round(time.time() - t, 1)}  # fmt: skip
+        out = {
+            "case": case,
+            "model": model,
+            "path": path,
+            "options": options,
+            "status": "timeout",
+            "error": f"no result within {timeout:.0f} s (process killed)",
+            "wall_s": round(time.time() - t, 1),
+        }
         tail = ((e.stdout or b"") + (e.stderr or b""))[-800:]
         out["log_tail"] = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
         return out
@@ -544,8 +615,14 @@ def run_case(index, case, args, scratch):
         with open(result_file) as f:
             out = json.load(f)
     else:
-        out = {"case": case, "model": model, "path": path, "options": options,
-               "status": "error", "error": f"exit code {code} without a result"}  # fmt: skip
+        out = {
+            "case": case,
+            "model": model,
+            "path": path,
+            "options": options,
+            "status": "error",
+            "error": f"exit code {code} without a result",
+        }
     out["wall_s"] = round(time.time() - t, 1)
     if out["status"] != "ok":
         out["log_tail"] = tail
@@ -581,7 +658,10 @@ def table(results, peak_name, peak, reachable):
     head = ["case", "images/s", "first step (s)", "peak mem (GiB)"]
     group_peers = [p for p in peers["r50"] if p in ok]
     head += [f"x {p}" for p in group_peers]
-    head += [f"MFU vs {peak_name or '?'} {_fmt(peak)} TF/s", f"MFU vs matmul {_fmt(reachable)} TF/s"]
+    head += [
+        f"MFU vs {peak_name or '?'} {_fmt(peak)} TF/s",
+        f"MFU vs matmul {_fmt(reachable)} TF/s",
+    ]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + " --- |" * len(head))
     for r in results:
@@ -594,8 +674,12 @@ def table(results, peak_name, peak, reachable):
             continue
         rate = r["images_per_s"]
         flops = r.get("flops_per_image")
-        cells = [r["case"], _fmt(rate), _fmt(r.get("first_step_s"), 1),
-                 _fmt(r.get("peak_memory_gib"), 1)]  # fmt: skip
+        cells = [
+            r["case"],
+            _fmt(rate),
+            _fmt(r.get("first_step_s"), 1),
+            _fmt(r.get("peak_memory_gib"), 1),
+        ]
         for p in group_peers:
             same_group = MODELS[r["model"]][4] == "r50"
             cells.append(f"{rate / ok[p]['images_per_s']:.2f}" if same_group else "")
@@ -613,8 +697,12 @@ def main():
     p.add_argument("--out", default=None, help="folder for gpu_throughput.json / .md")
     p.add_argument("--xla_flags", default="", help="XLA_FLAGS added to every case")
     p.add_argument("--case_timeout_s", type=float, default=240.0)
-    p.add_argument("--time_budget_s", type=float, default=540.0,
-                   help="skip the cases that would start after this; 0: no limit")  # fmt: skip
+    p.add_argument(
+        "--time_budget_s",
+        type=float,
+        default=540.0,
+        help="skip the cases that would start after this; 0: no limit",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny networks on CPU (CI)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
@@ -648,28 +736,48 @@ def main():
         if reason is None and left < 30:
             reason = f"time budget spent ({args.time_budget_s:.0f} s)"
         if reason:
-            results.append({"case": case, "model": parse_case(case)[0], "status": "skipped",
-                            "error": reason})  # fmt: skip
+            results.append(
+                {"case": case, "model": parse_case(case)[0], "status": "skipped", "error": reason}
+            )
         else:
             results.append(run_case(index, case, args, scratch))
         r = results[-1]
-        print(f"{case}: {r['status']}" + (f", {r['images_per_s']:,.0f} img/s, first step "
-              f"{r.get('first_step_s')} s" if r.get("images_per_s") else
-              f" ({r.get('error', '')[:300]})"), flush=True)  # fmt: skip
+        print(
+            f"{case}: {r['status']}"
+            + (
+                f", {r['images_per_s']:,.0f} img/s, first step {r.get('first_step_s')} s"
+                if r.get("images_per_s")
+                else f" ({r.get('error', '')[:300]})"
+            ),
+            flush=True,
+        )
         _write(json_path, args, cases, results)
 
     # 3. Report.
-    device = next((r.get("device") for r in results if r.get("status") == "ok" and
-                   r.get("device")), None)  # fmt: skip
+    device = next(
+        (r.get("device") for r in results if r.get("status") == "ok" and r.get("device")), None
+    )
     peak_name, peak = peak_tflops(device)
-    reachable = next((r["matmul_tflops"] for r in results if r.get("model") == "matmul"
-                      and r.get("status") == "ok"), None)  # fmt: skip
+    reachable = next(
+        (
+            r["matmul_tflops"]
+            for r in results
+            if r.get("model") == "matmul" and r.get("status") == "ok"
+        ),
+        None,
+    )
     md = table(results, peak_name, peak, reachable)
-    summary = {"device": device, "peak_bf16_tflops": peak, "peak_source": peak_name,
-               "matmul_tflops": reachable}  # fmt: skip
+    summary = {
+        "device": device,
+        "peak_bf16_tflops": peak,
+        "peak_source": peak_name,
+        "matmul_tflops": reachable,
+    }
     _write(json_path, args, cases, results, summary)
-    header = (f"Device: {device}; peak bf16 {peak} TF/s ({peak_name or 'unknown GPU: pass none'}); "
-              f"measured bf16 matmul {reachable} TF/s.\n\n")  # fmt: skip
+    header = (
+        f"Device: {device}; peak bf16 {peak} TF/s ({peak_name or 'unknown GPU: pass none'}); "
+        f"measured bf16 matmul {reachable} TF/s.\n\n"
+    )
     with open(os.path.join(out_dir, "gpu_throughput.md"), "w") as f:
         f.write(header + md + "\n")
     print("\n" + header + md, flush=True)
@@ -692,9 +800,14 @@ def _split_cases(text):
 
 
 def _write(path, args, cases, results, summary=None):
-    doc = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-           "smoke": args.smoke, "cases": cases, "results": results, **(summary or {}),
-           "elapsed_s": round(time.time() - START, 1)}  # fmt: skip
+    doc = {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "smoke": args.smoke,
+        "cases": cases,
+        "results": results,
+        **(summary or {}),
+        "elapsed_s": round(time.time() - START, 1),
+    }
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)

@@ -31,7 +31,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: Hides TensorFlow as if it were not installed: `import tensorflow` fails and
 #: `importlib.util.find_spec` finds nothing. (A `sys.modules["tensorflow"] = None` entry
 #: would not do: Keras tests `"tensorflow" in sys.modules` and then needs the module.)
-NO_TENSORFLOW = '''
+NO_TENSORFLOW = """
 import importlib.machinery as _machinery
 
 _find_spec = _machinery.PathFinder.find_spec.__func__
@@ -44,7 +44,7 @@ def _hide_tensorflow(cls, name, path=None, target=None):
 
 
 _machinery.PathFinder.find_spec = classmethod(_hide_tensorflow)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +70,33 @@ def runs(tmp_path_factory):
     }
     commands = {
         "throughput": ["benchmarks/gpu_throughput.py", "--smoke", f"--out={root / 'tp'}"],
-        "tables": ["training/paper_tables.py", "--smoke", "--part=all", "--procs=1",
-                   f"--data_dir={data}", f"--model_dir={root / 'tables'}",
-                   f"--out={root / 'tables_out'}"],  # fmt: skip
-        "recipe": ["training/fashion_mnist_recipe.py", "--smoke", f"--data_dir={data}",
-                   f"--model_dir={root / 'recipe'}", f"--out={root / 'recipe_out'}"],  # fmt: skip
+        "tables": [
+            "training/paper_tables.py",
+            "--smoke",
+            "--part=all",
+            "--procs=1",
+            f"--data_dir={data}",
+            f"--model_dir={root / 'tables'}",
+            f"--out={root / 'tables_out'}",
+        ],
+        "recipe": [
+            "training/fashion_mnist_recipe.py",
+            "--smoke",
+            f"--data_dir={data}",
+            f"--model_dir={root / 'recipe'}",
+            f"--out={root / 'recipe_out'}",
+        ],
     }
     start = time.time()
     procs = {
-        name: subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        name: subprocess.Popen(
+            [sys.executable, *cmd],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for name, cmd in commands.items()
     }
     out = {}

@@ -49,8 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=26, help="CIFAR-family depth, 6n+2")
     p.add_argument("--width", type=float, default=4.0, help="width_multiplier")
     p.add_argument("--epochs", default="auto", help="an integer, or auto (fill --target_s)")
-    p.add_argument("--target_s", type=float, default=400.0,
-                   help="with --epochs=auto: seconds of training to fill")  # fmt: skip
+    p.add_argument(
+        "--target_s",
+        type=float,
+        default=400.0,
+        help="with --epochs=auto: seconds of training to fill",
+    )
     p.add_argument("--min_epochs", type=int, default=30)
     p.add_argument("--max_epochs", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=256)
@@ -63,10 +67,18 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--eval_every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--export_dtype", choices=["auto", "float16", "float32"], default="auto",
-                   help="auto: float16 when its test accuracy equals float32's")  # fmt: skip
-    p.add_argument("--time_budget_s", type=float, default=540.0,
-                   help="stop cleanly (checkpointed) before this many seconds; 0: no limit")  # fmt: skip
+    p.add_argument(
+        "--export_dtype",
+        choices=["auto", "float16", "float32"],
+        default="auto",
+        help="auto: float16 when its test accuracy equals float32's",
+    )
+    p.add_argument(
+        "--time_budget_s",
+        type=float,
+        default=540.0,
+        help="stop cleanly (checkpointed) before this many seconds; 0: no limit",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny network, few steps, CPU (CI)")
     args = p.parse_args(argv)
     if args.epochs != "auto":
@@ -134,25 +146,41 @@ def main():
 
     def build(weights=None):
         return keras_preact.PreActResNet(
-            depth=args.depth, family="cifar", block="basic", width_multiplier=args.width,
-            input_shape=(28, 28, 1), classes=10, classifier_activation=None, weights=weights,
+            depth=args.depth,
+            family="cifar",
+            block="basic",
+            width_multiplier=args.width,
+            input_shape=(28, 28, 1),
+            classes=10,
+            classifier_activation=None,
+            weights=weights,
             seed=args.seed,
-        )  # fmt: skip
+        )
 
     model = build()
     normalize = jax_loop.device_normalizer(mean, std)
-    print(f"PreActResNet(depth={args.depth}, width_multiplier={args.width}): "
-          f"{model.count_params():,} parameters, "
-          f"{jax_loop.multiply_adds(model) / 1e6:.1f} M multiply-adds per image", flush=True)  # fmt: skip
+    print(
+        f"PreActResNet(depth={args.depth}, width_multiplier={args.width}): "
+        f"{model.count_params():,} parameters, "
+        f"{jax_loop.multiply_adds(model) / 1e6:.1f} M multiply-adds per image",
+        flush=True,
+    )
 
     schedule = jax_loop.Schedule(
-        args.base_lr, decay="cosine", warmup_steps=int(args.warmup_epochs * steps_per_epoch),
+        args.base_lr,
+        decay="cosine",
+        warmup_steps=int(args.warmup_epochs * steps_per_epoch),
         warmup="linear",
-    )  # fmt: skip
+    )
     optimizer = keras.optimizers.SGD(args.base_lr, momentum=0.9, nesterov=True)
-    step = jax_loop.make_train_step(model, optimizer, schedule=schedule,
-                                    weight_decay=args.weight_decay,
-                                    label_smoothing=args.label_smoothing, normalize=normalize)  # fmt: skip
+    step = jax_loop.make_train_step(
+        model,
+        optimizer,
+        schedule=schedule,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        normalize=normalize,
+    )
     eval_step = jax_loop.make_eval_step(model, normalize=normalize)
 
     # 3. The number of epochs: from the checkpoint, the flag, or timed steps. The run's
@@ -162,14 +190,17 @@ def main():
     if saved is not None:
         saved_epochs = saved[1]["spec"]["epochs"]
         if epochs not in ("auto", saved_epochs):
-            raise SystemExit(f"{run_dir} holds a run of {saved_epochs} epochs; --epochs={epochs} "
-                             "differs. Use another --model_dir or the same epochs.")  # fmt: skip
+            raise SystemExit(
+                f"{run_dir} holds a run of {saved_epochs} epochs; --epochs={epochs} "
+                "differs. Use another --model_dir or the same epochs."
+            )
         epochs = saved_epochs
         del saved
     elif epochs == "auto":
         state = jax_loop.init_state(model, optimizer, total_steps=args.max_epochs * steps_per_epoch)
-        stream = jax_loop.train_batches(x_train, y_train, args.batch_size, seeds=(args.seed,),
-                                        start_step=0, augment=augment)  # fmt: skip
+        stream = jax_loop.train_batches(
+            x_train, y_train, args.batch_size, seeds=(args.seed,), start_step=0, augment=augment
+        )
         timed, n, warm = 0.0, 25, 5
         for i, (_, x, y) in enumerate(jax_loop.prefetch(stream)):
             if i == warm:  # after compilation and warm-up
@@ -185,30 +216,58 @@ def main():
         eval_s = timed * len(x_test) / args.batch_size / 3.0 / args.eval_every
         per_epoch = timed * steps_per_epoch + eval_s
         epochs = int(min(args.max_epochs, max(args.min_epochs, args.target_s // per_epoch)))
-        print(f"auto epochs: {1000 * timed:.1f} ms/step, about {per_epoch:.1f} s/epoch with "
-              f"evaluation -> {epochs} epochs for --target_s={args.target_s:.0f}", flush=True)  # fmt: skip
+        print(
+            f"auto epochs: {1000 * timed:.1f} ms/step, about {per_epoch:.1f} s/epoch with "
+            f"evaluation -> {epochs} epochs for --target_s={args.target_s:.0f}",
+            flush=True,
+        )
         del state
     state = jax_loop.init_state(model, optimizer, total_steps=epochs * steps_per_epoch)
 
     # 4. Train (resumes from the newest checkpoint in run_dir).
-    spec = jax_loop.RunSpec(batch_size=args.batch_size, epochs=epochs,
-                            steps_per_epoch=steps_per_epoch, seed=args.seed,
-                            eval_every=args.eval_every,
-                            eval_batch_size=min(500, len(x_test)))  # fmt: skip
-    config = {k: getattr(args, k) for k in ("depth", "width", "base_lr", "warmup_epochs",
-                                            "weight_decay", "label_smoothing", "erasing",
-                                            "padding", "precision")}  # fmt: skip
+    spec = jax_loop.RunSpec(
+        batch_size=args.batch_size,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        eval_batch_size=min(500, len(x_test)),
+    )
+    config = {
+        k: getattr(args, k)
+        for k in (
+            "depth",
+            "width",
+            "base_lr",
+            "warmup_epochs",
+            "weight_decay",
+            "label_smoothing",
+            "erasing",
+            "padding",
+            "precision",
+        )
+    }
     out = jax_loop.fit(
-        state=state, train_step=step, eval_step=eval_step,
-        data=((x_train, y_train), (x_test, y_test)), spec=spec, augment=augment,
-        run_dir=run_dir, guard=guard, config=config, schedule=schedule,
+        state=state,
+        train_step=step,
+        eval_step=eval_step,
+        data=((x_train, y_train), (x_test, y_test)),
+        spec=spec,
+        augment=augment,
+        run_dir=run_dir,
+        guard=guard,
+        config=config,
+        schedule=schedule,
         iteration_index=jax_loop.iteration_index(optimizer),
-    )  # fmt: skip
+    )
     _plot(out["rows"], os.path.join(args.model_dir, "curves.png"), args, epochs)
     shutil.copy(os.path.join(run_dir, "log.csv"), os.path.join(args.model_dir, "log.csv"))
     if out["status"] != "done":
-        print(f"INCOMPLETE ({out['status']}) after epoch {out['epoch']}/{epochs}, "
-              f"{time.time() - START:.0f} s: run the same command again to continue", flush=True)  # fmt: skip
+        print(
+            f"INCOMPLETE ({out['status']}) after epoch {out['epoch']}/{epochs}, "
+            f"{time.time() - START:.0f} s: run the same command again to continue",
+            flush=True,
+        )
         _copy_out(args, ["log.csv", "curves.png"])
         sys.exit(0 if out["status"] == "stopped" else 1)
 
@@ -216,15 +275,24 @@ def main():
     # exported file read back by keras_preact (read_tensors + assign, what weights= does).
     state = out["state"]
     jax_loop.assign_state(model, state)
-    tensors = {layer.name: {w.name: np.asarray(w.numpy(), np.float32) for w in layer.weights}
-               for layer in model.layers if layer.weights}  # fmt: skip
+    tensors = {
+        layer.name: {w.name: np.asarray(w.numpy(), np.float32) for w in layer.weights}
+        for layer in model.layers
+        if layer.weights
+    }
     last = [r for r in out["rows"] if r["kind"] == "epoch"][-1]
-    summary = {"model": f"PreActResNet(depth={args.depth}, family='cifar', block='basic', "
-                        f"width_multiplier={args.width})",
-               "parameters": model.count_params(), "epochs": epochs,
-               "train_seconds": round(out["train_seconds"], 1), "test_images": len(x_test),
-               "bf16_top1_last_epoch": round(100.0 * (1.0 - last["test_error"]), 2),
-               **config, "batch_size": args.batch_size, "seed": args.seed}  # fmt: skip
+    summary = {
+        "model": f"PreActResNet(depth={args.depth}, family='cifar', block='basic', "
+        f"width_multiplier={args.width})",
+        "parameters": model.count_params(),
+        "epochs": epochs,
+        "train_seconds": round(out["train_seconds"], 1),
+        "test_images": len(x_test),
+        "bf16_top1_last_epoch": round(100.0 * (1.0 - last["test_error"]), 2),
+        **config,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
     keras.config.set_dtype_policy("float32")
     fresh = build()
     x = imagenet_utils.preprocess_input(x_test, "fashion_mnist", data_format="channels_last")
@@ -236,8 +304,12 @@ def main():
         flipped = jax.nn.softmax(fresh.predict(x[:, :, ::-1], batch_size=batch, verbose=0), -1)
         top1 = np.mean(np.argmax(probs, -1) == y_test)
         tta = np.mean(np.argmax(probs + flipped, -1) == y_test)
-        return {"top1": round(100.0 * float(top1), 2), "top1_flip_tta": round(100.0 * float(tta), 2),
-                "bytes": os.path.getsize(path), "sha256": kp_weights.file_digest(path)}  # fmt: skip
+        return {
+            "top1": round(100.0 * float(top1), 2),
+            "top1_flip_tta": round(100.0 * float(tta), 2),
+            "bytes": os.path.getsize(path),
+            "sha256": kp_weights.file_digest(path),
+        }
 
     paths = {}
     for dtype in ("float32", "float16"):
@@ -261,8 +333,11 @@ def main():
         os.remove(other)
     summary["export"] = {"file": EXPORT_NAME, "dtype": chosen, **summary[chosen]}
     if summary["export"]["bytes"] > MAX_EXPORT_BYTES:
-        print(f"WARNING: the export is {summary['export']['bytes'] / 2**20:.1f} MiB, over the "
-              "16 MiB a shipped file may have", flush=True)  # fmt: skip
+        print(
+            f"WARNING: the export is {summary['export']['bytes'] / 2**20:.1f} MiB, over the "
+            "16 MiB a shipped file may have",
+            flush=True,
+        )
     summary["elapsed_s"] = round(time.time() - START, 1)
     jax_loop._write_json(os.path.join(args.model_dir, "recipe.json"), summary)
     print(json.dumps(summary, indent=1), flush=True)
@@ -288,17 +363,23 @@ def _plot(rows, path, args, epochs):
     ep = [r for r in rows if r["kind"] == "epoch"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot([r["epoch"] for r in ep], [r["train_loss"] for r in ep], "-", label="train (augmented)")
-    a.plot([r["epoch"] for r in ep if r.get("test_loss") is not None],
-           [r["test_loss"] for r in ep if r.get("test_loss") is not None], "o-", label="test")  # fmt: skip
+    a.plot(
+        [r["epoch"] for r in ep if r.get("test_loss") is not None],
+        [r["test_loss"] for r in ep if r.get("test_loss") is not None],
+        "o-",
+        label="test",
+    )
     a.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    b.plot([r["epoch"] for r in ep if r.get("test_error") is not None],
-           [100 * r["test_error"] for r in ep if r.get("test_error") is not None], "o-")  # fmt: skip
+    b.plot(
+        [r["epoch"] for r in ep if r.get("test_error") is not None],
+        [100 * r["test_error"] for r in ep if r.get("test_error") is not None],
+        "o-",
+    )
     b.set(xlabel="epoch", ylabel="test error (%)", title="test error")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     a.legend()
-    fig.suptitle(f"Fashion-MNIST, PreActResNet depth {args.depth} x{args.width:g}, "
-                 f"{epochs} epochs")  # fmt: skip
+    fig.suptitle(f"Fashion-MNIST, PreActResNet depth {args.depth} x{args.width:g}, {epochs} epochs")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -256,7 +256,9 @@ def make_train_step(
         ce = cross_entropy(logits, labels, label_smoothing)
         loss = ce
         if weight_decay:
-            l2 = sum(jnp.sum(jnp.square(w.astype(jnp.float32))) for w, m in zip(trainable, mask) if m)
+            l2 = sum(
+                jnp.sum(jnp.square(w.astype(jnp.float32))) for w, m in zip(trainable, mask) if m
+            )
             loss = ce + 0.5 * weight_decay * l2
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
         return loss, (ce, correct, non_trainable)
@@ -319,8 +321,8 @@ def evaluate(eval_step, state, images, labels, batch_size):
             valid[len(x) :] = False
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        l, c = eval_step(state, x, y, valid)
-        loss, correct = loss + l, correct + c
+        batch_loss, batch_correct = eval_step(state, x, y, valid)
+        loss, correct = loss + batch_loss, correct + batch_correct
     loss, correct = np.asarray(loss, np.float64), np.asarray(correct, np.float64)
     return loss / n, 1.0 - correct / n
 
@@ -539,7 +541,7 @@ def save_checkpoint(directory, arrays, meta, *, keep=2, max_file_bytes=MAX_FILE_
     shards, current, size = [], {}, 0
     pieces = []
     for key, a in arrays.items():
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a, order="C")  # (np.ascontiguousarray would make scalars 1-d)
         flat = a.reshape(-1)
         per = max(1, budget // max(a.itemsize, 1))
         for j in range(0, max(flat.size, 1), per):
@@ -556,8 +558,15 @@ def save_checkpoint(directory, arrays, meta, *, keep=2, max_file_bytes=MAX_FILE_
         group = new_group
         current[pkey] = piece
         size += piece.nbytes
-        entries.append({"piece": pkey, "array": key, "shape": list(shape), "dtype": dtype,
-                        "shard": len(shards)})  # fmt: skip
+        entries.append(
+            {
+                "piece": pkey,
+                "array": key,
+                "shape": list(shape),
+                "dtype": dtype,
+                "shard": len(shards),
+            }
+        )
     if current or not shards:
         shards.append(current)
     files = []
@@ -567,10 +576,16 @@ def save_checkpoint(directory, arrays, meta, *, keep=2, max_file_bytes=MAX_FILE_
             np.savez(f, **{k.replace("/", "|"): v for k, v in shard.items()})
             f.flush()
             os.fsync(f.fileno())
-        files.append({"file": os.path.basename(path), "bytes": os.path.getsize(path),
-                      "sha256": _sha256(path)})  # fmt: skip
-    _write_json(os.path.join(tmp, "manifest.json"), {"meta": meta, "files": files,
-                                                     "pieces": entries})  # fmt: skip
+        files.append(
+            {
+                "file": os.path.basename(path),
+                "bytes": os.path.getsize(path),
+                "sha256": _sha256(path),
+            }
+        )
+    _write_json(
+        os.path.join(tmp, "manifest.json"), {"meta": meta, "files": files, "pieces": entries}
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _write_json(os.path.join(directory, "latest.json"), {"checkpoint": name})
@@ -756,22 +771,34 @@ def fit(
             state.optimizer[iteration_index] = jnp.asarray(
                 meta["step"], state.optimizer[iteration_index].dtype
             )
-            print(f"{label}WARNING: resuming from weights only; momentum restarts at zero",
-                  flush=True)  # fmt: skip
+            print(
+                f"{label}WARNING: resuming from weights only; momentum restarts at zero", flush=True
+            )
         rows, epoch = meta["rows"], int(meta["epoch"])
         train_seconds = float(meta.get("train_seconds", 0.0))
         if verbose:
-            print(f"{label}resumed at epoch {epoch} (step {meta['step']}) from {run_dir}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{label}resumed at epoch {epoch} (step {meta['step']}) from {run_dir}", flush=True
+            )
         if meta.get("status") in ("done", "diverged"):
-            return {"status": meta["status"], "state": state, "rows": rows, "epoch": epoch,
-                    "train_seconds": train_seconds}  # fmt: skip
+            return {
+                "status": meta["status"],
+                "state": state,
+                "rows": rows,
+                "epoch": epoch,
+                "train_seconds": train_seconds,
+            }
     os.makedirs(run_dir, exist_ok=True)
 
     def checkpoint(status):
-        meta = {"step": epoch * spec.steps_per_epoch, "epoch": epoch, "rows": rows,
-                "status": status, "train_seconds": train_seconds,
-                "spec": {**dataclasses.asdict(spec), **(config or {})}}  # fmt: skip
+        meta = {
+            "step": epoch * spec.steps_per_epoch,
+            "epoch": epoch,
+            "rows": rows,
+            "status": status,
+            "train_seconds": train_seconds,
+            "spec": {**dataclasses.asdict(spec), **(config or {})},
+        }
         save_checkpoint(run_dir, state_arrays(state), meta)
         _write_rows(os.path.join(run_dir, "log.csv"), rows)
 
@@ -783,8 +810,14 @@ def fit(
             break
         start = time.time()
         start_step = epoch * spec.steps_per_epoch
-        stream = train_batches(x_train, y_train, spec.batch_size, seeds=(spec.seed,),
-                               start_step=start_step, augment=augment)  # fmt: skip
+        stream = train_batches(
+            x_train,
+            y_train,
+            spec.batch_size,
+            seeds=(spec.seed,),
+            start_step=start_step,
+            augment=augment,
+        )
         window, window_n, total, total_n, correct = 0.0, 0, 0.0, 0, 0.0
         bad = False
         for i, (step, x, y) in enumerate(prefetch(stream)):
@@ -798,10 +831,17 @@ def fit(
                 total, total_n = total + mean * window_n, total_n + window_n
                 if not math.isfinite(mean):
                     bad = True
-                rows.append({"kind": "train", "epoch": epoch, "step": step + 1,
-                             "lr": float(schedule(step, state.hyper["total_steps"]))
-                             if schedule else None,
-                             "train_loss": mean})  # fmt: skip
+                rows.append(
+                    {
+                        "kind": "train",
+                        "epoch": epoch,
+                        "step": step + 1,
+                        "lr": float(schedule(step, state.hyper["total_steps"]))
+                        if schedule
+                        else None,
+                        "train_loss": mean,
+                    }
+                )
                 window, window_n = 0.0, 0
                 if bad:
                     break
@@ -809,17 +849,22 @@ def fit(
                 break
         epoch += 1
         train_seconds += time.time() - start
-        row = {"kind": "epoch", "epoch": epoch, "step": epoch * spec.steps_per_epoch,
-               "train_loss": total / max(total_n, 1),
-               "train_error": 1.0 - float(correct) / (max(total_n, 1) * spec.batch_size)}  # fmt: skip
+        row = {
+            "kind": "epoch",
+            "epoch": epoch,
+            "step": epoch * spec.steps_per_epoch,
+            "train_loss": total / max(total_n, 1),
+            "train_error": 1.0 - float(correct) / (max(total_n, 1) * spec.batch_size),
+        }
         if bad:
             row.update(train_loss=float("nan"), test_loss=float("nan"), test_error=float("nan"))
             rows.append(row)
             status = "diverged"
             checkpoint(status)
             if verbose:
-                print(f"{label}epoch {epoch}: the loss is not finite; the run diverged.",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{label}epoch {epoch}: the loss is not finite; the run diverged.", flush=True
+                )
             break
         if epoch % spec.eval_every == 0 or epoch == spec.epochs:
             loss, err = evaluate(eval_step, state, x_test, y_test, spec.eval_batch_size)
@@ -829,18 +874,39 @@ def fit(
         checkpoint("done" if epoch == spec.epochs else "running")
         last_epoch_s = time.time() - start
         if verbose:
-            test = (f", test loss {row['test_loss']:.4f}, test error {100 * row['test_error']:.2f}%"
-                    if "test_error" in row else "")  # fmt: skip
-            print(f"{label}epoch {epoch}/{spec.epochs}: train loss {row['train_loss']:.4f}"
-                  f"{test} ({last_epoch_s:.1f} s)", flush=True)  # fmt: skip
+            test = (
+                f", test loss {row['test_loss']:.4f}, test error {100 * row['test_error']:.2f}%"
+                if "test_error" in row
+                else ""
+            )
+            print(
+                f"{label}epoch {epoch}/{spec.epochs}: train loss {row['train_loss']:.4f}"
+                f"{test} ({last_epoch_s:.1f} s)",
+                flush=True,
+            )
     if status == "stopped":
         checkpoint("running")
-    return {"status": status, "state": state, "rows": rows, "epoch": epoch,
-            "train_seconds": train_seconds}  # fmt: skip
+    return {
+        "status": status,
+        "state": state,
+        "rows": rows,
+        "epoch": epoch,
+        "train_seconds": train_seconds,
+    }
 
 
-ROW_FIELDS = ("kind", "epoch", "step", "lr", "train_loss", "train_error", "test_loss",
-              "test_error", "epoch_s", "train_seconds")  # fmt: skip
+ROW_FIELDS = (
+    "kind",
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_error",
+    "test_loss",
+    "test_error",
+    "epoch_s",
+    "train_seconds",
+)
 
 
 def _write_rows(path, rows):

@@ -10,8 +10,10 @@ docs/gpu.md); a part that is cut off resumes where it stopped when run again.
     KERAS_BACKEND=jax python training/paper_tables.py --part=1 \
         --data_dir=/usr/share/datasets/fashion-mnist --model_dir=runs/paper_tables
 
-Parts: 1 = Table 1 (9 shortcut variants of ResNet-110); 2 = Table 2's four other units at
-ResNet-110; 3 = Table 2's five units at ResNet-164. `--part=2,3` runs two in one command;
+Parts (18 runs per seed; Table 2's ResNet-110 "original" row is Table 1's identity run):
+1 = Table 1's first 7 shortcuts (identity, constant scaling, both gatings); 2 = Table 1's
+1x1-conv and dropout shortcuts and Table 2's four other units at ResNet-110; 3 = Table 2's
+five units at ResNet-164. `--part=2,3` runs two in one command, `--part=all` everything;
 `--part=report` only rewrites the outputs from the results already in `--model_dir`.
 
 Schedule (all variants): SGD momentum 0.9, batch 128, weight decay 1e-4 on conv and dense
@@ -49,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: name -> (table, depth, unit, shortcut label, shortcut factory args, paper CIFAR-10 error).
 #: The paper's numbers: Table 1 (ResNet-110, original unit) and Table 2 (ResNet-110/164).
+# fmt: off
 VARIANTS = {
     "r110_identity": (1, 110, "original", "identity", ("identity",), "6.61"),
     "r110_constant_0.5": (1, 110, "original", "constant scaling 0.5, F x0.5",
@@ -74,14 +77,15 @@ VARIANTS = {
     "r164_relu_before_add": (2, 164, "relu_before_add", "identity", ("identity",), "6.14"),
     "r164_relu_preact": (2, 164, "relu_preact", "identity", ("identity",), "5.91"),
     "r164_full_preact": (2, 164, "full_preact", "identity", ("identity",), "5.46"),
-}  # fmt: skip
+}
 #: Table 2's ResNet-110 "original" row is Table 1's identity row: one run serves both.
 TABLE2_ROWS = {
     110: ["r110_identity", "r110_bn_after_add", "r110_relu_before_add", "r110_relu_preact",
           "r110_full_preact"],
     164: ["r164_original", "r164_bn_after_add", "r164_relu_before_add", "r164_relu_preact",
           "r164_full_preact"],
-}  # fmt: skip
+}
+# fmt: on
 UNIT_LABELS = {
     "original": "original (Fig. 4a)",
     "bn_after_add": "BN after addition (4b)",
@@ -89,26 +93,45 @@ UNIT_LABELS = {
     "relu_preact": "ReLU-only pre-activation (4d)",
     "full_preact": "full pre-activation (4e)",
 }
+#: The parts, each sized for one 9-minute command on an H100 by the estimate in docs/gpu.md:
+#: 7 and 6 ResNet-110 runs, then the 5 ResNet-164 runs (about 1.6x a ResNet-110 run each).
+TABLE1 = [v for v, spec in VARIANTS.items() if spec[0] == 1]
 PARTS = {
-    "1": [v for v, spec in VARIANTS.items() if spec[0] == 1],
-    "2": [v for v, spec in VARIANTS.items() if spec[0] == 2 and spec[1] == 110],
+    "1": TABLE1[:7],
+    "2": TABLE1[7:] + [v for v, spec in VARIANTS.items() if spec[0] == 2 and spec[1] == 110],
     "3": [v for v, spec in VARIANTS.items() if spec[0] == 2 and spec[1] == 164],
 }
 #: Smoke runs replace the depths by the smallest of each block kind (CPU, seconds).
 SMOKE_DEPTH = {110: 8, 164: 11}
 #: Smoke runs train one variant of each table (a random layer, a bottleneck pre-activation).
 SMOKE_VARIANTS = ["r110_dropout_0.5", "r164_full_preact"]
-RESULT_FIELDS = ["table", "variant", "depth", "unit", "shortcut", "seed", "epochs", "steps",
-                 "final_test_error", "best_test_error", "final_train_loss", "status",
-                 "train_seconds", "paper_cifar10_error"]  # fmt: skip
+RESULT_FIELDS = [
+    "table",
+    "variant",
+    "depth",
+    "unit",
+    "shortcut",
+    "seed",
+    "epochs",
+    "steps",
+    "final_test_error",
+    "best_test_error",
+    "final_train_loss",
+    "status",
+    "train_seconds",
+    "paper_cifar10_error",
+]
 CURVE_FIELDS = ["variant", "seed", "kind", "epoch", "step", "lr", "train_loss", "test_error"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--part", default="1", help="1, 2, 3, a comma list, all, or report")
-    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist",
-                   help="folder of the four Fashion-MNIST IDX files (.gz or not)")  # fmt: skip
+    p.add_argument(
+        "--data_dir",
+        default="/usr/share/datasets/fashion-mnist",
+        help="folder of the four Fashion-MNIST IDX files (.gz or not)",
+    )
     p.add_argument("--model_dir", default="runs/paper_tables")
     p.add_argument("--out", default=None, help="also copy the outputs here (e.g. $OUT)")
     p.add_argument("--seeds", default="0", help="comma list of seeds per variant")
@@ -120,10 +143,18 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=1e-4)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--procs", type=int, default=2, help="worker processes sharing the device")
-    p.add_argument("--time_budget_s", type=float, default=540.0,
-                   help="stop cleanly (checkpointed) before this many seconds; 0: no limit")  # fmt: skip
-    p.add_argument("--start_margin_s", type=float, default=90.0,
-                   help="start no new run with less time left (compile + first epoch)")  # fmt: skip
+    p.add_argument(
+        "--time_budget_s",
+        type=float,
+        default=540.0,
+        help="stop cleanly (checkpointed) before this many seconds; 0: no limit",
+    )
+    p.add_argument(
+        "--start_margin_s",
+        type=float,
+        default=90.0,
+        help="start no new run with less time left (compile + first epoch)",
+    )
     p.add_argument("--log_every", type=int, default=50, help="training-loss log interval, steps")
     p.add_argument("--smoke", action="store_true", help="tiny networks, few steps, CPU (CI)")
     # Internal: a worker process trains the variants it is given.
@@ -133,8 +164,10 @@ def parse_args(argv=None):
     if args.part not in ("all", "report"):
         bad = [x for x in args.part.split(",") if x not in PARTS]
         if bad:
-            p.error(f"--part={args.part!r}: unknown part(s) {bad}; allowed: "
-                    f"{sorted(PARTS)}, a comma list of them, 'all' or 'report'.")  # fmt: skip
+            p.error(
+                f"--part={args.part!r}: unknown part(s) {bad}; allowed: "
+                f"{sorted(PARTS)}, a comma list of them, 'all' or 'report'."
+            )
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -150,18 +183,26 @@ def parse_args(argv=None):
 
 def config_of(args):
     """The settings every result in one `--model_dir` shares (checked on resume and merge)."""
-    return {"epochs": args.epochs, "batch_size": args.batch_size, "base_lr": args.base_lr,
-            "warmup_steps": args.warmup_steps, "warmup_lr": args.warmup_lr,
-            "weight_decay": args.weight_decay, "precision": args.precision,
-            "smoke": bool(args.smoke)}  # fmt: skip
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "base_lr": args.base_lr,
+        "warmup_steps": args.warmup_steps,
+        "warmup_lr": args.warmup_lr,
+        "weight_decay": args.weight_decay,
+        "precision": args.precision,
+        "smoke": bool(args.smoke),
+    }
 
 
 def variants_of(args):
     if args.part == "report":
         return []
-    names = list(VARIANTS) if args.part == "all" else [
-        v for part in args.part.split(",") for v in PARTS[part]
-    ]
+    names = (
+        list(VARIANTS)
+        if args.part == "all"
+        else [v for part in args.part.split(",") for v in PARTS[part]]
+    )
     if args.smoke:
         names = [v for v in names if v in SMOKE_VARIANTS] or SMOKE_VARIANTS[:1]
     return names
@@ -195,8 +236,10 @@ def collect(args):
 
     Returns `(results, curves)`, keyed by (variant, seed); a run folder wins over a CSV row.
     """
-    results = {(r["variant"], int(r["seed"])): r
-               for r in _read_csv(os.path.join(args.model_dir, "paper_tables.csv"))}  # fmt: skip
+    results = {
+        (r["variant"], int(r["seed"])): r
+        for r in _read_csv(os.path.join(args.model_dir, "paper_tables.csv"))
+    }
     curves = {}
     for r in _read_csv(os.path.join(args.model_dir, "paper_tables_curves.csv")):
         curves.setdefault((r["variant"], int(r["seed"])), []).append(r)
@@ -265,9 +308,14 @@ def train_variants(args, names):
     total = args.epochs * steps_per_epoch
     augment = jax_loop.Augment(padding=4, flip=True)
     # The paper's schedule: 0.01 warm-up, then 0.1 divided by 10 at 32k and 48k of 64k steps.
-    schedule = jax_loop.Schedule(args.base_lr, decay="step", boundaries=(0.5, 0.75),
-                                 warmup_steps=args.warmup_steps, warmup="constant",
-                                 warmup_lr=args.warmup_lr)  # fmt: skip
+    schedule = jax_loop.Schedule(
+        args.base_lr,
+        decay="step",
+        boundaries=(0.5, 0.75),
+        warmup_steps=args.warmup_steps,
+        warmup="constant",
+        warmup_lr=args.warmup_lr,
+    )
     for variant in names:
         table, depth, unit, _, factory, paper = VARIANTS[variant]
         if args.smoke:
@@ -284,51 +332,85 @@ def train_variants(args, names):
             keras.utils.set_random_seed(seed)
             shortcut = getattr(shortcuts, factory[0])(*factory[1:])
             built = keras_preact.PreActResNet(
-                depth=depth, family="cifar", block="basic" if VARIANTS[variant][1] == 110
-                else "bottleneck", unit=unit, shortcut=shortcut,
-                input_shape=(28, 28, 1), classes=10, classifier_activation=None, seed=seed,
-            )  # fmt: skip
+                depth=depth,
+                family="cifar",
+                block="basic" if VARIANTS[variant][1] == 110 else "bottleneck",
+                unit=unit,
+                shortcut=shortcut,
+                input_shape=(28, 28, 1),
+                classes=10,
+                classifier_activation=None,
+                seed=seed,
+            )
             optimizer = keras.optimizers.SGD(args.base_lr, momentum=0.9)
             state = jax_loop.init_state(built, optimizer, total_steps=total)
             if model is None:  # later seeds reuse the compiled step (same structure)
                 model = built
                 normalize = jax_loop.device_normalizer(mean, std)
-                step = jax_loop.make_train_step(model, optimizer, schedule=schedule,
-                                                weight_decay=args.weight_decay,
-                                                normalize=normalize)  # fmt: skip
+                step = jax_loop.make_train_step(
+                    model,
+                    optimizer,
+                    schedule=schedule,
+                    weight_decay=args.weight_decay,
+                    normalize=normalize,
+                )
                 eval_step = jax_loop.make_eval_step(model, normalize=normalize)
-            spec = jax_loop.RunSpec(batch_size=args.batch_size, epochs=args.epochs,
-                                    steps_per_epoch=steps_per_epoch, seed=seed,
-                                    log_every=args.log_every,
-                                    eval_batch_size=min(500, len(x_test)))  # fmt: skip
+            spec = jax_loop.RunSpec(
+                batch_size=args.batch_size,
+                epochs=args.epochs,
+                steps_per_epoch=steps_per_epoch,
+                seed=seed,
+                log_every=args.log_every,
+                eval_batch_size=min(500, len(x_test)),
+            )
             out = jax_loop.fit(
-                state=state, train_step=step, eval_step=eval_step,
-                data=((x_train, y_train), (x_test, y_test)), spec=spec, augment=augment,
-                run_dir=folder, guard=guard, config={"variant": variant, **config_of(args)},
-                schedule=schedule, iteration_index=jax_loop.iteration_index(optimizer),
+                state=state,
+                train_step=step,
+                eval_step=eval_step,
+                data=((x_train, y_train), (x_test, y_test)),
+                spec=spec,
+                augment=augment,
+                run_dir=folder,
+                guard=guard,
+                config={"variant": variant, **config_of(args)},
+                schedule=schedule,
+                iteration_index=jax_loop.iteration_index(optimizer),
                 label=f"[{variant} seed {seed}] ",
-            )  # fmt: skip
+            )
             if out["status"] == "stopped":
-                print(f"[{variant} seed {seed}] stopped at epoch {out['epoch']} by the time "
-                      "budget; run the same command again to continue", flush=True)  # fmt: skip
+                print(
+                    f"[{variant} seed {seed}] stopped at epoch {out['epoch']} by the time "
+                    "budget; run the same command again to continue",
+                    flush=True,
+                )
                 return False
             epochs = [r for r in out["rows"] if r["kind"] == "epoch"]
             errors = [r["test_error"] for r in epochs if r.get("test_error") is not None]
             result = {
-                "table": table, "variant": variant, "depth": depth, "unit": unit,
-                "shortcut": factory[0], "seed": seed, "epochs": out["epoch"],
+                "table": table,
+                "variant": variant,
+                "depth": depth,
+                "unit": unit,
+                "shortcut": factory[0],
+                "seed": seed,
+                "epochs": out["epoch"],
                 "steps": out["epoch"] * steps_per_epoch,
                 "final_test_error": errors[-1] if errors else float("nan"),
-                "best_test_error": min(errors) if errors and out["status"] == "done"
+                "best_test_error": min(errors)
+                if errors and out["status"] == "done"
                 else float("nan"),
                 "final_train_loss": epochs[-1]["train_loss"] if epochs else float("nan"),
-                "status": out["status"], "train_seconds": round(out["train_seconds"], 1),
+                "status": out["status"],
+                "train_seconds": round(out["train_seconds"], 1),
                 "paper_cifar10_error": paper,
-            }  # fmt: skip
-            curves = [{"variant": variant, "seed": seed, **{k: r.get(k) for k in CURVE_FIELDS[2:]}}
-                      for r in out["rows"]]  # fmt: skip
-            jax_loop._write_json(os.path.join(folder, "final.json"),
-                                 {"result": result, "curves": curves})  # fmt: skip
+            }
+            curves = [
+                {"variant": variant, "seed": seed, **{k: r.get(k) for k in CURVE_FIELDS[2:]}}
+                for r in out["rows"]
+            ]
+            jax_loop._write_json(
+                os.path.join(folder, "final.json"), {"result": result, "curves": curves}
+            )
             for ckpt in os.listdir(folder):  # the result is kept; the weights are not needed
                 if ckpt.startswith("ckpt-"):
                     shutil.rmtree(os.path.join(folder, ckpt), ignore_errors=True)
@@ -368,14 +450,15 @@ def markdown(results, args):
     lines = [
         "Fashion-MNIST test error (%) after the last epoch, mean ± standard deviation over "
         "seeds, beside the paper's CIFAR-10 test error (%). Settings: "
-        + ", ".join(f"{k}={v}" for k, v in config_of(args).items()) + ".",
+        + ", ".join(f"{k}={v}" for k, v in config_of(args).items())
+        + ".",
         "",
         "Table 1 (ResNet-110, original unit; shortcuts of Fig. 2):",
         "",
         "| shortcut | paper CIFAR-10 | Fashion-MNIST | seeds |",
         "| --- | --- | --- | --- |",
     ]
-    for variant in PARTS["1"]:
+    for variant in TABLE1:
         err, seeds = cell(variant)
         lines.append(f"| {VARIANTS[variant][3]} | {VARIANTS[variant][5]} | {err} | {seeds} |")
     lines += [
@@ -389,8 +472,9 @@ def markdown(results, args):
     for a, b in zip(TABLE2_ROWS[110], TABLE2_ROWS[164]):
         unit = VARIANTS[b][2]
         paper_a = "6.61" if a == "r110_identity" else VARIANTS[a][5]
-        lines.append(f"| {UNIT_LABELS[unit]} | {paper_a} | {cell(a)[0]} | {VARIANTS[b][5]} | "
-                     f"{cell(b)[0]} |")  # fmt: skip
+        lines.append(
+            f"| {UNIT_LABELS[unit]} | {paper_a} | {cell(a)[0]} | {VARIANTS[b][5]} | {cell(b)[0]} |"
+        )
     missing = [v for v in VARIANTS if v not in by_variant]
     if missing:
         lines += ["", f"Not yet run: {', '.join(missing)}."]
@@ -414,17 +498,27 @@ def plot(curves, variants, path, title, args):
             for (v, seed), rows in sorted(curves.items()):
                 if v != variant:
                     continue
-                train = [(int(r["step"]), float(r["train_loss"])) for r in rows
-                         if r["kind"] == "train" and _finite(r["train_loss"])]  # fmt: skip
-                test = [(int(r["step"]), 100 * float(r["test_error"])) for r in rows
-                        if r["kind"] == "epoch" and _finite(r.get("test_error"))]  # fmt: skip
+                train = [
+                    (int(r["step"]), float(r["train_loss"]))
+                    for r in rows
+                    if r["kind"] == "train" and _finite(r["train_loss"])
+                ]
+                test = [
+                    (int(r["step"]), 100 * float(r["test_error"]))
+                    for r in rows
+                    if r["kind"] == "epoch" and _finite(r.get("test_error"))
+                ]
                 lab = label if seed == min(s for vv, s in curves if vv == variant) else None
                 if train:
                     ax_loss.plot(*zip(*train), "--", color=color, lw=1, label=lab)
                 if test:
                     ax_err.plot(*zip(*test), "-", color=color, lw=1.5, label=lab)
-        ax_loss.set(xlabel="iterations", ylabel="training loss (cross-entropy)", yscale="log",
-                    title=f"{name}: training loss")  # fmt: skip
+        ax_loss.set(
+            xlabel="iterations",
+            ylabel="training loss (cross-entropy)",
+            yscale="log",
+            title=f"{name}: training loss",
+        )
         ax_err.set(xlabel="iterations", ylabel="test error (%)", title=f"{name}: test error")
         ax_err.set_ylim(bottom=0)
         for ax in (ax_loss, ax_err):
@@ -452,16 +546,26 @@ def write_outputs(args, status):
     _write_csv(os.path.join(d, "paper_tables_curves.csv"), CURVE_FIELDS, curve_rows)
     with open(os.path.join(d, "paper_tables.md"), "w") as f:
         f.write(markdown(results, args))
-    plot(curves, PARTS["1"], os.path.join(d, "paper_tables_table1.png"),
-         "Table 1 (ResNet-110)", args)  # fmt: skip
-    plot(curves, {"Table 2, ResNet-110": TABLE2_ROWS[110], "Table 2, ResNet-164": TABLE2_ROWS[164]},
-         os.path.join(d, "paper_tables_table2.png"), "Table 2", args)  # fmt: skip
-    status = {**status, "results": len(rows),
-              "elapsed_s": round(time.time() - START, 1)}  # fmt: skip
+    plot(curves, TABLE1, os.path.join(d, "paper_tables_table1.png"), "Table 1 (ResNet-110)", args)
+    plot(
+        curves,
+        {"Table 2, ResNet-110": TABLE2_ROWS[110], "Table 2, ResNet-164": TABLE2_ROWS[164]},
+        os.path.join(d, "paper_tables_table2.png"),
+        "Table 2",
+        args,
+    )
+    status = {**status, "results": len(rows), "elapsed_s": round(time.time() - START, 1)}
     with open(os.path.join(d, "status.json"), "w") as f:
         json.dump(status, f, indent=1)
-    names = ["paper_tables.csv", "paper_tables_curves.csv", "paper_tables.md",
-             "paper_tables_table1.png", "paper_tables_table2.png", "status.json", "config.json"]  # fmt: skip
+    names = [
+        "paper_tables.csv",
+        "paper_tables_curves.csv",
+        "paper_tables.md",
+        "paper_tables_table1.png",
+        "paper_tables_table2.png",
+        "status.json",
+        "config.json",
+    ]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         for n in names:
@@ -485,8 +589,10 @@ def main():
     args = parse_args()
     backend = os.environ.setdefault("KERAS_BACKEND", "jax")
     if backend != "jax":
-        raise SystemExit(f"paper_tables.py runs on JAX; KERAS_BACKEND={backend!r}. Unset it "
-                         "or set KERAS_BACKEND=jax.")  # fmt: skip
+        raise SystemExit(
+            f"paper_tables.py runs on JAX; KERAS_BACKEND={backend!r}. Unset it "
+            "or set KERAS_BACKEND=jax."
+        )
     if args.smoke:
         _smoke_environment()
     if args.worker_variants is not None:
@@ -508,8 +614,11 @@ def main():
     results, _ = collect(args)
     todo = [v for v in names if any((v, s) not in results for s in args.seed_list)]
     deadline = START + args.time_budget_s - 15.0 if args.time_budget_s else None
-    print(f"part {args.part}: {len(names)} variants x {len(args.seed_list)} seed(s); "
-          f"{len(todo)} to train; {args.procs} worker(s)", flush=True)  # fmt: skip
+    print(
+        f"part {args.part}: {len(names)} variants x {len(args.seed_list)} seed(s); "
+        f"{len(todo)} to train; {args.procs} worker(s)",
+        flush=True,
+    )
 
     # 2. Workers: each trains its share of the variants in turn (costliest first).
     todo.sort(key=lambda v: -VARIANTS[v][1])
@@ -525,8 +634,12 @@ def main():
         base = [a for a in sys.argv[1:] if not a.startswith("--worker_variants")]
         procs = []
         for share in shares:
-            cmd = [sys.executable, os.path.abspath(__file__), *base,
-                   f"--worker_variants={','.join(share)}"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                *base,
+                f"--worker_variants={','.join(share)}",
+            ]
             if deadline:
                 cmd.append(f"--deadline={deadline}")
             procs.append(subprocess.Popen(cmd, env=env))
@@ -540,8 +653,11 @@ def main():
     missing = [f"{v}:seed{s}" for v in names for s in args.seed_list if (v, s) not in results]
     complete = complete and not missing
     write_outputs(args, {"part": args.part, "complete": complete, "missing": missing})
-    print(("COMPLETE" if complete else "INCOMPLETE: run the same command again to continue")
-          + f": part {args.part}, {time.time() - START:.0f} s", flush=True)  # fmt: skip
+    print(
+        ("COMPLETE" if complete else "INCOMPLETE: run the same command again to continue")
+        + f": part {args.part}, {time.time() - START:.0f} s",
+        flush=True,
+    )
 
 
 def _jax_cache(args):
