@@ -196,7 +196,7 @@ def _onepass_moments():
         shift = ops.stop_gradient(ops.cast(self.moving_mean, inputs.dtype))
         shape = [1] * len(inputs.shape)
         shape[self.axis] = inputs.shape[self.axis]
-        d = inputs - ops.reshape(shift, shape)
+        d = ops.subtract(inputs, ops.reshape(shift, shape))
         m1 = ops.mean(d, axis=self._reduction_axes)
         m2 = ops.mean(ops.square(d), axis=self._reduction_axes)
         return m1 + shift, ops.maximum(m2 - ops.square(m1), 0.0)
@@ -205,7 +205,9 @@ def _onepass_moments():
     keras.layers.BatchNormalization._moments = _moments
 
 
-def _build_keras(model, s, smoke):
+def _build_keras(model, s, smoke, preprocessing=None):
+    """The network of `model`; keras_preact ones normalize [0, 255] input themselves when
+    `preprocessing` (a `(mean, std)` pair) is given."""
     import keras
 
     import keras_preact
@@ -215,14 +217,10 @@ def _build_keras(model, s, smoke):
     tiny = {"depth": 8, "block": "basic", "family": "cifar", "width_multiplier": 0.5}  # CPU smoke
     if model == "resnet50v2":
         return keras.applications.ResNet50V2(weights=None, **kw)
+    if preprocessing is not None:
+        kw.update(include_preprocessing=True, preprocessing=preprocessing)
     if model in ("preact50", "preact50_keras"):
-        layout = {}
-        if model == "preact50_keras" and hasattr(keras_preact, "Layout"):
-            layout = {"layout": "keras"}
-        elif model == "preact50_keras":  # the seven options, before the Layout value existed
-            from keras_preact.weights import LAYOUT_KERAS
-
-            layout = dict(LAYOUT_KERAS)
+        layout = {"layout": "keras" if model == "preact50_keras" else "paper"}
         if smoke:
             return keras_preact.PreActResNet(**tiny, **layout, **kw)
         return keras_preact.PreActResNet50(**layout, **kw)
@@ -296,17 +294,19 @@ def run_keras(model, path, s, smoke):
         _onepass_moments()
     keras.config.set_dtype_policy("mixed_bfloat16" if s["precision"] == "bf16" else "float32")
     remat = None if s["remat"] == "none" else s["remat"]
+    mean, std = [0.5] * s["channels"], [0.25] * s["channels"]
+    # The trainers' path: the model normalizes uint8 batches itself (include_preprocessing).
+    preprocessing = (mean, std) if path == "fit" else None
     t_build = time.time()
     if remat:
         with keras.RematScope(mode=remat):
-            net = _build_keras(model, s, smoke)
+            net = _build_keras(model, s, smoke, preprocessing)
     else:
-        net = _build_keras(model, s, smoke)
+        net = _build_keras(model, s, smoke, preprocessing)
     macs = jax_loop.multiply_adds(net)
     info.update(
         params=net.count_params(), build_s=round(time.time() - t_build, 1), flops_per_image=6 * macs
     )
-    mean, std = [0.5] * s["channels"], [0.25] * s["channels"]
     rng = np.random.default_rng(0)
     shape = (s["batch"], s["size"], s["size"], s["channels"])
     if path == "fit":
@@ -375,13 +375,14 @@ def _run_fit(net, s, mean, std, rng, shape, t0):
 
     from keras_preact.data import numpy_pipeline
 
-    # The device normalizes: (x / 255 - mean) / std as one Rescaling of the uint8 input
-    # (the builders' include_preprocessing=True once it exists).
-    inputs = keras.Input(shape[1:], dtype="uint8")
-    scale = [1.0 / (255.0 * v) for v in std]
-    offset = [-m / v for m, v in zip(mean, std)]
-    x = keras.layers.Rescaling(scale, offset, name="normalize")(inputs)
-    model = keras.Model(inputs, net(x))
+    model = net
+    if "preprocessing" not in [layer.name for layer in net.layers]:
+        # keras.applications models: the same normalization as one Rescaling layer.
+        inputs = keras.Input(shape[1:], dtype="uint8")
+        scale = [1.0 / (255.0 * v) for v in std]
+        offset = [-m / v for m, v in zip(mean, std)]
+        x = keras.layers.Rescaling(scale, offset, name="normalize")(inputs)
+        model = keras.Model(inputs, net(x))
     model.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -646,43 +647,41 @@ def _fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
 
+#: The peers every ResNet-50-class row is compared with, when they ran.
+R50_PEERS = ["timm_resnetv2_50:eager", "timm_resnetv2_50:compile", "resnet50v2:jit"]
+
+
 def table(results, peak_name, peak, reachable):
-    """The markdown table: one row per case, ratios to each peer of the same group."""
+    """The markdown table: one row per case, ratios to each peer, and to the same model's
+    plain jitted step (`x own jit`: the trainers' path against the jitted step)."""
     ok = {r["case"]: r for r in results if r.get("status") == "ok" and "images_per_s" in r}
-    peers = {
-        "r50": ["timm_resnetv2_50:eager", "timm_resnetv2_50:compile", "resnet50v2:jit"],
-        "cifar": [],
-        "fmnist": [],
-    }
-    lines = []
+    group_peers = [p for p in R50_PEERS if p in ok]
     head = ["case", "images/s", "first step (s)", "peak mem (GiB)"]
-    group_peers = [p for p in peers["r50"] if p in ok]
-    head += [f"x {p}" for p in group_peers]
+    head += [f"x {p}" for p in group_peers] + ["x own jit"]
     head += [
         f"MFU vs {peak_name or '?'} {_fmt(peak)} TF/s",
         f"MFU vs matmul {_fmt(reachable)} TF/s",
     ]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + " --- |" * len(head))
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         if r.get("model") == "matmul":
             continue
         if r.get("status") != "ok":
             cells = [r["case"], r.get("status", "?") + ": " + r.get("error", "")[:80]]
-            cells += [""] * (len(head) - 2)
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(cells + [""] * (len(head) - 2)) + " |")
             continue
-        rate = r["images_per_s"]
-        flops = r.get("flops_per_image")
+        rate, flops = r["images_per_s"], r.get("flops_per_image")
         cells = [
             r["case"],
             _fmt(rate),
             _fmt(r.get("first_step_s"), 1),
             _fmt(r.get("peak_memory_gib"), 1),
         ]
+        same_group = MODELS[r["model"]][4] == "r50"
         for p in group_peers:
-            same_group = MODELS[r["model"]][4] == "r50"
             cells.append(f"{rate / ok[p]['images_per_s']:.2f}" if same_group else "")
+        own = ok.get(f"{r['model']}:jit")
+        cells.append(f"{rate / own['images_per_s']:.2f}" if own and own is not r else "")
         for ceiling in (peak, reachable):
             mfu = rate * flops / (ceiling * 1e12) if (flops and ceiling) else None
             cells.append("-" if mfu is None else f"{100 * mfu:.1f} %")

@@ -189,3 +189,31 @@ def test_recipe_smoke(runs):
         dtypes = set()
         f.visititems(lambda n, o: dtypes.add(str(o.dtype)) if hasattr(o, "dtype") else None)
     assert dtypes == {export["dtype"]}
+
+
+def test_onepass_batch_statistics_match_keras():
+    """The benchmark's `bn=onepass` option computes Keras' batch mean and variance."""
+    import keras
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_throughput", os.path.join(REPO, "benchmarks", "gpu_throughput.py")
+    )
+    gpu_throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_throughput)
+
+    rng = np.random.default_rng(0)
+    x = (3.0 + 0.5 * rng.standard_normal((16, 6, 6, 4))).astype("float32")
+    layer = keras.layers.BatchNormalization()
+    layer.build(x.shape)
+    layer.moving_mean.assign(np.full(4, 2.5, "float32"))
+    xt = keras.ops.convert_to_tensor(x)
+    before = [keras.ops.convert_to_numpy(v) for v in layer._moments(xt, None)]
+    original = keras.layers.BatchNormalization._moments
+    try:
+        gpu_throughput._onepass_moments()
+        after = [keras.ops.convert_to_numpy(v) for v in layer._moments(xt, None)]
+    finally:
+        keras.layers.BatchNormalization._moments = original
+    np.testing.assert_allclose(after[0], x.mean((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(after[1], x.var((0, 1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-4)

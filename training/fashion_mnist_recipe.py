@@ -120,7 +120,7 @@ def main():
     import numpy as np
 
     import keras_preact
-    from keras_preact import convert, imagenet_utils
+    from keras_preact import convert
     from keras_preact import weights as kp_weights
     from keras_preact.data import idx
     from training import jax_loop
@@ -134,7 +134,6 @@ def main():
     (x_train, y_train), (x_test, y_test) = idx.load_fashion_mnist(args.data_dir)
     if args.smoke:
         x_train, y_train, x_test, y_test = x_train[:96], y_train[:96], x_test[:40], y_test[:40]
-    mean, std = imagenet_utils.MODES["fashion_mnist"]
     steps_per_epoch = len(x_train) // args.batch_size
     if args.smoke:
         steps_per_epoch = 3
@@ -145,6 +144,7 @@ def main():
     keras.utils.set_random_seed(args.seed)
 
     def build(weights=None):
+        # uint8 pixels in: the model's first layer normalizes them on the device.
         return keras_preact.PreActResNet(
             depth=args.depth,
             family="cifar",
@@ -153,12 +153,13 @@ def main():
             input_shape=(28, 28, 1),
             classes=10,
             classifier_activation=None,
+            include_preprocessing=True,
+            preprocessing="fashion_mnist",
             weights=weights,
             seed=args.seed,
         )
 
     model = build()
-    normalize = jax_loop.device_normalizer(mean, std)
     print(
         f"PreActResNet(depth={args.depth}, width_multiplier={args.width}): "
         f"{model.count_params():,} parameters, "
@@ -179,9 +180,8 @@ def main():
         schedule=schedule,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
-        normalize=normalize,
     )
-    eval_step = jax_loop.make_eval_step(model, normalize=normalize)
+    eval_step = jax_loop.make_eval_step(model)
 
     # 3. The number of epochs: from the checkpoint, the flag, or timed steps. The run's
     # length is an input of the compiled step, so timing it costs no second compilation.
@@ -295,7 +295,7 @@ def main():
     }
     keras.config.set_dtype_policy("float32")
     fresh = build()
-    x = imagenet_utils.preprocess_input(x_test, "fashion_mnist", data_format="channels_last")
+    x = x_test  # uint8: the model normalizes
     batch = min(500, len(x))
 
     def accuracy(path):

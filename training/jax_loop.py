@@ -206,7 +206,8 @@ def assign_state(model, state, index=None):
 def device_normalizer(mean, std):
     """`x -> (x / 255 - mean) / std` on the device for uint8 batches (None: identity).
 
-    Used until the builders normalize themselves (`include_preprocessing=True`).
+    For models without a normalization layer of their own (keras.applications models);
+    keras_preact builders normalize themselves with `include_preprocessing=True`.
     """
     if mean is None:
         return lambda x: x

@@ -290,7 +290,7 @@ def train_variants(args, names):
     import keras
 
     import keras_preact
-    from keras_preact import imagenet_utils, shortcuts
+    from keras_preact import shortcuts
     from keras_preact.data import idx
     from training import jax_loop
 
@@ -301,7 +301,6 @@ def train_variants(args, names):
     (x_train, y_train), (x_test, y_test) = idx.load_fashion_mnist(args.data_dir)
     if args.smoke:
         x_train, y_train, x_test, y_test = x_train[:96], y_train[:96], x_test[:40], y_test[:40]
-    mean, std = imagenet_utils.MODES["fashion_mnist"]
     steps_per_epoch = len(x_train) // args.batch_size
     if args.smoke:
         steps_per_epoch = 3
@@ -340,21 +339,18 @@ def train_variants(args, names):
                 input_shape=(28, 28, 1),
                 classes=10,
                 classifier_activation=None,
+                include_preprocessing=True,  # uint8 batches; the model normalizes on the device
+                preprocessing="fashion_mnist",
                 seed=seed,
             )
             optimizer = keras.optimizers.SGD(args.base_lr, momentum=0.9)
             state = jax_loop.init_state(built, optimizer, total_steps=total)
             if model is None:  # later seeds reuse the compiled step (same structure)
                 model = built
-                normalize = jax_loop.device_normalizer(mean, std)
                 step = jax_loop.make_train_step(
-                    model,
-                    optimizer,
-                    schedule=schedule,
-                    weight_decay=args.weight_decay,
-                    normalize=normalize,
+                    model, optimizer, schedule=schedule, weight_decay=args.weight_decay
                 )
-                eval_step = jax_loop.make_eval_step(model, normalize=normalize)
+                eval_step = jax_loop.make_eval_step(model)
             spec = jax_loop.RunSpec(
                 batch_size=args.batch_size,
                 epochs=args.epochs,
