@@ -101,15 +101,31 @@ OPTIONS = {
     "workers": int,
     "spe": int,
 }
+#: The issue's table, most important first: the last case gets what is left of the budget.
 DEFAULT_CASES = [
     "matmul",
+    "preact50:jit",
+    "resnet50v2:jit",
+    "preact50_keras:jit",
     "timm_resnetv2_50:eager",
     "timm_resnetv2_50:compile",
-    "preact50:jit",
-    "preact50_keras:jit",
-    "resnet50v2:jit",
     "preact50:fit",
     "preact164:jit",
+    "preact1001:jit",
+]
+#: `--preset=explore`: the options that may move PreActResNet50 and ResNet-1001 (docs/gpu.md).
+EXPLORE_CASES = [
+    "matmul",
+    "preact50:jit",
+    "preact50:jit:donate=0",
+    "preact50:jit:batch=512",
+    "preact50:jit:bn=onepass",
+    "preact50:jit:xla=lhs",
+    "preact50:fit:spe=4,workers=12",
+    "preact50:fit:input=float32,workers=12",
+    "preact110_fmnist:jit",
+    "preact110_fmnist:jit:seeds=3",
+    "wrn26_4_fmnist:jit",
     "preact1001:jit:xla=fast_compile",
 ]
 SMOKE_CASES = ["preact50:jit", "preact50_keras:fit:workers=1", "timm_resnetv2_50:eager"]
@@ -296,7 +312,7 @@ def run_keras(model, path, s, smoke):
     remat = None if s["remat"] == "none" else s["remat"]
     mean, std = [0.5] * s["channels"], [0.25] * s["channels"]
     # The trainers' path: the model normalizes uint8 batches itself (include_preprocessing).
-    preprocessing = (mean, std) if path == "fit" else None
+    preprocessing = (mean, std) if path == "fit" and s["input"] == "uint8" else None
     t_build = time.time()
     if remat:
         with keras.RematScope(mode=remat):
@@ -368,7 +384,8 @@ def run_keras(model, path, s, smoke):
 
 
 def _run_fit(net, s, mean, std, rng, shape, t0):
-    """model.fit on uint8 batches from the numpy pipeline, normalized by the model itself."""
+    """model.fit fed by the numpy pipeline: uint8 batches the model normalizes itself, or
+    (`input=float32`) batches the host normalizes, as the trainers did before."""
     import jax
     import keras
     import numpy as np
@@ -376,7 +393,8 @@ def _run_fit(net, s, mean, std, rng, shape, t0):
     from keras_preact.data import numpy_pipeline
 
     model = net
-    if "preprocessing" not in [layer.name for layer in net.layers]:
+    host_float = s["input"] == "float32"  # the old path: the host normalizes to float32
+    if not host_float and "preprocessing" not in [layer.name for layer in net.layers]:
         # keras.applications models: the same normalization as one Rescaling layer.
         inputs = keras.Input(shape[1:], dtype="uint8")
         scale = [1.0 / (255.0 * v) for v in std]
@@ -394,7 +412,7 @@ def _run_fit(net, s, mean, std, rng, shape, t0):
     batch = shape[0]
 
     class Batches(keras.utils.PyDataset):
-        """Random batches of the pool: the pipeline's pad-crop-flip, kept uint8."""
+        """Random batches of the pool: the pipeline's pad-crop-flip, uint8 (or normalized)."""
 
         def __len__(self):
             return 10**6
@@ -402,7 +420,10 @@ def _run_fit(net, s, mean, std, rng, shape, t0):
         def __getitem__(self, i):
             r = np.random.default_rng([7, i])
             idx = r.integers(0, len(pool), batch)
-            return numpy_pipeline.pad_crop_flip(pool[idx], r), labels[idx]
+            x = numpy_pipeline.pad_crop_flip(pool[idx], r)
+            if host_float:
+                x = numpy_pipeline.normalize(x, mean, std)
+            return x, labels[idx]
 
     data = Batches(workers=s["workers"], use_multiprocessing=False)
     t = time.time()
@@ -692,6 +713,9 @@ def table(results, peak_name, peak, reachable):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cases", default=None, help="comma list of cases (see above)")
+    p.add_argument(
+        "--preset", choices=["peers", "explore"], default="peers", help="the cases run by default"
+    )
     p.add_argument("--extra", default="", help="cases added to the default list; ';'-separated")
     p.add_argument("--out", default=None, help="folder for gpu_throughput.json / .md")
     p.add_argument("--xla_flags", default="", help="XLA_FLAGS added to every case")
@@ -710,11 +734,13 @@ def main():
         child(args._child, args._result, args.smoke)
         return
 
-    # 1. Cases: the defaults, or the list given; `;` separates cases whose options hold commas.
+    # 1. Cases: the preset, or the list given; `;` separates cases whose options hold commas.
     if args.cases:
         cases = _split_cases(args.cases)
+    elif args.smoke:
+        cases = list(SMOKE_CASES)
     else:
-        cases = list(SMOKE_CASES if args.smoke else DEFAULT_CASES)
+        cases = list(EXPLORE_CASES if args.preset == "explore" else DEFAULT_CASES)
     cases += _split_cases(args.extra)
     try:
         for c in cases:
@@ -741,15 +767,13 @@ def main():
         else:
             results.append(run_case(index, case, args, scratch))
         r = results[-1]
-        print(
-            f"{case}: {r['status']}"
-            + (
-                f", {r['images_per_s']:,.0f} img/s, first step {r.get('first_step_s')} s"
-                if r.get("images_per_s")
-                else f" ({r.get('error', '')[:300]})"
-            ),
-            flush=True,
-        )
+        if r.get("images_per_s"):
+            detail = f", {r['images_per_s']:,.0f} img/s, first step {r.get('first_step_s')} s"
+        elif "matmul_tflops" in r:
+            detail = f", {r['matmul_tflops']} TFLOP/s on {r.get('device')}"
+        else:
+            detail = f" ({r.get('error', '')[:300]})"
+        print(f"{case}: {r['status']}{detail}", flush=True)
         _write(json_path, args, cases, results)
 
     # 3. Report.

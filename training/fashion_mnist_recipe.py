@@ -93,9 +93,9 @@ def parse_args(argv=None):
     if args.base_lr is None:
         args.base_lr = 0.1 * args.batch_size / 128  # linear scaling from the WRN recipe
     if args.smoke:
+        # Tiny and quick; --epochs=auto still times its steps, and can only pick 2 epochs.
         args.depth, args.width, args.batch_size, args.eval_every = 8, 0.5, 16, 1
-        args.epochs = 2 if args.epochs == "auto" else args.epochs
-        args.min_epochs, args.target_s = 1, 5.0
+        args.min_epochs = args.max_epochs = 2
     return args
 
 
@@ -201,7 +201,7 @@ def main():
         stream = jax_loop.train_batches(
             x_train, y_train, args.batch_size, seeds=(args.seed,), start_step=0, augment=augment
         )
-        timed, n, warm = 0.0, 25, 5
+        timed, n, warm = 0.0, (8 if args.smoke else 25), (2 if args.smoke else 5)
         for i, (_, x, y) in enumerate(jax_loop.prefetch(stream)):
             if i == warm:  # after compilation and warm-up
                 jax.block_until_ready(state.trainable)
