@@ -520,9 +520,10 @@ def state_from_arrays(arrays, like, *, fresh=()):
 def save_checkpoint(directory, arrays, meta, *, keep=2, max_file_bytes=MAX_FILE_BYTES):
     """Writes one checkpoint atomically as `directory/ckpt-<step>/` in files <= 16 MiB.
 
-    Arrays are packed into `.npy`-per-piece shard files (`shard-000.npz` ...), splitting any
-    array larger than `max_file_bytes`; `manifest.json` lists every piece with the shard's
-    SHA-256, and is written last. Then `directory/latest.json` points at the new checkpoint
+    Arrays are packed into shard files named by their group (`shard-000-trainable.npz`,
+    ..., `shard-004-optimizer.npz`), splitting any array larger than `max_file_bytes`; no
+    file mixes groups, so the weights can travel without the optimizer slots.
+    `manifest.json` lists every piece with its file's SHA-256, and is written last. Then `directory/latest.json` points at the new checkpoint
     (atomic rename), and only then are older ones beyond `keep` removed: a crash at any
     moment leaves the previous complete checkpoint loadable.
 
@@ -539,7 +540,7 @@ def save_checkpoint(directory, arrays, meta, *, keep=2, max_file_bytes=MAX_FILE_
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     budget = max_file_bytes - 64 * 1024  # room for the npz headers
-    shards, current, size = [], {}, 0
+    shards, groups, current, size = [], [], {}, 0
     pieces = []
     for key, a in arrays.items():
         a = np.asarray(a, order="C")  # (np.ascontiguousarray would make scalars 1-d)
@@ -555,6 +556,7 @@ def save_checkpoint(directory, arrays, meta, *, keep=2, max_file_bytes=MAX_FILE_
         new_group = key.split("/")[0]
         if current and (size + piece.nbytes > budget or new_group != group):
             shards.append(current)
+            groups.append(group)
             current, size = {}, 0
         group = new_group
         current[pkey] = piece
@@ -570,9 +572,10 @@ def save_checkpoint(directory, arrays, meta, *, keep=2, max_file_bytes=MAX_FILE_
         )
     if current or not shards:
         shards.append(current)
+        groups.append(group or "empty")
     files = []
-    for i, shard in enumerate(shards):
-        path = os.path.join(tmp, f"shard-{i:03d}.npz")
+    for i, (shard, group) in enumerate(zip(shards, groups)):
+        path = os.path.join(tmp, f"shard-{i:03d}-{group}.npz")
         with open(path, "wb") as f:
             np.savez(f, **{k.replace("/", "|"): v for k, v in shard.items()})
             f.flush()
@@ -885,8 +888,6 @@ def fit(
                 f"{test} ({last_epoch_s:.1f} s)",
                 flush=True,
             )
-    if status == "stopped":
-        checkpoint("running")
     return {
         "status": status,
         "state": state,
