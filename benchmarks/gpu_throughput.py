@@ -110,6 +110,8 @@ DEFAULT_CASES = [
     "timm_resnetv2_50:eager",
     "timm_resnetv2_50:compile",
     "preact50:fit",
+    "resnet50v2:fit",
+    "preact50_keras:fit",
     "preact164:jit",
     "preact1001:jit",
 ]

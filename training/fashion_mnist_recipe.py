@@ -12,16 +12,18 @@ bf16 compute. docs/gpu.md gives the reasons and the time estimate.
         --data_dir=/usr/share/datasets/fashion-mnist --model_dir=runs/fmnist_wrn --out=$OUT
 
 `--epochs=auto` (the default) times 20 steps after compiling and picks the number of epochs
-that fills `--target_s` seconds of training (between `--min_epochs` and `--max_epochs`); the
-choice is printed and recorded, and `--epochs=N` repeats it exactly. Every epoch ends with an
+that fills the rest of `--time_budget_s` less 60 s for the final evaluation and export (or
+`--target_s` seconds of training, for a run planned over several calls), between
+`--min_epochs` and `--max_epochs`; the choice is printed and recorded, and `--epochs=N`
+repeats it exactly. Every epoch ends with an
 atomic checkpoint in files of at most 16 MiB, and `--time_budget_s` stops cleanly before the
 command limit: the same command continues the run, also on another machine when the
 checkpoint folder is copied over (from its weights files alone, if need be: momentum then
 restarts at zero).
 
-At the end it measures top-1 on all 10,000 test images with the float32 weights, with flip
-test-time augmentation, and with the exported float16 file reloaded through
-`keras_preact` (`weights=<file>`), and writes to `--model_dir` (and `--out`):
+At the end it measures top-1 on all 10,000 test images, single view and with flip
+test-time augmentation, for the weights stored in float32 and in float16 and read back
+through `keras_preact.convert.read_tensors` into a float32 model, and writes to `--model_dir` (and `--out`):
 `fashion_mnist_wrn.h5` (the export, this package's by-layer-name format), `recipe.json`
 (accuracies, epochs, timings, file hash), `log.csv`, `curves.png`. `--smoke` trains a
 tiny network for a few steps on CPU (CI).
@@ -29,6 +31,7 @@ tiny network for a few steps on CPU (CI).
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -38,6 +41,8 @@ START = time.time()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EXPORT_NAME = "fashion_mnist_wrn.h5"
+#: Seconds kept at the end of a call for the final evaluations, the export and their checks.
+FINAL_RESERVE_S = 60.0
 MAX_EXPORT_BYTES = 16 * 2**20
 
 
@@ -48,12 +53,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also copy the outputs here (e.g. $OUT)")
     p.add_argument("--depth", type=int, default=26, help="CIFAR-family depth, 6n+2")
     p.add_argument("--width", type=float, default=4.0, help="width_multiplier")
-    p.add_argument("--epochs", default="auto", help="an integer, or auto (fill --target_s)")
+    p.add_argument("--epochs", default="auto", help="an integer, or auto (fill the call)")
     p.add_argument(
         "--target_s",
         type=float,
-        default=400.0,
-        help="with --epochs=auto: seconds of training to fill",
+        default=None,
+        help="with --epochs=auto: seconds of training to fill (default: what is left of "
+        "--time_budget_s after compiling, less 60 s for the final evaluation and export)",
     )
     p.add_argument("--min_epochs", type=int, default=30)
     p.add_argument("--max_epochs", type=int, default=300)
@@ -96,6 +102,7 @@ def parse_args(argv=None):
         # Tiny and quick; --epochs=auto still times its steps, and can only pick 2 epochs.
         args.depth, args.width, args.batch_size, args.eval_every = 8, 0.5, 16, 1
         args.min_epochs = args.max_epochs = 2
+        args.target_s = args.target_s or 5.0
     return args
 
 
@@ -143,7 +150,7 @@ def main():
     keras.config.set_dtype_policy("mixed_bfloat16" if args.precision == "bf16" else "float32")
     keras.utils.set_random_seed(args.seed)
 
-    def build(weights=None):
+    def build():
         # uint8 pixels in: the model's first layer normalizes them on the device.
         return keras_preact.PreActResNet(
             depth=args.depth,
@@ -155,7 +162,6 @@ def main():
             classifier_activation=None,
             include_preprocessing=True,
             preprocessing="fashion_mnist",
-            weights=weights,
             seed=args.seed,
         )
 
@@ -215,10 +221,14 @@ def main():
         # step's cost per image.
         eval_s = timed * len(x_test) / args.batch_size / 3.0 / args.eval_every
         per_epoch = timed * steps_per_epoch + eval_s
-        epochs = int(min(args.max_epochs, max(args.min_epochs, args.target_s // per_epoch)))
+        # Fill this call (or --target_s seconds, for a run planned over several calls).
+        target = args.target_s or max(guard.remaining() - FINAL_RESERVE_S, 0.0)
+        if not math.isfinite(target):
+            raise SystemExit("--epochs=auto needs --target_s or a --time_budget_s.")
+        epochs = int(min(args.max_epochs, max(args.min_epochs, target // per_epoch)))
         print(
             f"auto epochs: {1000 * timed:.1f} ms/step, about {per_epoch:.1f} s/epoch with "
-            f"evaluation -> {epochs} epochs for --target_s={args.target_s:.0f}",
+            f"evaluation -> {epochs} epochs to fill {target:.0f} s of training",
             flush=True,
         )
         del state
