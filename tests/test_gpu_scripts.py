@@ -74,7 +74,7 @@ def runs(tmp_path_factory):
             "training/paper_tables.py",
             "--smoke",
             "--part=all",
-            "--procs=1",
+            "--procs=2",
             f"--data_dir={data}",
             f"--model_dir={root / 'tables'}",
             f"--out={root / 'tables_out'}",
