@@ -191,15 +191,49 @@ def test_recipe_smoke(runs):
     assert dtypes == {export["dtype"]}
 
 
+def _throughput_module():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_throughput", os.path.join(REPO, "benchmarks", "gpu_throughput.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_cases_parse_and_bad_ones_are_named():
+    gt = _throughput_module()
+    for case in gt.DEFAULT_CASES + gt.EXPLORE_CASES + gt.SMOKE_CASES:
+        gt.parse_case(case)
+    model, path, options = gt.parse_case("preact50:jit:batch=512,bn=onepass,xla=fast_compile")
+    assert (model, path, options) == (
+        "preact50",
+        "jit",
+        {"batch": 512, "bn": "onepass", "xla": "fast_compile"},
+    )
+    assert gt._split_cases("preact50:jit:batch=512,donate=0,resnet50v2:fit") == [
+        "preact50:jit:batch=512,donate=0",
+        "resnet50v2:fit",
+    ]
+    for bad, match in (
+        ("resnet152:jit", "Unknown model 'resnet152'"),
+        ("preact50:eager", "timm runs 'eager' or 'compile'"),
+        ("preact50:jit:batchsize=2", "Unknown option 'batchsize'"),
+        ("preact50:jit:xla=fastest", "Unknown xla='fastest'"),
+        ("preact50:jit:bn=fused", "bn='fused'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            gt.parse_case(bad)
+    assert gt.peak_tflops("NVIDIA H100 80GB HBM3") == ("H100", 989.4)
+    assert gt.peak_tflops("NVIDIA H100 PCIe") == ("H100 PCIe", 756.0)
+    assert gt.peak_tflops("NVIDIA H200") == ("H200", 989.4)
+    assert gt.peak_tflops("cpu") == (None, None)
+
+
 def test_onepass_batch_statistics_match_keras():
     """The benchmark's `bn=onepass` option computes Keras' batch mean and variance."""
     import keras
 
-    spec = importlib.util.spec_from_file_location(
-        "gpu_throughput", os.path.join(REPO, "benchmarks", "gpu_throughput.py")
-    )
-    gpu_throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_throughput)
+    gpu_throughput = _throughput_module()
 
     rng = np.random.default_rng(0)
     x = (3.0 + 0.5 * rng.standard_normal((16, 6, 6, 4))).astype("float32")

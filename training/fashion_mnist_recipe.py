@@ -205,7 +205,7 @@ def main():
     elif epochs == "auto":
         state = jax_loop.init_state(model, optimizer, total_steps=args.max_epochs * steps_per_epoch)
         stream = jax_loop.train_batches(
-            x_train, y_train, args.batch_size, seeds=(args.seed,), start_step=0, augment=augment
+            x_train, y_train, args.batch_size, seed=args.seed, start_step=0, augment=augment
         )
         timed, n, warm = 0.0, (8 if args.smoke else 25), (2 if args.smoke else 5)
         for i, (_, x, y) in enumerate(jax_loop.prefetch(stream)):

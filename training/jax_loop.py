@@ -282,36 +282,28 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(model, *, normalize=None, seeds=1, flip=False):
+def make_eval_step(model, *, normalize=None):
     """A jitted `step(state, images, labels, valid) -> (loss_sum, correct)` on a padded batch.
 
     `valid` masks the padding of the last batch, so every batch has one shape (one
-    compilation). With `flip`, logits are averaged with those of the mirrored images
-    (test-time augmentation). With `seeds > 1` the state is stacked and the batch shared.
+    compilation).
     """
     normalize = normalize or (lambda x: x)
 
     def step(state, images, labels, valid):
-        x = normalize(images)
-        logits, _ = model.stateless_call(state.trainable, state.non_trainable, x, training=False)
+        logits, _ = model.stateless_call(
+            state.trainable, state.non_trainable, normalize(images), training=False
+        )
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        if flip:
-            flipped, _ = model.stateless_call(
-                state.trainable, state.non_trainable, x[:, :, ::-1, :], training=False
-            )
-            probs = 0.5 * (jnp.exp(logp) + jax.nn.softmax(flipped.astype(jnp.float32), -1))
-            logp = jnp.log(jnp.maximum(probs, 1e-30))
         nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), -1)[:, 0]
         correct = (jnp.argmax(logp, -1) == labels) & valid
         return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(correct)
 
-    if seeds > 1:
-        step = jax.vmap(step, in_axes=(0, None, None, None))
     return jax.jit(step)
 
 
 def evaluate(eval_step, state, images, labels, batch_size):
-    """Mean loss and error rate (float, or per-seed arrays) over a whole uint8 test set."""
+    """Mean loss and error rate over a whole uint8 test set."""
     n = len(images)
     loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
@@ -382,23 +374,12 @@ def _permutation(n, seed, data_pass):
     return _PERMUTATIONS[key]
 
 
-def train_batches(images, labels, batch_size, *, seeds, start_step, augment):
-    """Yields `(step, images, labels)` from `start_step` on; uint8 images, int32 labels.
-
-    `seeds` is a sequence of data seeds: one stream per seed, stacked on a leading axis
-    when there are several (`(len(seeds), B, H, W, C)`).
-    """
+def train_batches(images, labels, batch_size, *, seed, start_step, augment):
+    """Yields `(step, images, labels)` from `start_step` on; uint8 images, int32 labels."""
     step = start_step
     while True:
-        xs, ys = [], []
-        for seed in seeds:
-            idx = batch_indices(len(images), batch_size, seed, step)
-            xs.append(augment(images[idx], seed, step))
-            ys.append(labels[idx].astype(np.int32))
-        if len(seeds) == 1:
-            yield step, xs[0], ys[0]
-        else:
-            yield step, np.stack(xs), np.stack(ys)
+        idx = batch_indices(len(images), batch_size, seed, step)
+        yield step, augment(images[idx], seed, step), labels[idx].astype(np.int32)
         step += 1
 
 
@@ -818,7 +799,7 @@ def fit(
             x_train,
             y_train,
             spec.batch_size,
-            seeds=(spec.seed,),
+            seed=spec.seed,
             start_step=start_step,
             augment=augment,
         )
