@@ -42,8 +42,10 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 START = time.time()
@@ -751,8 +753,8 @@ def main():
         p.error(str(e))
     out_dir = args.out or os.path.join(REPO, "runs", "gpu_throughput")
     os.makedirs(out_dir, exist_ok=True)
-    scratch = os.path.join(out_dir, "cases")
-    os.makedirs(scratch, exist_ok=True)
+    # Each case's own result file, outside --out (which may take only a few files).
+    scratch = tempfile.mkdtemp(prefix="gpu_throughput_")
 
     # 2. Each case in its own process; the JSON is rewritten after every case.
     results = []
@@ -806,6 +808,7 @@ def main():
     with open(os.path.join(out_dir, "gpu_throughput.md"), "w") as f:
         f.write(header + md + "\n")
     print("\n" + header + md, flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _split_cases(text):

@@ -134,6 +134,7 @@ def test_throughput_smoke(runs):
     assert fit["host_pipeline_images_per_s_per_thread"] > 0
     timm = next(r for r in doc["results"] if r["model"] == "timm_resnetv2_50")
     assert timm["status"] in ("ok", "skipped"), timm
+    assert sorted(os.listdir(root / "tp")) == ["gpu_throughput.json", "gpu_throughput.md"]
     table = (root / "tp" / "gpu_throughput.md").read_text()
     assert "| case | images/s | first step (s) | peak mem (GiB) |" in table
     assert "| preact50:jit |" in table
@@ -162,6 +163,7 @@ def test_paper_tables_smoke(runs):
         _png(out / name)
     md = (out / "paper_tables.md").read_text()
     assert "| dropout 0.5 | fail |" in md and "| full pre-activation (4e) | 6.37 |" in md
+    assert len(os.listdir(out)) <= 8  # what one call of the GPU machine can bring back
     status = json.loads((out / "status.json").read_text())
     assert status["complete"] is True and status["results"] == len(rows)
 
@@ -182,6 +184,12 @@ def test_recipe_smoke(runs):
         log = list(csv.DictReader(f))
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == ["1", "2"]
     _png(out / "curves.png")
+    assert sorted(os.listdir(out)) == [
+        "curves.png",
+        "fashion_mnist_wrn.h5",
+        "log.csv",
+        "recipe.json",
+    ]
     # The export loads through the package and holds float16 or float32 tensors.
     import h5py
 
