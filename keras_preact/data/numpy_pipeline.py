@@ -97,7 +97,7 @@ def random_erasing(
         raise ValueError(f"area={area!r} must be (min, max) with 0 < min <= max <= 1.")
     if not (0.0 < aspect[0] <= aspect[1]):
         raise ValueError(f"aspect={aspect!r} must be (min, max) with 0 < min <= max.")
-    images = np.array(images, copy=True)
+    images = np.asarray(images)
     n, h, w = images.shape[:3]
     erase = rng.random(n) < probability
     top = np.zeros(n, np.int64)
@@ -123,8 +123,10 @@ def random_erasing(
         (cols >= left[:, None]) & (cols < (left + ew)[:, None])
     )[:, None, :]
     inside &= (erase & (eh > 0))[:, None, None]
-    if np.issubdtype(images.dtype, np.integer):
-        noise = rng.integers(0, 256, images.shape, dtype=np.int64).astype(images.dtype)
+    if images.dtype == np.uint8:
+        noise = rng.integers(0, 256, images.shape, dtype=np.uint8)
+    elif np.issubdtype(images.dtype, np.integer):
+        noise = rng.integers(0, 256, images.shape).astype(images.dtype)
     else:
         noise = rng.random(images.shape, dtype=np.float32).astype(images.dtype)
     return np.where(inside[..., None], noise, images)
