@@ -11,7 +11,7 @@ import os
 
 from keras_preact.convert import keras_h5, timm, torch7
 
-#: format name -> (reader module, the layout options of the networks it holds, unit label)
+#: format name -> the module whose `read(path)` returns the neutral form.
 FORMATS = {
     "keras_h5": keras_h5,
     "keras_preact_h5": keras_h5,  # our own by-name files: same layout, tagged, any layout
@@ -35,7 +35,14 @@ def detect_format(path):
     if head == b"\x89HDF\r\n\x1a\n":
         import h5py
 
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise ValueError(
+                f"Cannot open the weights file {path!r} as HDF5 ({e}): it is truncated or "
+                "corrupt. Re-export or re-download it."
+            ) from e
+        with f:
             if "keras_preact" in f.attrs:
                 return "keras_preact_h5"
             if "layer_names" in f.attrs or "model_weights" in f:
@@ -63,10 +70,12 @@ def read_tensors(path, fmt=None):
     return FORMATS[fmt].read(os.fspath(path))
 
 
-def write_tensors(path, tensors):
+def write_tensors(path, tensors, dtype="float32"):
     """Writes the neutral form as a by-layer-name HDF5 file, atomically (tmp + os.replace).
 
     The file has the Keras 2 weights layout (`layer_names`, `weight_names`), so
     `keras_h5.read` reads it back and Keras' own legacy loader accepts it too.
+    `dtype="float16"` stores every tensor in half precision (half the size; read back as
+    float32); it raises if a tensor does not fit float16's range.
     """
-    keras_h5.write(os.fspath(path), tensors)
+    keras_h5.write(os.fspath(path), tensors, dtype=dtype)
