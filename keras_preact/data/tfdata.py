@@ -416,8 +416,8 @@ def _readable_run(path, offset):
     return records, span
 
 
-# A function call that is not inlined: the recovery graph is not part of the
-# per-record function, which then runs faster. Variables are arguments, so one
+# A call of a function that is not inlined: the recovery graph stays out of the
+# scan's function, which then runs faster. The variable is an argument, so one
 # trace serves every counter.
 @functools.partial(tf.function, autograph=False, experimental_attributes={"_noinline": True})
 def _recover(path, offset, corrupt):
