@@ -209,7 +209,7 @@ def build_model(cfg, plan, input_shape, classes):
     return model
 
 
-def imagenet_batches(source, raw):
+def imagenet_batches(source, raw, num_classes):
     """Batches of the evaluation protocol: [0, 255] pixels if `raw`, else normalized with
     ImageNet's statistics."""
     import tensorflow as tf
@@ -230,10 +230,17 @@ def imagenet_batches(source, raw):
             label_offset=FLAGS.label_offset,
             counter=counter,
             normalize=not raw,
+            num_classes=num_classes,
         )
     else:
-        records = tfdata._encoded_records(
-            source, FLAGS.split, FLAGS.data_dir, False, None, 0, True, FLAGS.label_offset, 16
+        records = tfdata.encoded_records(
+            source=source,
+            split=FLAGS.split,
+            data_dir=FLAGS.data_dir,
+            deterministic=True,
+            label_offset=FLAGS.label_offset,
+            num_classes=num_classes,
+            counter=counter,
         )
 
         def crops(image_bytes):
@@ -268,9 +275,9 @@ def main(argv):
     raw = what.normalization is not None
     source = _source(cfg.values)
     if cfg.dataset == "imagenet":
-        batches, counter = imagenet_batches(source, raw)
-        shape = (cfg.eval_size, cfg.eval_size, 3)
         classes = cfg.num_classes or what.classes or 1000
+        batches, counter = imagenet_batches(source, raw, classes)
+        shape = (cfg.eval_size, cfg.eval_size, 3)
     else:
         batches, shape = memory_batches(source, raw)
         counter = None

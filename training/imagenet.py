@@ -176,6 +176,7 @@ def main(argv):
         batch_size=cfg.batch_size,
         normalize=False,
         label_offset=cfg.label_offset,
+        num_classes=cfg.num_classes,  # other labels are skipped and counted
     )
 
     def on_host(ds):
