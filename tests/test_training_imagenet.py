@@ -88,6 +88,7 @@ def test_imagenet_trainer_then_evaluate(shards, tmp_path):
     )
     assert summary["steps"] == 4
     assert summary["skipped_images"] == 0  # every training image decodes
+    assert set(summary["skipped_by_cause"].values()) == {0}
     config = json.loads((model_dir / "config.json").read_text())
     assert config["base_lr"] == pytest.approx(0.1 * 4 / 256)  # linear scaling rule
     assert config["origins"]["base_lr"] == "derived"

@@ -274,6 +274,7 @@ def main(argv):
         eval_size=cfg.eval_size,
         eval_resize=cfg.eval_resize,
         skipped_images=counter.skipped(),
+        skipped_by_cause={k: v for k, v in counter.counts().items() if k != "delivered"},
     )
 
 
