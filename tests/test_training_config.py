@@ -439,3 +439,65 @@ def test_label_smoothing_under_fit(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert summary["steps"] == 2 and cfg["label_smoothing"] == 0.2
+
+
+def test_fine_tuning_loads_every_layer_but_the_classifier():
+    """`--weights` with another number of classes: the record's layers, a new classifier;
+    the run derives the record's layout and input normalization."""
+    import keras_preact
+    from training import modeling
+
+    record = keras_preact.get_model("PreActResNet20", weights="fashion_mnist")
+    tuned = modeling.build_base(
+        {}, model="PreActResNet20", input_shape=(28, 28, 1), classes=3, weights="fashion_mnist"
+    )
+    assert tuned.get_layer("predictions").units == 3
+    for layer in record.layers:
+        if layer.weights and layer.name != "predictions":
+            for a, b in zip(layer.get_weights(), tuned.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(a, b)
+    derived = modeling.resolved_options(
+        {"weights": "fashion_mnist"}, model="PreActResNet20", mean=[0.5], std=[0.5]
+    )
+    assert derived["layout"] == "paper"
+    np.testing.assert_allclose(derived["mean"], [0.2860406])  # the record's, not the data's
+    np.testing.assert_allclose(derived["std"], [0.35302424])
+    plain = modeling.resolved_options({}, model="PreActResNet20", mean=[0.5], std=[0.25])
+    assert plain == {"layout": "paper", "mean": [0.5], "std": [0.25]}
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_the_command_line(tmp_path):
+    """cifar.py --weights=fashion_mnist starts from the shipped record's weights."""
+    import keras_preact
+    from keras_preact.data import idx
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for prefix, n in (("train", 64), ("t10k", 16)):
+        idx.write_idx(
+            data / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+        )
+        idx.write_idx(
+            data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8)
+        )
+    model_dir = tmp_path / "run"
+    cmd = _cifar(data, model_dir, "--weights=fashion_mnist", "--epochs=1", "--steps_per_epoch=1")
+    cmd[2] = "--dataset=fashion_mnist"
+    _run(cmd + ["--base_lr=1e-9", "--lr_schedule=constant"])
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["weights"] == "fashion_mnist" and cfg["origins"]["layout"] == "derived"
+    np.testing.assert_allclose(cfg["mean"], [0.2860406])
+    record = keras_preact.get_model("PreActResNet20", weights="fashion_mnist")
+    tuned = keras_preact.get_model("PreActResNet20", input_shape=(28, 28, 1), classes=10)
+    tuned.load_weights(model_dir / "final.weights.h5")
+    kernels = [layer.name for layer in record.layers if layer.name.endswith("_conv")]
+    assert len(kernels) > 10
+    for name in kernels:  # one step at lr 1e-9 leaves the kernels where they started
+        np.testing.assert_allclose(
+            tuned.get_layer(name).get_weights()[0],
+            record.get_layer(name).get_weights()[0],
+            atol=1e-6,
+        )
