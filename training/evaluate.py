@@ -209,7 +209,7 @@ def build_model(cfg, plan, input_shape, classes):
     return model
 
 
-def imagenet_batches(source, raw, num_classes):
+def imagenet_batches(cfg, source, raw, num_classes):
     """Batches of the evaluation protocol: [0, 255] pixels if `raw`, else normalized with
     ImageNet's statistics."""
     import tensorflow as tf
@@ -218,16 +218,16 @@ def imagenet_batches(source, raw, num_classes):
     from keras_preact.data import tfdata
 
     counter = tfdata.SkipCounter()
-    if not FLAGS.ten_crop:
+    if not cfg.ten_crop:
         ds = tfdata.imagenet_dataset(
             source=source,
-            split=FLAGS.split,
-            data_dir=FLAGS.data_dir,
-            batch_size=FLAGS.batch_size,
+            split=cfg.split,
+            data_dir=cfg.data_dir,
+            batch_size=cfg.batch_size,
             training=False,
-            image_size=FLAGS.eval_size,
-            eval_resize=FLAGS.eval_resize,
-            label_offset=FLAGS.label_offset,
+            image_size=cfg.eval_size,
+            eval_resize=cfg.eval_resize,
+            label_offset=cfg.label_offset,
             counter=counter,
             normalize=not raw,
             num_classes=num_classes,
@@ -235,32 +235,32 @@ def imagenet_batches(source, raw, num_classes):
     else:
         records = tfdata.encoded_records(
             source=source,
-            split=FLAGS.split,
-            data_dir=FLAGS.data_dir,
+            split=cfg.split,
+            data_dir=cfg.data_dir,
             deterministic=True,
-            label_offset=FLAGS.label_offset,
+            label_offset=cfg.label_offset,
             num_classes=num_classes,
             counter=counter,
         )
 
         def crops(image_bytes):
-            images = ipp.ten_crop(image_bytes, resize=FLAGS.eval_resize, crop=FLAGS.eval_size)
+            images = ipp.ten_crop(image_bytes, resize=cfg.eval_resize, crop=cfg.eval_size)
             return tf.cast(tf.round(images), tf.uint8) if raw else ipp.normalize(images)
 
         ds = records.map(counter.wrap(crops), num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.ignore_errors().batch(FLAGS.batch_size).prefetch(tf.data.AUTOTUNE)
+        ds = ds.ignore_errors().batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator(), counter
 
 
-def memory_batches(source, raw):
+def memory_batches(cfg, source, raw):
     """Test-set batches: uint8 pixels if `raw`, else normalized with the training set's
     statistics (what the trainer computes)."""
     from keras_preact.data import numpy_pipeline
 
-    (x, _), (xt, yt) = sources.load_arrays(FLAGS.dataset, source, FLAGS.data_dir)
+    (x, _), (xt, yt) = sources.load_arrays(cfg.dataset, source, cfg.data_dir)
     mean, std = numpy_pipeline.channel_stats(x)
     ds = numpy_pipeline.ArrayDataset(
-        xt, yt, FLAGS.batch_size, mean, std, training=False, normalize=not raw
+        xt, yt, cfg.batch_size, mean, std, training=False, normalize=not raw
     )
     return (ds[i] for i in range(len(ds))), xt.shape[1:]
 
@@ -276,10 +276,10 @@ def main(argv):
     source = _source(cfg.values)
     if cfg.dataset == "imagenet":
         classes = cfg.num_classes or what.classes or 1000
-        batches, counter = imagenet_batches(source, raw, classes)
+        batches, counter = imagenet_batches(cfg, source, raw, classes)
         shape = (cfg.eval_size, cfg.eval_size, 3)
     else:
-        batches, shape = memory_batches(source, raw)
+        batches, shape = memory_batches(cfg, source, raw)
         counter = None
         classes = cfg.num_classes or what.classes or sources.MEMORY_DATASETS[cfg.dataset]
     model = build_model(cfg, what, shape, classes)
