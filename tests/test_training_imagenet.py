@@ -87,8 +87,10 @@ def test_imagenet_trainer_then_evaluate(shards, tmp_path):
         "--weight_decay=0",  # the eval loss is then the cross-entropy alone
     )
     assert summary["steps"] == 4
-    assert summary["skipped_images"] == 0  # every training image decodes
-    assert set(summary["skipped_by_cause"].values()) == {0}
+    assert summary["train_skipped_images"] == 0  # every training image decodes
+    assert set(summary["train_skipped_by_cause"].values()) == {0}
+    # The final evaluation scored the 2 images asked for, and counted its own skips apart.
+    assert summary["eval_images_scored"] == 2
     config = json.loads((model_dir / "config.json").read_text())
     assert config["base_lr"] == pytest.approx(0.1 * 4 / 256)  # linear scaling rule
     assert config["origins"]["base_lr"] == "derived"
@@ -122,6 +124,7 @@ def test_imagenet_trainer_then_evaluate(shards, tmp_path):
     for name in ("224", "320", "ten"):
         # Five photos decode; the broken record is skipped and counted.
         assert results[name]["examples"] == 5 and results[name]["skipped_images"] == 1
+        assert results[name]["skipped_by_cause"]["undecodable"] == 1
     assert results["320"]["eval_size"] == 320 and results["ten"]["ten_crop"]
     # The protocols see different pixels, so their losses differ.
     assert len({round(results[n]["loss"], 6) for n in ("224", "320", "ten")}) == 3
@@ -144,4 +147,10 @@ def test_imagenet_custom_loop_with_label_smoothing(shards, tmp_path):
         "--steps_per_epoch=2",
     )
     assert summary["steps"] == 2 and summary["loop"] == "custom"
-    assert np.isfinite(summary["eval_loss"]) and summary["skipped_images"] == 0
+    assert np.isfinite(summary["eval_loss"]) and summary["train_skipped_images"] == 0
+    # The whole validation shard: five photos scored, the broken one skipped and named, once
+    # (the per-epoch evaluation met it too; the final pass counts afresh).
+    assert summary["eval_images_scored"] == 5
+    assert summary["eval_skipped_by_cause"] == {
+        "corrupt_record": 0, "unparsable": 0, "bad_label": 0, "undecodable": 1
+    }

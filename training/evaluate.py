@@ -319,6 +319,9 @@ def main(argv):
         "eval_size": cfg.eval_size,
         "ten_crop": cfg.ten_crop,
         "skipped_images": counter.skipped() if counter else 0,
+        "skipped_by_cause": (
+            {c: n for c, n in counter.counts().items() if c != "delivered"} if counter else {}
+        ),
         "wall_time_s": round(time.time() - start, 1),
         "backend": keras.backend.backend(),
     }

@@ -169,7 +169,11 @@ def main(argv):
 
     from keras_preact.data import tfdata
 
-    counter = tfdata.SkipCounter()
+    # Counted apart: the training pipeline meets a bad record once per epoch; the final
+    # evaluation's counts are taken from one pass (reset before it).
+    counter, eval_counter = tfdata.SkipCounter(), tfdata.SkipCounter()
+    with tf.device("/CPU:0"):  # a host variable, like the counters'
+        scored = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_images_scored")
     both = dict(  # the same records, batches and labels for training and eval
         source=cfg.source,
         data_dir=cfg.data_dir,
@@ -214,13 +218,19 @@ def main(argv):
             input_context=input_context,
             image_size=cfg.eval_size,
             eval_resize=cfg.eval_resize,
+            counter=eval_counter,
             **both,
         )
         if cfg.num_eval_examples:
             pipelines = input_context.num_input_pipelines if input_context else 1
             batch = tfdata.per_replica_batch(cfg.batch_size, input_context)
             ds = ds.unbatch().take(cfg.num_eval_examples // pipelines).batch(batch)
-        return on_host(ds)
+
+        def count(x, y):  # the images the evaluation sees, after any --num_eval_examples cut
+            with tf.control_dependencies([scored.assign_add(tf.cast(tf.shape(y)[0], tf.int64))]):
+                return tf.identity(x), tf.identity(y)
+
+        return on_host(ds.map(count))
 
     distributed = run.strategy is not None and (run.replicas > 1 or run.loop == "custom")
     if distributed:
@@ -258,8 +268,11 @@ def main(argv):
         initial_epoch=initial_epoch,
     )
 
-    # 7. Final evaluation, and the run's summary.
+    # 7. Final evaluation (one counted pass), and the run's summary.
+    eval_counter.reset()
+    scored.assign(0)
     final = loops.evaluate(cfg, run, built, eval_data_fn)
+    evaluated = eval_counter.counts()
     loops.finish(
         cfg,
         run,
@@ -273,8 +286,10 @@ def main(argv):
         eval_loss=float(final["loss"]),
         eval_size=cfg.eval_size,
         eval_resize=cfg.eval_resize,
-        skipped_images=counter.skipped(),
-        skipped_by_cause={k: v for k, v in counter.counts().items() if k != "delivered"},
+        eval_images_scored=int(scored.numpy()),
+        eval_skipped_by_cause={c: evaluated[c] for c in tfdata.SKIP_CAUSES},
+        train_skipped_images=counter.skipped(),
+        train_skipped_by_cause={c: n for c, n in counter.counts().items() if c in tfdata.SKIP_CAUSES},
     )
 
 
