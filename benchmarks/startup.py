@@ -217,7 +217,13 @@ def _measure(backend, model, scan, args):
             else:
                 result.update(row)
     if proc.returncode not in (0, None) and "timed_out" not in result:
-        result["error"] = err.strip().splitlines()[-1] if err.strip() else f"rc {proc.returncode}"
+        # The last lines that are not absl/TF start-up chatter.
+        tail = [
+            ln
+            for ln in err.splitlines()
+            if ln.strip() and not ln.startswith(("I0000", "W0000", "WARNING: All"))
+        ]
+        result["error"] = f"exit status {proc.returncode}: " + " | ".join(tail[-3:])
     if "timed_out" in result:
         # How long the phase that was running had run: since the last one ended.
         result["unfinished_after_s"] = round(killed_at - last, 1) if last else args.timeout

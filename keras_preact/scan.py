@@ -108,7 +108,11 @@ def _stacked_initializer(layer, variable, count):
     init = keras.initializers.get(init)
 
     def initializer(shape, dtype=None):
-        return ops.stack([init(tuple(shape[1:]), dtype=dtype) for _ in range(count)])
+        # One copy per unit: an unseeded Keras initializer fixes its seed when created and
+        # repeats its values, while each written-out layer has its own (a seeded one keeps
+        # its seed in the copy, as written-out layers sharing it would).
+        copies = [type(init).from_config(init.get_config()) for _ in range(count)]
+        return ops.stack([c(tuple(shape[1:]), dtype=dtype) for c in copies])
 
     return initializer
 
