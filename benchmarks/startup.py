@@ -33,6 +33,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,6 +192,17 @@ def _child_torch(args):
 # Parent: one fresh process per measurement, a table and a JSON file.
 
 
+def _rss_gb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1e6  # kB
+    except OSError:
+        pass
+    return 0.0
+
+
 def _measure(backend, model, scan, args):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -199,14 +211,27 @@ def _measure(backend, model, scan, args):
     cmd += ["--tf_jit", str(args.tf_jit)] + (["--scan_child"] if scan else [])
     cmd += ["--cache", args.cache] if args.cache else []
     result = {"backend": backend, "model": f"PreActResNet{model}", "scan_units": scan}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        killed_at = time.time()
-        result["timed_out"] = args.timeout
+    # The child writes to files, polled with its memory: an XLA compile of a deep net can
+    # take more memory than a shared machine has (PreActResNet1001 was killed at 15 GB).
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+        start, peak = time.time(), 0.0
+        while proc.poll() is None:
+            peak = max(peak, _rss_gb(proc.pid))
+            if time.time() - start > args.timeout:
+                result["stopped"] = f"timeout {args.timeout:.0f} s"
+            elif peak > args.max_rss_gb:
+                result["stopped"] = f"memory {peak:.1f} GB > --max_rss_gb {args.max_rss_gb}"
+            if "stopped" in result:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.2)
+        stopped_at = time.time()
+        out.seek(0)
+        err.seek(0)
+        out, err = out.read(), err.read()
+    result["peak_rss_gb"] = round(peak, 2)
     last = None
     for line in out.splitlines():
         if line.startswith("{"):
@@ -216,17 +241,14 @@ def _measure(backend, model, scan, args):
                 result[row["phase"]] = row["seconds"]
             else:
                 result.update(row)
-    if proc.returncode not in (0, None) and "timed_out" not in result:
-        # The last lines that are not absl/TF start-up chatter.
-        tail = [
-            ln
-            for ln in err.splitlines()
-            if ln.strip() and not ln.startswith(("I0000", "W0000", "WARNING: All"))
-        ]
-        result["error"] = f"exit status {proc.returncode}: " + " | ".join(tail[-3:])
-    if "timed_out" in result:
+    if "stopped" in result:
         # How long the phase that was running had run: since the last one ended.
-        result["unfinished_after_s"] = round(killed_at - last, 1) if last else args.timeout
+        result["unfinished_after_s"] = round(stopped_at - (last or start), 1)
+    elif proc.returncode != 0:
+        # The last lines that are not absl/TF start-up chatter.
+        chatter = ("I0000", "W0000", "WARNING: All")
+        tail = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(chatter)]
+        result["error"] = f"exit status {proc.returncode}: " + " | ".join(tail[-3:])
     return result
 
 
@@ -241,21 +263,34 @@ def _phases(backend):
 def _cell(result, phase):
     if phase in result:
         return f"{result[phase]:.2f}"
-    if "timed_out" in result:
+    if "stopped" in result:
         first_missing = next(p for p in _phases(result["backend"]) if p not in result)
         if phase == first_missing:
-            return f"did not finish in {result['unfinished_after_s']:.0f} s"
+            why = "" if result["stopped"].startswith("timeout") else f" ({result['stopped']})"
+            return f"did not finish in {result['unfinished_after_s']:.0f} s{why}"
         return "-"
     if "error" in result:
         return "error"
     return "n/a"
 
 
+def _combine(rounds):
+    """One row per measurement from `--repeat` rounds: each phase's minimum over the rounds."""
+    row = dict(rounds[0])
+    for phase in PHASES:
+        values = [r[phase] for r in rounds if phase in r]
+        if values:
+            row[phase] = min(values)
+    row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in rounds)
+    row["rounds"] = len(rounds)
+    return row
+
+
 def _table(results):
     lines = [
         "| backend | model | scan_units | params | build s | trace s | compile s | step1 s "
-        "| **first step s** | step2 s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| **first step s** | step2 s | peak GB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         cells = [_cell(r, p) for p in PHASES]
@@ -263,7 +298,7 @@ def _table(results):
         lines.append(
             f"| {r['backend']} | {r['model']} | {r['scan_units']} | {params} | "
             + " | ".join(cells[:4])
-            + f" | **{cells[4]}** | {cells[5]} |"
+            + f" | **{cells[4]}** | {cells[5]} | {r['peak_rss_gb']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -272,15 +307,21 @@ def _ratios(results):
     lines = []
     by_key = {(r["backend"], r["scan_units"], r["model"]): r for r in results}
     for (backend, scan, model), deep in by_key.items():
-        shallow = by_key.get((backend, scan, "PreActResNet164"))
-        if model != "PreActResNet1001" or shallow is None:
+        if model != "PreActResNet1001":
             continue
-        for phase in ("build", "trace", "compile", "first"):
-            if phase in deep and phase in shallow and shallow[phase] > 0:
-                lines.append(
-                    f"{backend} scan_units={scan}: {phase} 1001 / 164 = "
-                    f"{deep[phase] / shallow[phase]:.2f}"
-                )
+        for base_scan in sorted({scan, False}):
+            shallow = by_key.get((backend, base_scan, "PreActResNet164"))
+            if shallow is None:
+                continue
+            ratios = [
+                f"{phase} {deep[phase] / shallow[phase]:.2f}"
+                for phase in ("build", "trace", "compile", "first")
+                if phase in deep and phase in shallow and shallow[phase] > 0
+            ]
+            lines.append(
+                f"{backend}: PreActResNet1001 (scan_units={scan}) / PreActResNet164 "
+                f"(scan_units={base_scan}): " + (", ".join(ratios) or "-")
+            )
     return "\n".join(lines)
 
 
@@ -294,6 +335,16 @@ def main():
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement")
+    p.add_argument(
+        "--max_rss_gb", type=float, default=8.0, help="stop a measurement above this memory"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds over all measurements; the table keeps "
+        "each phase's minimum over the rounds (the least disturbed by other jobs)",
+    )
     p.add_argument("--tf_jit", type=lambda s: s.lower() == "true", default=True)
     p.add_argument("--cache", default="", help="JAX persistent compilation cache directory")
     p.add_argument("--json", default="", help="also write the results here")
@@ -318,16 +369,19 @@ def main():
     models = [int(m) for m in args.models.split(",")]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; "
           f"batch {args.batch}, {args.size} px, {args.classes} classes, timeout "
-          f"{args.timeout:.0f} s", flush=True)  # fmt: skip
+          f"{args.timeout:.0f} s, memory limit {args.max_rss_gb} GB", flush=True)  # fmt: skip
 
-    # Measurements, each in a fresh process.
-    results = []
-    for backend in backends:
-        for scan in scans:
-            for model in models:
-                r = _measure(backend, model, scan, args)
-                print(json.dumps(r), flush=True)
-                results.append(r)
+    # Measurements, each in a fresh process; rounds interleave them so that a neighbour's
+    # load hits all alike.
+    rounds = {}
+    for _ in range(args.repeat):
+        for backend in backends:
+            for scan in scans:
+                for model in models:
+                    r = _measure(backend, model, scan, args)
+                    print(json.dumps(r), flush=True)
+                    rounds.setdefault((backend, scan, model), []).append(r)
+    results = [_combine(v) for v in rounds.values()]
 
     # Report.
     print()
@@ -336,7 +390,8 @@ def main():
     print(_ratios(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"argv": sys.argv, "results": results}, f, indent=1)
+            json.dump({"argv": sys.argv, "results": results, "rounds": list(rounds.values())}, f,
+                      indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":
