@@ -44,9 +44,29 @@ PHASES = ("build", "trace", "compile", "step1", "first", "step2")
 # Child: one measurement in this process.
 
 
-def _report(phase, seconds):
-    row = {"phase": phase, "seconds": round(seconds, 3), "at": time.time()}
-    print(json.dumps(row), flush=True)
+class _Clock:
+    """Reports each phase's wall-clock and CPU seconds (CPU time is what a compile costs;
+    wall time also counts other jobs on a shared machine)."""
+
+    def __init__(self):
+        print(json.dumps({"at": time.time()}), flush=True)  # imports done: the clock starts
+        self.times = {}
+        self.start()
+
+    def start(self):
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, phase):
+        self.report(phase, time.perf_counter() - self._t, time.process_time() - self._c)
+        self.start()
+
+    def report(self, phase, seconds, cpu):
+        self.times[phase] = (seconds, cpu)
+        row = {"phase": phase, "seconds": round(seconds, 3), "cpu": round(cpu, 3)}
+        print(json.dumps({**row, "at": time.time()}), flush=True)
+
+    def total(self, phase, parts):
+        self.report(phase, *(sum(self.times[p][i] for p in parts) for i in (0, 1)))
 
 
 def _build(args):
@@ -59,14 +79,13 @@ def _build(args):
     if args.scan_child:
         kwargs["scan_units"] = True
     keras.utils.set_random_seed(0)
-    print(json.dumps({"at": time.time()}), flush=True)  # imports done: the clock starts
-    t = time.perf_counter()
+    clock = _Clock()
     model = keras_preact.get_model(f"PreActResNet{args.model}", **kwargs)
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
     optimizer.build(model.trainable_variables)
-    _report("build", time.perf_counter() - t)
+    clock.lap("build")
     print(json.dumps({"params": model.count_params(), "layers": len(model.layers)}), flush=True)
-    return model, optimizer
+    return model, optimizer, clock
 
 
 def _data(args):
@@ -87,7 +106,7 @@ def _child_jax(args):
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     import keras
 
-    model, optimizer = _build(args)
+    model, optimizer, clock = _build(args)
     x, y = _data(args)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -107,31 +126,26 @@ def _child_jax(args):
         [v.value for v in model.non_trainable_variables],
         [v.value for v in optimizer.variables],
     )
-    t = time.perf_counter()
+    clock.start()
     lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, x, y)
-    trace = time.perf_counter() - t
-    _report("trace", trace)
-    t = time.perf_counter()
+    clock.lap("trace")
     compiled = lowered.compile()
-    compile_s = time.perf_counter() - t
-    _report("compile", compile_s)
-    t = time.perf_counter()
+    clock.lap("compile")
     value, *state = compiled(*state, x, y)
     value.block_until_ready()
-    step1 = time.perf_counter() - t
-    _report("step1", step1)
-    _report("first", trace + compile_s + step1)
-    t = time.perf_counter()
+    clock.lap("step1")
+    clock.total("first", ("trace", "compile", "step1"))
+    clock.start()
     value, *state = compiled(*state, x, y)
     value.block_until_ready()
-    _report("step2", time.perf_counter() - t)
+    clock.lap("step2")
 
 
 def _child_tensorflow(args):
     import keras
     import tensorflow as tf
 
-    model, optimizer = _build(args)
+    model, optimizer, clock = _build(args)
     x, y = _data(args)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -143,28 +157,25 @@ def _child_tensorflow(args):
         optimizer.apply(grads, model.trainable_variables)
         return value
 
-    t = time.perf_counter()
+    clock.start()
     step.get_concrete_function(tf.TensorSpec(x.shape, "float32"), tf.TensorSpec(y.shape, "int32"))
-    trace = time.perf_counter() - t
-    _report("trace", trace)
-    t = time.perf_counter()
+    clock.lap("trace")
     float(step(x, y))
-    step1 = time.perf_counter() - t
-    _report("step1", step1)
-    _report("first", trace + step1)
-    t = time.perf_counter()
+    clock.lap("step1")
+    clock.total("first", ("trace", "step1"))
+    clock.start()
     float(step(x, y))
-    step2 = time.perf_counter() - t
+    clock.lap("step2")
     if args.tf_jit:
-        _report("compile", step1 - step2)
-    _report("step2", step2)
+        (w1, c1), (w2, c2) = clock.times["step1"], clock.times["step2"]
+        clock.report("compile", w1 - w2, c1 - c2)
 
 
 def _child_torch(args):
     import keras
     import torch
 
-    model, optimizer = _build(args)
+    model, optimizer, clock = _build(args)
     x, y = _data(args)
     x, y = torch.from_numpy(x), torch.from_numpy(y).long()
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -178,14 +189,13 @@ def _child_torch(args):
             optimizer.apply(grads, model.trainable_variables)
         return float(value)
 
-    t = time.perf_counter()
+    clock.start()
     step()
-    step1 = time.perf_counter() - t
-    _report("step1", step1)
-    _report("first", step1)
-    t = time.perf_counter()
+    clock.lap("step1")
+    clock.total("first", ("step1",))
+    clock.start()
     step()
-    _report("step2", time.perf_counter() - t)
+    clock.lap("step2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +249,7 @@ def _measure(backend, model, scan, args):
             last = row.pop("at", last)
             if "phase" in row:
                 result[row["phase"]] = row["seconds"]
+                result[row["phase"] + "_cpu"] = row["cpu"]
             else:
                 result.update(row)
     if "stopped" in result:
@@ -263,7 +274,7 @@ def _phases(backend):
 def _cell(result, phase):
     if phase in result:
         return f"{result[phase]:.2f}"
-    if "stopped" in result:
+    if "stopped" in result and phase in PHASES:
         first_missing = next(p for p in _phases(result["backend"]) if p not in result)
         if phase == first_missing:
             why = "" if result["stopped"].startswith("timeout") else f" ({result['stopped']})"
@@ -271,13 +282,13 @@ def _cell(result, phase):
         return "-"
     if "error" in result:
         return "error"
-    return "n/a"
+    return "-" if "stopped" in result else "n/a"
 
 
 def _combine(rounds):
     """One row per measurement from `--repeat` rounds: each phase's minimum over the rounds."""
     row = dict(rounds[0])
-    for phase in PHASES:
+    for phase in PHASES + tuple(f"{p}_cpu" for p in PHASES):
         values = [r[phase] for r in rounds if phase in r]
         if values:
             row[phase] = min(values)
@@ -289,8 +300,8 @@ def _combine(rounds):
 def _table(results):
     lines = [
         "| backend | model | scan_units | params | build s | trace s | compile s | step1 s "
-        "| **first step s** | step2 s | peak GB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| **first step s** | step2 s | compile CPU s | first step CPU s | peak GB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         cells = [_cell(r, p) for p in PHASES]
@@ -298,7 +309,8 @@ def _table(results):
         lines.append(
             f"| {r['backend']} | {r['model']} | {r['scan_units']} | {params} | "
             + " | ".join(cells[:4])
-            + f" | **{cells[4]}** | {cells[5]} | {r['peak_rss_gb']:.1f} |"
+            + f" | **{cells[4]}** | {cells[5]} | {_cell(r, 'compile_cpu')} "
+            f"| {_cell(r, 'first_cpu')} | {r['peak_rss_gb']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -315,7 +327,7 @@ def _ratios(results):
                 continue
             ratios = [
                 f"{phase} {deep[phase] / shallow[phase]:.2f}"
-                for phase in ("build", "trace", "compile", "first")
+                for phase in ("build", "trace", "compile", "first", "compile_cpu", "first_cpu")
                 if phase in deep and phase in shallow and shallow[phase] > 0
             ]
             lines.append(

@@ -173,6 +173,9 @@ class Scan(keras.layers.Layer):
                     initializer=_stacked_initializer(layer, v, count),
                     dtype=v.dtype,
                     trainable=v.trainable,
+                    # The template's layers cast their slices as their own variables would
+                    # (BatchNorm keeps float32 statistics under mixed precision).
+                    autocast=False,
                     name=f"{layer.name}_{v.name}",
                 )
             )

@@ -201,3 +201,17 @@ def test_refuses_bad_arguments():
         scan.Scan(bn_unit, ["a"])
     with pytest.raises(ValueError, match=r"does not fit the template"):
         scan.Scan(template, ["a", "b"])(keras.Input((6, 6, 5)))
+
+
+def test_mixed_precision(mixed_bfloat16):
+    plain, scanned = pair()
+    x, y = batch()
+    np.testing.assert_allclose(
+        to_numpy(scanned(x, training=True)).astype("float32"),
+        to_numpy(plain(x, training=True)).astype("float32"),
+        rtol=0.05,
+        atol=0.05,
+    )
+    assert all(w.dtype == "float32" for w in scanned.weights)
+    scanned.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    assert np.isfinite(float(np.asarray(scanned.train_on_batch(x, y))))
