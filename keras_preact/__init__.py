@@ -7,6 +7,7 @@
 from keras_preact import layers, shortcuts, units, weights
 from keras_preact.context import BuildContext
 from keras_preact.imagenet_utils import decode_predictions, preprocess_input
+from keras_preact.layout import LAYOUTS, Layout
 from keras_preact.preact_resnet import (
     MODELS,
     PreActResNet,
@@ -23,6 +24,7 @@ from keras_preact.preact_resnet import (
     PreActResNet164,
     PreActResNet200,
     PreActResNet1001,
+    PreActResNetModel,
     feature_extractor,
     get_model,
     list_models,
@@ -32,6 +34,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BuildContext",
+    "LAYOUTS",
+    "Layout",
     "MODELS",
     "PreActResNet",
     "PreActResNet18",
@@ -47,6 +51,7 @@ __all__ = [
     "PreActResNet110",
     "PreActResNet164",
     "PreActResNet1001",
+    "PreActResNetModel",
     "decode_predictions",
     "feature_extractor",
     "get_model",

@@ -1,47 +1,32 @@
 """`BuildContext`: the layer factories every unit and shortcut builds its layers with.
 
-One object carries the choices that must be the same in every layer of a network (data
-format, BatchNorm constants, initializer, where convolutions get biases), so units and
-shortcuts, including user-supplied ones, stay `x -> x` functions of a few arguments.
+One object carries the choices that must be the same in every layer of a network (its
+`Layout`, data format, BatchNorm momentum, initializer, seeds), so units and shortcuts,
+including user-supplied ones, stay `x -> x` functions of a few arguments.
 """
 
 import dataclasses
+import zlib
 
 import keras
 
-#: Where convolution biases can be switched on (`conv_bias=`). The paper's code has none.
-BIAS_PLACES = ("stem", "projection", "residual_last", "residual_inner")
+from keras_preact.layout import Layout
 
 
-def conv_bias_places(value):
-    """`conv_bias=` as a frozenset of `BIAS_PLACES`.
+def derive_seed(seed, name):
+    """A random layer's own seed: a function of the network's `seed` and the layer name.
 
-    True means every place, False or None none, a string one place, an iterable several.
+    Every drop-path and shortcut-dropout layer draws its own masks; one seed shared by all
+    of them would draw the same uniforms in every unit, so the masks of units with rising
+    drop rates would be nested. None when `seed` is None (Keras then seeds each layer
+    from its global generator).
+
+    >>> derive_seed(0, "conv2_block1_drop_path") != derive_seed(0, "conv2_block2_drop_path")
+    True
     """
-    if value is True:
-        return frozenset(BIAS_PLACES)
-    if value is False or value is None:
-        return frozenset()
-    places = frozenset((value,) if isinstance(value, str) else value)
-    if not places <= set(BIAS_PLACES):
-        raise ValueError(f"conv_bias={value!r}; allowed places: {BIAS_PLACES}.")
-    return places
-
-
-#: The paper's reference code for the options a pretrained-weights layout may override
-#: (the defaults of every builder; `docs/models.md` explains each).
-PAPER_LAYOUT = {
-    "stride_in": "first_conv",
-    "downsample_in": "first_unit",
-    "stem_norm": True,
-    "stem_pool_padding": "zeros",
-    "conv_bias": (),
-    "bn_epsilon": 1e-5,
-    "preact_scope": "shared",
-}
-
-#: `preact_scope=` values: what a unit's pre-activation feeds.
-PREACT_SCOPES = ("shared", "branch")
+    if seed is None:
+        return None
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
 
 
 def he_normal_fan_out():
@@ -63,37 +48,28 @@ class BuildContext:
     """Shared settings and layer factories used while building one network.
 
     Attributes:
+        layout: the network's `keras_preact.Layout` (stride position, stem, biases, BN
+            epsilon, what a pre-activation feeds).
         data_format: `"channels_last"` or `"channels_first"`.
-        bn_epsilon: BatchNorm epsilon (paper's code: 1e-5).
         bn_momentum: BatchNorm moving-average momentum in Keras' convention
             (`new = momentum * old + (1 - momentum) * batch`; Torch's 0.1 is Keras' 0.9).
-        conv_bias: the subset of `BIAS_PLACES` whose convolutions carry a bias.
         kernel_initializer: initializer (or its name) for every convolution kernel.
         zero_init_residual: zero the last BN gamma (or, with no BN there, the last conv
             kernel) of each residual branch so every unit starts as its shortcut.
-        stem_norm: whether the stem ends with BN-ReLU (then the first unit does not
-            pre-activate again: the paper's appendix, "activation right after conv1").
-        stride_in: which convolution of a downsampling unit is strided: `"first_conv"` (the
-            first 1x1 of a bottleneck, as in [1] and the paper's CIFAR code) or `"3x3"` (the
-            3x3, as in fb.resnet.torch, timm and keras.applications). Same for basic units.
-        preact_scope: `"shared"` (the paper's appendix): a projection unit's pre-activation
-            feeds both paths, its bare 1x1 projection included, and the first unit reuses
-            the stem's BN-ReLU. `"branch"` (the published fb.resnet.torch ResNet-200): every
-            unit, the first included, pre-activates only its residual branch; projections
-            are 1x1 conv-BN on the un-activated unit input.
-        seed: base seed for the random layers (dropout shortcut, drop path).
+        seed: base seed of the random layers (dropout shortcut, drop path); each layer
+            draws its own with `layer_seed(name)`.
     """
 
+    layout: Layout = Layout()
     data_format: str = "channels_last"
-    bn_epsilon: float = 1e-5
     bn_momentum: float = 0.9
-    conv_bias: frozenset = frozenset()
     kernel_initializer: object = "he_normal_fan_out"
     zero_init_residual: bool = False
-    stem_norm: bool = True
-    stride_in: str = "first_conv"
-    preact_scope: str = "shared"
     seed: int | None = None
+
+    def layer_seed(self, name):
+        """The seed of the random layer `name`, derived from `seed` (see `derive_seed`)."""
+        return derive_seed(self.seed, name)
 
     @property
     def channel_axis(self):
@@ -127,7 +103,7 @@ class BuildContext:
             kernel_size,
             strides=stride,
             padding=padding,
-            use_bias=bias_place in self.conv_bias,
+            use_bias=bias_place in self.layout.conv_bias,
             kernel_initializer="zeros" if zero else self.kernel_init(),
             data_format=self.data_format,
             name=name,
@@ -136,7 +112,7 @@ class BuildContext:
     def bn(self, x, *, name, zero=False):
         return keras.layers.BatchNormalization(
             axis=self.channel_axis,
-            epsilon=self.bn_epsilon,
+            epsilon=self.layout.bn_epsilon,
             momentum=self.bn_momentum,
             gamma_initializer="zeros" if zero else "ones",
             name=name,

@@ -1,7 +1,9 @@
 """Input preprocessing per weights record, and ImageNet label decoding that works offline.
 
 Each weights record names its preprocessing (`record.preprocessing`); `preprocess_input`
-applies it to RGB images with values in [0, 255]:
+applies it to RGB images with values in [0, 255], and builders with
+`include_preprocessing=True` apply it inside the model. The constants below are the one home
+of these normalizations (the tf.data pipeline imports them):
 
 | mode | formula | used by |
 | --- | --- | --- |
@@ -40,36 +42,104 @@ MODES = {
 _CLASS_INDEX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_class_index.json")
 
 
-def _mode(record_or_mode):
+def mean_std(preprocessing):
+    """`(mean, std)` tuples, [0, 1] units, of a mode name or a `(mean, std)` pair.
+
+    >>> mean_std("inception")
+    ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    >>> mean_std(([0.2860406], [0.35302424]))
+    ((0.2860406,), (0.35302424,))
+    """
+    if isinstance(preprocessing, str) and preprocessing in MODES:
+        return MODES[preprocessing]
+    try:
+        mean, std = preprocessing
+        mean = tuple(float(m) for m in np.ravel(mean))
+        std = tuple(float(s) for s in np.ravel(std))
+    except (TypeError, ValueError):
+        mean = std = ()
+    if not mean or len(mean) != len(std) or min(std) <= 0:
+        raise ValueError(
+            f"Invalid preprocessing={preprocessing!r}. Allowed: a mode in {sorted(MODES)}, or "
+            "a (mean, std) pair of equally long per-channel sequences in [0, 1] units, std > 0."
+        )
+    return mean, std
+
+
+def _mode(weights, model):
+    """The preprocessing mode `preprocess_input(x, weights, model=model)` means."""
     from keras_preact import weights as kp_weights
 
-    if isinstance(record_or_mode, kp_weights.WeightsRecord):
-        return record_or_mode.preprocessing
-    if record_or_mode in MODES:
-        return record_or_mode
-    if isinstance(record_or_mode, str):
-        try:
-            return kp_weights.get_record(record_or_mode).preprocessing
-        except ValueError:
-            pass
+    if weights is None and isinstance(model, keras.Model):
+        weights = getattr(model, "weights_record", None)
+        if weights is None:
+            raise ValueError(
+                f"Model {model.name!r} was built without a weights record; pass weights= "
+                f"(a record name or a mode in {sorted(MODES)})."
+            )
+    if isinstance(weights, kp_weights.WeightsRecord):
+        return weights.preprocessing
+    if isinstance(weights, str) and weights in MODES:
+        return weights
+    if not isinstance(weights, str):
+        raise ValueError(
+            f"Invalid weights={weights!r}: expected a record name (e.g. 'imagenet:fb_torch'), "
+            f"a WeightsRecord or a mode in {sorted(MODES)}."
+        )
+    if ":" in weights:
+        return kp_weights.get_record(weights).preprocessing
+    if model is not None:
+        # The builder's choice for this model: the same record `weights=` would load.
+        name = model if isinstance(model, str) else None
+        depth = name.removeprefix("PreActResNet") if name else ""
+        if not depth.isdigit():
+            raise ValueError(
+                f"Invalid model={model!r}: expected a builder name such as 'PreActResNet200' "
+                "or a model built by keras_preact."
+            )
+        return kp_weights.get_record(weights, int(depth)).preprocessing
+    records = kp_weights.list_records(dataset=weights)
+    modes = {r.preprocessing for r in records}
+    if len(modes) == 1:
+        return modes.pop()
+    if not records:
+        raise ValueError(
+            f"Unknown preprocessing weights={weights!r}. Allowed: a record name in "
+            f"{[r.name for r in kp_weights.RECORDS]}, a dataset name, or a mode in "
+            f"{sorted(MODES)}."
+        )
+    listed = sorted({f"{r.model} {r.name}: {r.preprocessing}" for r in records})
     raise ValueError(
-        f"Unknown preprocessing {record_or_mode!r}. Allowed: a WeightsRecord, a record name "
-        f"such as 'imagenet:fb_torch', or a mode in {sorted(MODES)}."
+        f"weights={weights!r} names records with different preprocessing: {listed}. Pass "
+        "model= (the builder name, e.g. model='PreActResNet200') or a full record name."
     )
 
 
-def preprocess_input(x, record_or_mode, data_format=None):
+def preprocess_input(x, weights=None, *, model=None, data_format=None):
     """Maps RGB (or grey) images in [0, 255] to the input the weights were trained on.
+
+    Each weights record names its normalization; this resolves the record the way the
+    builder does, so `preprocess_input(x, "imagenet", model="PreActResNet200")` applies what
+    `PreActResNet200(weights="imagenet")` needs. (Models built with
+    `include_preprocessing=True` take [0, 255] pixels and need none of this.)
 
     Args:
         x: images, `(..., H, W, C)` for channels_last or `(..., C, H, W)`; a numpy array
             (returns float32 numpy) or a backend tensor (returns a tensor).
-        record_or_mode: a `WeightsRecord`, a record name (`"imagenet:timm_a1h_in1k"`), or a
-            mode: `"inception"`, `"imagenet_torch"`, `"fashion_mnist"`.
+        weights: a record name (`"imagenet:timm_a1h_in1k"`; a bare dataset name such as
+            `"imagenet"` with `model=`, or alone if all its records agree), a
+            `WeightsRecord`, or a mode: `"inception"`, `"imagenet_torch"`, `"fashion_mnist"`.
+            Default: the record of `model`, when it is a built model.
+        model: a builder name (`"PreActResNet200"`), or a model built by this package (its
+            `weights_record` is used when `weights` is None).
         data_format: `"channels_last"` or `"channels_first"`; default: Keras' config.
 
     Returns:
         The normalized images, float32.
+
+    Raises:
+        ValueError: for an unknown record or mode, a dataset whose records disagree (listing
+            them), or images whose channels do not match the normalization.
 
     Example:
 
@@ -78,18 +148,23 @@ def preprocess_input(x, record_or_mode, data_format=None):
     >>> preprocess_input(np.array([[[[0, 127.5, 255]]]]), "inception").tolist()
     [[[[-1.0, 0.0, 1.0]]]]
     """
-    mean, std = MODES[_mode(record_or_mode)]
+    mean, std = MODES[_mode(weights, model)]
+    if data_format not in (None, "channels_last", "channels_first"):
+        raise ValueError(
+            f"Invalid data_format={data_format!r}. Allowed: None, 'channels_last', "
+            "'channels_first'."
+        )
     data_format = data_format or keras.config.image_data_format()
     axis = -1 if data_format == "channels_last" else -3
     shape = [1] * 3
     shape[axis] = len(mean)
     if isinstance(x, (np.ndarray, list, tuple, int, float)):
         x = np.asarray(x, np.float32)
-        channels = x.shape[axis]
+        channels = x.shape[axis] if x.ndim >= 3 else None
         if channels != len(mean):
             raise ValueError(
-                f"Images have {channels} channels on axis {axis} ({data_format}); the "
-                f"preprocessing expects {len(mean)}."
+                f"Images of shape {x.shape} have {channels} channels on axis {axis} "
+                f"({data_format}); the preprocessing expects {len(mean)}."
             )
         m = np.reshape(np.asarray(mean, np.float32) * 255.0, shape)
         s = np.reshape(np.asarray(std, np.float32) * 255.0, shape)
@@ -126,6 +201,8 @@ def decode_predictions(preds, top=5):
     >>> decode_predictions(p, top=1)
     [[('n01443537', 'goldfish', 1.0)]]
     """
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= 1000:
+        raise ValueError(f"Invalid top={top!r}: expected an int in [1, 1000].")
     preds = keras.ops.convert_to_numpy(preds)
     if preds.ndim != 2 or preds.shape[1] != 1000:
         raise ValueError(

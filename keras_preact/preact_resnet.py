@@ -1,25 +1,28 @@
 """Pre-activation ResNets: He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks",
 ECCV 2016 (arXiv 1603.05027), "the paper"; [1] is the original ResNet (arXiv 1512.03385).
 
-Reading order: the tables of families and depths, the generic `PreActResNet` builder, then
-one three-line entry point per named depth. Layer names follow keras.applications'
-`resnet_v2` (`conv1_conv`, `conv2_block1_preact_bn`, ..., `conv5_block3_out`, `post_bn`,
-`predictions`); `docs/models.md` lists the whole scheme and every deviation from the paper.
+Reading order: the tables of families and depths; the generic `PreActResNet` builder, in
+three steps (`_resolve` validates every argument and resolves the weights record, `_graph`
+builds the functional graph top to bottom, then the weights are loaded); the named entry
+points, one short `def` per depth; `feature_extractor`. Layer names follow
+keras.applications' `resnet_v2` (`conv1_conv`, `conv2_block1_preact_bn`, ...,
+`conv5_block3_out`, `post_bn`, `predictions`); `docs/models.md` lists the whole scheme and
+every deviation from the paper.
 """
+
+import dataclasses
+import numbers
+import operator
 
 import keras
 
+from keras_preact import imagenet_utils
 from keras_preact import layers as kp_layers
 from keras_preact import shortcuts as kp_shortcuts
 from keras_preact import units as kp_units
 from keras_preact import weights as kp_weights
-from keras_preact.context import (
-    PAPER_LAYOUT,
-    PREACT_SCOPES,
-    BuildContext,
-    conv_bias_places,
-    torch_linear_init,
-)
+from keras_preact.context import BuildContext, torch_linear_init
+from keras_preact.layout import LAYOUTS, Layout
 
 #: Per family: stem, stage strides, stage output widths per block kind, default input,
 #: smallest input side (the total stride, so the last stage is at least 1x1).
@@ -59,36 +62,83 @@ CIFAR_DEPTH_RULE = {"basic": (6, "6n+2"), "bottleneck": (9, "9n+2"), "one_layer"
 CIFAR_NAMED = {20: "basic", 32: "basic", 44: "basic", 56: "basic", 110: "basic",
                164: "bottleneck", 1001: "bottleneck"}  # fmt: skip
 
-#: The paper's defaults for the options a pretrained-weights layout may override.
-LAYOUT_DEFAULTS = PAPER_LAYOUT
-_CHOICES = {
-    "family": tuple(FAMILIES),
-    "stride_in": ("first_conv", "3x3"),
-    "downsample_in": ("first_unit", "last_unit"),
-    "stem_pool_padding": ("zeros", "neg_inf"),
-    "preact_scope": PREACT_SCOPES,
-    "pooling": (None, "avg", "max"),
-    "data_format": (None, "channels_last", "channels_first"),
+#: The named builders: the row of `PreActResNet` arguments each one fixes.
+MODELS = {
+    **{
+        f"PreActResNet{d}": {"depth": d, "family": "imagenet", "block": b, "stage_blocks": s}
+        for d, (b, s) in IMAGENET_STAGES.items()
+    },
+    **{
+        f"PreActResNet{d}": {
+            "depth": d,
+            "family": "cifar",
+            "block": b,
+            "stage_blocks": (((d - 2) // CIFAR_DEPTH_RULE[b][0]),) * 3,
+        }
+        for d, b in CIFAR_NAMED.items()
+    },
 }
 
+_POOLINGS = (None, "avg", "max")
+_DATA_FORMATS = (None, "channels_last", "channels_first")
+#: Builder keywords of earlier versions that are now options of `layout=`.
+_LAYOUT_KEYWORDS = tuple(f.name for f in dataclasses.fields(Layout))
 
-def _check_choice(arg, value):
-    if value not in _CHOICES[arg]:
-        raise ValueError(f"Invalid {arg}={value!r}. Allowed: {_CHOICES[arg]}.")
+
+# -- Step 1: resolve ---------------------------------------------------------------------
+
+
+def _int(value, arg, *, low=None, allow_none=False):
+    """`value` as an int (numpy integers too, not bools), or ValueError naming `arg`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"Invalid {arg}={value!r}: expected an int, got {type(value).__name__}.")
+    value = operator.index(value)
+    if low is not None and value < low:
+        raise ValueError(f"Invalid {arg}={value!r}: expected an int >= {low}.")
+    return value
+
+
+def _number(value, arg, low, high, *, high_open=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {arg}={value!r}: expected a number, got {type(value).__name__}.")
+    value = float(value)
+    if value < low or value > high or (high_open and value == high):
+        interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"Invalid {arg}={value!r}: expected a number in {interval}.")
+    return value
+
+
+def _bool(value, arg):
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {arg}={value!r}: expected True or False.")
+    return value
+
+
+def _choice(value, arg, allowed):
+    if not (value is None or isinstance(value, str)) or value not in allowed:
+        raise ValueError(f"Invalid {arg}={value!r}. Allowed: {allowed}.")
+    return value
 
 
 def _stage_blocks(family, depth, block, stage_blocks):
     """Resolves (block, stage_blocks) from a depth, or checks them against it."""
-    if block is not None and block not in kp_units.BLOCKS:
-        raise ValueError(f"Unknown block={block!r}. Allowed: {sorted(kp_units.BLOCKS)}.")
+    if block is not None and (not isinstance(block, str) or block not in kp_units.BLOCKS):
+        raise ValueError(f"Invalid block={block!r}. Allowed: {sorted(kp_units.BLOCKS)}.")
+    n_stages = len(FAMILIES[family]["strides"])
     if stage_blocks is not None:
-        stage_blocks = tuple(int(n) for n in stage_blocks)
-        n_stages = len(FAMILIES[family]["strides"])
-        if len(stage_blocks) != n_stages or min(stage_blocks) < 1:
+        ok = isinstance(stage_blocks, (list, tuple)) and len(stage_blocks) == n_stages
+        ok = ok and all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+            for n in stage_blocks
+        )
+        if not ok:
             raise ValueError(
-                f"stage_blocks={stage_blocks} must give {n_stages} positive unit counts "
-                f"for family={family!r}."
+                f"Invalid stage_blocks={stage_blocks!r}: expected a tuple of {n_stages} "
+                f"positive unit counts for family={family!r}."
             )
+        stage_blocks = tuple(int(n) for n in stage_blocks)
         block = block or "bottleneck"
         if depth is not None:
             implied = sum(stage_blocks) * kp_units.BLOCKS[block] + 2
@@ -130,18 +180,39 @@ def _stage_blocks(family, depth, block, stage_blocks):
     return block, (n, n, n)
 
 
-def _input_shape(family, input_shape, data_format, input_tensor):
-    default = FAMILIES[family]["input_shape"]
+def _widths(family, block, width_multiplier):
+    multiplier = width_multiplier
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or multiplier <= 0:
+        raise ValueError(f"Invalid width_multiplier={multiplier!r}: expected a positive number.")
+    widths = tuple(int(round(w * multiplier)) for w in FAMILIES[family]["widths"][block])
+    smallest = kp_units.BOTTLENECK_EXPANSION if block == "bottleneck" else 1
+    if min(widths) < smallest:
+        raise ValueError(
+            f"Invalid width_multiplier={multiplier!r}: it gives stage widths {widths}; every "
+            f"width must be >= {smallest} for {block} units."
+        )
+    return widths
+
+
+def _input_shape(family, input_shape, data_format, input_tensor, record):
     if input_shape is None and input_tensor is not None:
         input_shape = tuple(input_tensor.shape[1:])
+    if input_shape is None and record is not None:
+        input_shape = record.default_input_shape(data_format)
     if input_shape is None:
+        default = FAMILIES[family]["input_shape"]
         input_shape = default if data_format == "channels_last" else default[-1:] + default[:2]
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3:
+    ok = isinstance(input_shape, (list, tuple)) and len(input_shape) == 3
+    ok = ok and all(
+        s is None or (isinstance(s, numbers.Integral) and not isinstance(s, bool))
+        for s in input_shape
+    )
+    if not ok:
         raise ValueError(
-            f"input_shape={input_shape} must have 3 entries (height, width, channels) "
-            f"for {data_format}."
+            f"Invalid input_shape={input_shape!r}: expected 3 entries (height, width, "
+            f"channels for {data_format}), each an int or None."
         )
+    input_shape = tuple(None if s is None else int(s) for s in input_shape)
     spatial = input_shape[:2] if data_format == "channels_last" else input_shape[1:]
     channels = input_shape[-1] if data_format == "channels_last" else input_shape[0]
     minimum = FAMILIES[family]["min_size"]
@@ -152,29 +223,233 @@ def _input_shape(family, input_shape, data_format, input_tensor):
         )
     if channels is not None and channels < 1:
         raise ValueError(f"input_shape={input_shape} has no channels.")
-    return input_shape
+    return input_shape, channels
 
 
-def _stem(x, ctx, family, stem_width, stem_pool_padding):
-    if family == "cifar":
+def _layout(layout, record):
+    """The network's `Layout`: `layout=` or the record's, and they must agree."""
+    wanted = None if layout is None else Layout.get(layout)
+    needed = record.layout if record is not None else None
+    if wanted is not None and needed is not None and wanted != needed:
+        diffs = ", ".join(
+            f"{k}={a!r} (file: {b!r})" for k, (a, b) in wanted.differences(needed).items()
+        )
+        raise ValueError(
+            f"layout={layout!r} contradicts the layout of weights={record.name!r}, which needs "
+            f"layout={needed!r}: {diffs}. Leave layout= unset to take it from the weights."
+        )
+    return wanted or needed or Layout()
+
+
+def _preprocessing(include_preprocessing, preprocessing, record, channels):
+    """`(mean, std)` of the input normalization, [0, 1] units, or None."""
+    _bool(include_preprocessing, "include_preprocessing")
+    if not include_preprocessing:
+        if preprocessing is not None:
+            raise ValueError(
+                f"preprocessing={preprocessing!r} has no effect without include_preprocessing=True."
+            )
+        return None
+    from_record = record.preprocessing if record is not None else None
+    if preprocessing is None and from_record is None:
+        raise ValueError(
+            "include_preprocessing=True needs weights with a record (their normalization) or "
+            f"preprocessing=: a mode in {sorted(imagenet_utils.MODES)} or a (mean, std) pair "
+            "of per-channel values in [0, 1] units."
+        )
+    if preprocessing is not None and from_record is not None:
+        if imagenet_utils.mean_std(preprocessing) != imagenet_utils.mean_std(from_record):
+            raise ValueError(
+                f"preprocessing={preprocessing!r} contradicts weights={record.name!r}, which "
+                f"need {from_record!r}. Leave preprocessing= unset to take it from the weights."
+            )
+    mean, std = imagenet_utils.mean_std(preprocessing or from_record)
+    if channels is not None and len(mean) != channels:
+        raise ValueError(
+            f"The preprocessing {preprocessing or from_record!r} normalizes {len(mean)} "
+            f"channels; the input has {channels}."
+        )
+    return mean, std
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+    """Everything `_graph` needs, validated and resolved."""
+
+    family: str
+    block: str
+    stage_blocks: tuple
+    widths: tuple
+    unit: object  # the unit function
+    shortcut: object  # the merge function
+    ctx: BuildContext
+    input_shape: tuple
+    input_tensor: object
+    include_top: bool
+    pooling: str | None
+    classes: int
+    classifier_activation: object
+    drop_path_rate: float
+    preprocessing: tuple | None  # (mean, std) in [0, 1] units
+    name: str
+    weights: kp_weights.ResolvedWeights | None
+
+
+def _resolve(
+    *,
+    depth,
+    family,
+    block,
+    stage_blocks,
+    width_multiplier,
+    unit,
+    shortcut,
+    layout,
+    include_top,
+    weights,
+    input_tensor,
+    input_shape,
+    pooling,
+    classes,
+    classifier_activation,
+    include_preprocessing,
+    preprocessing,
+    name,
+    data_format,
+    bn_momentum,
+    kernel_initializer,
+    drop_path_rate,
+    zero_init_residual,
+    seed,
+):
+    """Validates every argument (ValueError naming it) and resolves the weights record."""
+    _choice(family, "family", tuple(FAMILIES))
+    depth = _int(depth, "depth", low=1, allow_none=True)
+    block, stage_blocks = _stage_blocks(family, depth, block, stage_blocks)
+    depth = sum(stage_blocks) * kp_units.BLOCKS[block] + 2
+    widths = _widths(family, block, width_multiplier)
+    unit_fn = kp_units.make_unit(unit)
+    merge_fn = kp_shortcuts.get(shortcut)
+    include_top = _bool(include_top, "include_top")
+    _choice(pooling, "pooling", _POOLINGS)
+    data_format = _choice(data_format, "data_format", _DATA_FORMATS)
+    data_format = data_format or keras.config.image_data_format()
+    classes = _int(classes, "classes", low=1, allow_none=True)
+    if not (classifier_activation is None or isinstance(classifier_activation, str)
+            or callable(classifier_activation)):  # fmt: skip
+        raise ValueError(
+            f"Invalid classifier_activation={classifier_activation!r}: expected None, an "
+            "activation name or a callable."
+        )
+    if not (name is None or isinstance(name, str)):
+        raise ValueError(f"Invalid name={name!r}: expected a string or None.")
+    bn_momentum = _number(bn_momentum, "bn_momentum", 0.0, 1.0)
+    drop_path_rate = _number(drop_path_rate, "drop_path_rate", 0.0, 1.0)
+    zero_init_residual = _bool(zero_init_residual, "zero_init_residual")
+    seed = _int(seed, "seed", allow_none=True)
+    if kernel_initializer != "he_normal_fan_out":
+        keras.initializers.get(kernel_initializer)  # raises for an unknown initializer
+    if input_tensor is not None and not (
+        keras.backend.is_keras_tensor(input_tensor) or keras.ops.is_tensor(input_tensor)
+    ):
+        raise ValueError(
+            f"Invalid input_tensor={input_tensor!r}: expected a Keras tensor (keras.Input) or "
+            "a backend tensor."
+        )
+
+    name = name or f"preact_resnet{depth}"
+    resolved = kp_weights.resolve(
+        weights,
+        model_name=name,
+        depth=depth,
+        include_top=include_top,
+        classes=classes,
+        unit=unit,
+        shortcut=merge_fn,
+    )
+    record = resolved.record if resolved is not None else None
+    if record is not None and record.model in MODELS:
+        row = MODELS[record.model]
+        if (row["family"], row["stage_blocks"]) != (family, stage_blocks):
+            raise ValueError(
+                f"weights={record.name!r} are for {record.model} (family={row['family']!r}, "
+                f"stage_blocks={row['stage_blocks']}), not family={family!r} with "
+                f"stage_blocks={stage_blocks}."
+            )
+    layout = _layout(layout, record)
+    if not layout.stem_norm and getattr(unit_fn, "head", None) is None and isinstance(unit, str):
+        raise ValueError(
+            f"stem_norm=False needs a pre-activation unit; unit={unit!r} post-activates, so "
+            "its stem must end with BN-ReLU. Allowed with stem_norm=False: "
+            "['full_preact', 'relu_preact']."
+        )
+    if classes is None:
+        classes = record.classes if record is not None and record.classes else None
+    if classes is None:
+        classes = 10 if family == "cifar" else 1000
+    input_shape, channels = _input_shape(family, input_shape, data_format, input_tensor, record)
+    return _Architecture(
+        family=family,
+        block=block,
+        stage_blocks=stage_blocks,
+        widths=widths,
+        unit=unit_fn,
+        shortcut=merge_fn,
+        ctx=BuildContext(
+            layout=layout,
+            data_format=data_format,
+            bn_momentum=bn_momentum,
+            kernel_initializer=kernel_initializer,
+            zero_init_residual=zero_init_residual,
+            seed=seed,
+        ),
+        input_shape=input_shape,
+        input_tensor=input_tensor,
+        include_top=include_top,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        drop_path_rate=drop_path_rate,
+        preprocessing=_preprocessing(include_preprocessing, preprocessing, record, channels),
+        name=name,
+        weights=resolved,
+    )
+
+
+# -- Step 2: the functional graph ----------------------------------------------------------
+
+
+def _stem(x, arch):
+    ctx, layout = arch.ctx, arch.ctx.layout
+    width = FAMILIES[arch.family]["stem_width"]
+    if arch.family == "cifar":
         # CIFAR: one 3x3 conv with 16 filters ([1], Sec. 4.2).
-        x = ctx.conv(x, stem_width, 3, name="conv1_conv", bias_place="stem")
-        if ctx.stem_norm:
-            x = ctx.act(x, "bn_relu", name="conv1")
-        return x
-    x = ctx.conv(x, stem_width, 7, stride=2, name="conv1_conv", bias_place="stem")
-    if ctx.stem_norm:
+        x = ctx.conv(x, width, 3, name="conv1_conv", bias_place="stem")
+        return ctx.act(x, "bn_relu", name="conv1") if layout.stem_norm else x
+    x = ctx.conv(x, width, 7, stride=2, name="conv1_conv", bias_place="stem")
+    if layout.stem_norm:
         x = ctx.act(x, "bn_relu", name="conv1")
     # After a ReLU, zero padding equals the -inf padding of Torch's max-pool.
-    if stem_pool_padding == "neg_inf" and not ctx.stem_norm:
-        x = kp_layers.ConstantPadding2D(
+    if layout.stem_pool_padding == "neg_inf" and not layout.stem_norm:
+        pad = kp_layers.ConstantPadding2D(
             1, float("-inf"), data_format=ctx.data_format, name="pool1_pad"
-        )(x)
+        )
     else:
-        x = keras.layers.ZeroPadding2D(1, data_format=ctx.data_format, name="pool1_pad")(x)
-    return keras.layers.MaxPooling2D(3, strides=2, data_format=ctx.data_format, name="pool1_pool")(
-        x
-    )
+        pad = keras.layers.ZeroPadding2D(1, data_format=ctx.data_format, name="pool1_pad")
+    pool = keras.layers.MaxPooling2D(3, strides=2, data_format=ctx.data_format, name="pool1_pool")
+    return pool(pad(x))
+
+
+def _unit_strides(arch):
+    """The stride of every unit, stage by stage. `downsample_in="last_unit"` moves each
+    stage's stride to the previous stage's last unit (keras.applications ResNetV2); the
+    resolutions of the stage outputs stay the same."""
+    strides = FAMILIES[arch.family]["strides"]
+    first = arch.ctx.layout.downsample_in == "first_unit"
+    for s, n in enumerate(arch.stage_blocks):
+        nxt = strides[s + 1] if s + 1 < len(strides) else 1
+        yield [(strides[s] if b == 0 else 1) if first else (nxt if b == n - 1 else 1)
+               for b in range(n)]  # fmt: skip
 
 
 def _output_dtype():
@@ -182,6 +457,104 @@ def _output_dtype():
     if policy.compute_dtype in ("float16", "bfloat16") and policy.variable_dtype == "float32":
         return "float32"  # Mixed precision: the model's outputs stay float32.
     return None
+
+
+def _graph(arch):
+    """The functional graph of `arch`, from the input to the classifier."""
+    ctx = arch.ctx
+    # Input, and the record's normalization of [0, 255] pixels when asked for.
+    if arch.input_tensor is None:
+        inputs = keras.layers.Input(shape=arch.input_shape)
+    elif not keras.backend.is_keras_tensor(arch.input_tensor):
+        inputs = keras.layers.Input(tensor=arch.input_tensor, shape=arch.input_shape)
+    else:
+        inputs = arch.input_tensor
+    x = inputs
+    if arch.preprocessing is not None:
+        mean, std = arch.preprocessing
+        x = keras.layers.Normalization(
+            axis=ctx.channel_axis,
+            mean=[255.0 * m for m in mean],
+            variance=[(255.0 * s) ** 2 for s in std],
+            name="preprocessing",
+        )(x)
+
+    x = _stem(x, arch)
+
+    # Stages of residual units; stochastic depth rises linearly over the units.
+    n_units = sum(arch.stage_blocks)
+    index = 0
+    for s, (width, strides) in enumerate(zip(arch.widths, _unit_strides(arch))):
+        for b, stride in enumerate(strides):
+            x = arch.unit(
+                x,
+                block=arch.block,
+                filters=width,
+                stride=stride,
+                first=index == 0,
+                shortcut=arch.shortcut,
+                ctx=ctx,
+                name=f"conv{s + 2}_block{b + 1}",
+                drop_path_rate=arch.drop_path_rate * index / max(n_units - 1, 1),
+            )
+            index += 1
+
+    # Head: the extra activation after the last unit (appendix), pooling, classifier.
+    out_dtype = _output_dtype()
+    head = getattr(arch.unit, "head", None)
+    if head:
+        x = ctx.act(x, head, name="post")
+    if arch.include_top:
+        x = keras.layers.GlobalAveragePooling2D(data_format=ctx.data_format, name="avg_pool")(x)
+        x = keras.layers.Dense(
+            arch.classes,
+            activation=arch.classifier_activation,
+            kernel_initializer=torch_linear_init(),
+            bias_initializer="zeros",
+            dtype=out_dtype,
+            name="predictions",
+        )(x)
+    elif arch.pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(
+            data_format=ctx.data_format, dtype=out_dtype, name="avg_pool"
+        )(x)
+    elif arch.pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(
+            data_format=ctx.data_format, dtype=out_dtype, name="max_pool"
+        )(x)
+    elif out_dtype is not None:
+        x = keras.layers.Activation("linear", dtype=out_dtype, name="output_float32")(x)
+
+    if arch.input_tensor is not None:
+        inputs = keras.utils.get_source_inputs(arch.input_tensor)
+    record = arch.weights.record if arch.weights is not None else None
+    known = record is not None and record.dataset != "local"  # a file without a record
+    return PreActResNetModel(
+        inputs, x, name=arch.name, weights_record=record.name if known else None
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_preact")
+class PreActResNetModel(keras.Model):
+    """The Functional model every builder returns; it remembers its weights record.
+
+    `model.weights_record` is the name of the record whose weights the builder loaded
+    (`"imagenet:fb_torch"`), or None (no weights, or a file without a record). It is part
+    of the model's config, so it survives `get_config`/`from_config` and `.keras` files
+    (`keras.models.load_model` after `import keras_preact`), and
+    `keras_preact.preprocess_input(x, model=model)` reads it.
+    """
+
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        weights_record = kwargs.pop("weights_record", None)
+        super().__init__(inputs, outputs, name=name, **kwargs)
+        self.weights_record = weights_record
+
+    def get_config(self):
+        return {**super().get_config(), "weights_record": self.weights_record}
+
+
+# -- The generic builder -------------------------------------------------------------------
 
 
 def PreActResNet(
@@ -193,6 +566,7 @@ def PreActResNet(
     width_multiplier=1,
     unit="full_preact",
     shortcut="identity",
+    layout=None,
     include_top=True,
     weights=None,
     input_tensor=None,
@@ -200,20 +574,16 @@ def PreActResNet(
     pooling=None,
     classes=None,
     classifier_activation="softmax",
+    include_preprocessing=False,
+    preprocessing=None,
     name=None,
     data_format=None,
-    stride_in=None,
-    downsample_in=None,
-    stem_norm=None,
-    stem_pool_padding=None,
-    conv_bias=None,
-    bn_epsilon=None,
-    preact_scope=None,
     bn_momentum=0.9,
     kernel_initializer="he_normal_fan_out",
     drop_path_rate=0.0,
     zero_init_residual=False,
     seed=None,
+    **removed,
 ):
     """Builds a pre-activation ResNet of any depth as a Functional `keras.Model`.
 
@@ -224,12 +594,12 @@ def PreActResNet(
     after conv1 for both of its paths; projection shortcuts are used only when the number of
     channels changes, and then share the unit's pre-activation.
 
-    Choices the paper leaves open, all settable (defaults are the paper's reference code):
-    the stride sits on the first conv of a unit (`stride_in`), in the first unit of a stage
-    (`downsample_in`); no convolution has a bias (`conv_bias`); BN epsilon 1e-5 and momentum
-    0.9 in Keras' convention (Torch's 0.1); conv kernels N(0, sqrt(2 / (k*k*c_out)))
-    ("as in [23]", fan-out He init); the classifier is Torch's default U(+-1/sqrt(fan_in))
-    with zero bias. `docs/models.md` explains each choice.
+    Choices the paper leaves open (defaults are the paper's reference code): where a
+    downsampling unit strides, the stem, conv biases, BN epsilon and what a pre-activation
+    feeds are the `layout=` (`keras_preact.Layout`; presets "paper", "timm", "keras", "fb",
+    "fb_legacy"); BN momentum 0.9 in Keras' convention (Torch's 0.1); conv kernels
+    N(0, sqrt(2 / (k*k*c_out))) ("as in [23]", fan-out He init); the classifier is Torch's
+    default U(+-1/sqrt(fan_in)) with zero bias. `docs/models.md` explains each choice.
 
     Args:
         depth: network depth; picks `block` and `stage_blocks` for the named depths
@@ -241,44 +611,40 @@ def PreActResNet(
         unit: a Fig. 4 unit name (`"original"`, `"bn_after_add"`, `"relu_before_add"`,
             `"relu_preact"`, `"full_preact"`) or a callable; see `keras_preact.units`.
         shortcut: a Fig. 2 shortcut name (`"identity"`, `"constant_scaling"`,
-            `"exclusive_gating"`, `"shortcut_only_gating"`, `"conv1x1"`, `"dropout"`) or a
-            callable; see `keras_preact.shortcuts` for the parameterized factories.
+            `"exclusive_gating"`, `"shortcut_only_gating"`, `"conv1x1"`, `"dropout"`), a
+            `keras_preact.shortcuts` factory's result, or a callable.
+        layout: a `keras_preact.Layout` or a preset name; default: the weights record's
+            layout, else `"paper"`. A layout that contradicts the record raises.
         include_top: whether to add pooling and the classifier.
-        weights: `None`, a path to a `.weights.h5` file, or a weights record
-            (`"imagenet"`, `"fashion_mnist"`, `"<dataset>:<tag>"`); see `docs/weights.md`.
+        weights: `None`, a path to a weights file (a Keras 3 `.weights.h5`, this package's
+            `.h5`, or an upstream file: keras.applications `.h5`, timm `.safetensors`,
+            fb.resnet.torch `.t7`), or a weights record (`"imagenet"`, `"fashion_mnist"`,
+            `"<dataset>:<tag>"`); see `docs/weights.md`.
         input_tensor: optional Keras tensor to build the model on.
         input_shape: `(height, width, channels)` (or channels first); spatial sides may be
-            None. Defaults: (32, 32, 3) CIFAR, (224, 224, 3) ImageNet.
+            None. Defaults: the weights record's, else (32, 32, 3) CIFAR, (224, 224, 3)
+            ImageNet.
         pooling: with `include_top=False`: None (4D output), `"avg"` or `"max"`.
-        classes: number of classes (default 10 for CIFAR, 1000 for ImageNet, or the weights').
+        classes: number of classes (default: the weights', else 10 CIFAR, 1000 ImageNet).
         classifier_activation: activation of the classifier; None returns logits.
-        name: model name.
+        include_preprocessing: if True the model takes RGB (or grey) pixels in [0, 255], of
+            any dtype (uint8 included), and its first layer (`preprocessing`) applies the
+            weights record's normalization, or `preprocessing=`'s.
+        preprocessing: with `include_preprocessing=True` and weights without a record: a
+            mode (`"imagenet_torch"`, `"inception"`, `"fashion_mnist"`) or a `(mean, std)`
+            pair of per-channel values in [0, 1] units (e.g. a dataset's statistics).
+        name: model name (default `preact_resnet{depth}`).
         data_format: `"channels_last"` or `"channels_first"`; default: Keras' config.
-        stride_in: `"first_conv"` (paper) or `"3x3"` (fb.resnet.torch, timm, keras).
-        downsample_in: `"first_unit"` (paper) or `"last_unit"` (keras.applications ResNetV2,
-            whose strided unit subsamples its shortcut with a 1x1 max-pool).
-        stem_norm: BN-ReLU after conv1 (paper: True; timm and keras.applications: False,
-            the first unit then pre-activates both paths itself).
-        stem_pool_padding: `"zeros"` or `"neg_inf"` border for the stem max-pool when the stem
-            has no BN-ReLU (timm pools un-activated values with Torch's -inf padding).
-        conv_bias: True, False, or a subset of `("stem", "projection", "residual_last",
-            "residual_inner")` whose convolutions get a bias. Paper: none.
-        bn_epsilon: BatchNorm epsilon (paper's code: 1e-5).
-        preact_scope: what a unit's pre-activation feeds. `"shared"` (paper): both paths
-            of a projection unit (its bare 1x1 conv reads the pre-activated input), and the
-            first unit reuses the stem's BN-ReLU. `"branch"` (fb.resnet.torch's published
-            ResNet-200): only the residual branch, in every unit including the first;
-            projections are 1x1 conv-BN on the un-activated unit input. Units without
-            pre-activation (Fig. 4 a-c) are the same under both.
         bn_momentum: BatchNorm momentum, Keras convention (paper's code: Torch 0.1 = 0.9).
         kernel_initializer: conv kernel initializer; default fan-out He normal.
         drop_path_rate: stochastic depth, rising linearly from 0 to this rate over the
             units (beyond the paper).
         zero_init_residual: start every residual branch at zero (beyond the paper).
-        seed: seed for the random layers (dropout shortcut, drop path).
+        seed: base seed of the random layers (dropout shortcut, drop path); each layer
+            derives its own.
 
     Returns:
-        A `keras.Model`.
+        A `keras.Model` (`PreActResNetModel`, whose `weights_record` names the record loaded).
 
     Example:
 
@@ -288,243 +654,158 @@ def PreActResNet(
     >>> model.name
     'preact_resnet110'
     """
-    # 1. Validate every argument before building anything.
-    _check_choice("family", family)
-    _check_choice("pooling", pooling)
-    _check_choice("data_format", data_format)
-    data_format = data_format or keras.config.image_data_format()
-    block, stage_blocks = _stage_blocks(family, depth, block, stage_blocks)
-    depth = sum(stage_blocks) * kp_units.BLOCKS[block] + 2
-    unit_fn = kp_units.make_unit(unit)
-    merge_fn = kp_shortcuts.get(shortcut)
-    if not 0.0 <= drop_path_rate < 1.0:
-        raise ValueError(f"drop_path_rate={drop_path_rate!r} must be in [0, 1).")
-    if width_multiplier <= 0:
-        raise ValueError(f"width_multiplier={width_multiplier!r} must be positive.")
-
-    user_layout = {
-        "stride_in": stride_in,
-        "downsample_in": downsample_in,
-        "stem_norm": stem_norm,
-        "stem_pool_padding": stem_pool_padding,
-        "conv_bias": conv_bias,
-        "bn_epsilon": bn_epsilon,
-        "preact_scope": preact_scope,
-    }
-    default_name = f"preact_resnet{depth}"
-    record = kp_weights.resolve(
-        weights,
-        model_name=name or default_name,
+    if removed:
+        moved = sorted(k for k in removed if k in _LAYOUT_KEYWORDS)
+        if moved:
+            example = ", ".join(f"{k}={removed[k]!r}" for k in moved)
+            raise TypeError(
+                f"{moved} are options of layout=, not builder arguments: pass "
+                f"layout=keras_preact.Layout.get('paper').replace({example}), or a preset "
+                f"name in {list(LAYOUTS)}."
+            )
+        raise TypeError(f"PreActResNet got unexpected keyword arguments {sorted(removed)}.")
+    arch = _resolve(
         depth=depth,
         family=family,
         block=block,
-        include_top=include_top,
-        classes=classes,
+        stage_blocks=stage_blocks,
+        width_multiplier=width_multiplier,
         unit=unit,
         shortcut=shortcut,
-        layout=user_layout,
-    )
-    layout = dict(LAYOUT_DEFAULTS)
-    layout.update(record.layout if record is not None else {})
-    layout.update({k: v for k, v in user_layout.items() if v is not None})
-    if record is not None and classes is None:
-        classes = record.classes
-    if classes is None:
-        classes = 10 if family == "cifar" else 1000
-    if include_top and (not isinstance(classes, int) or classes < 1):
-        raise ValueError(f"classes={classes!r} must be a positive integer.")
-    for arg in ("stride_in", "downsample_in", "stem_pool_padding", "preact_scope"):
-        _check_choice(arg, layout[arg])
-    bias = conv_bias_places(layout["conv_bias"])
-    head = getattr(unit_fn, "head", None)
-    if not layout["stem_norm"] and isinstance(unit, str) and head is None:
-        raise ValueError(
-            f"stem_norm=False needs a pre-activation unit; unit={unit!r} post-activates, so "
-            "its stem must end with BN-ReLU. Allowed with stem_norm=False: "
-            "['full_preact', 'relu_preact']."
-        )
-    if record is not None and input_shape is None and input_tensor is None:
-        input_shape = record.default_input_shape(data_format)
-    input_shape = _input_shape(family, input_shape, data_format, input_tensor)
-
-    ctx = BuildContext(
+        layout=layout,
+        include_top=include_top,
+        weights=weights,
+        input_tensor=input_tensor,
+        input_shape=input_shape,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        include_preprocessing=include_preprocessing,
+        preprocessing=preprocessing,
+        name=name,
         data_format=data_format,
-        bn_epsilon=float(layout["bn_epsilon"]),
-        bn_momentum=float(bn_momentum),
-        conv_bias=bias,
+        bn_momentum=bn_momentum,
         kernel_initializer=kernel_initializer,
-        zero_init_residual=bool(zero_init_residual),
-        stem_norm=bool(layout["stem_norm"]),
-        stride_in=layout["stride_in"],
-        preact_scope=layout["preact_scope"],
+        drop_path_rate=drop_path_rate,
+        zero_init_residual=zero_init_residual,
         seed=seed,
     )
-    spec = FAMILIES[family]
-    widths = [int(round(w * width_multiplier)) for w in spec["widths"][block]]
-    strides = list(spec["strides"])
-
-    # 2. Input and stem.
-    if input_tensor is None:
-        img_input = keras.layers.Input(shape=input_shape)
-    elif not keras.backend.is_keras_tensor(input_tensor):
-        img_input = keras.layers.Input(tensor=input_tensor, shape=input_shape)
-    else:
-        img_input = input_tensor
-    x = _stem(img_input, ctx, family, spec["stem_width"], layout["stem_pool_padding"])
-
-    # 3. Stages. `downsample_in="last_unit"` moves each stage's stride to the previous
-    # stage's last unit (keras.applications ResNetV2); the resolutions of the outputs match.
-    n_units = sum(stage_blocks)
-    index = 0
-    for s, (n, width) in enumerate(zip(stage_blocks, widths)):
-        for b in range(n):
-            if layout["downsample_in"] == "first_unit":
-                stride = strides[s] if b == 0 else 1
-            else:
-                nxt = strides[s + 1] if s + 1 < len(strides) else 1
-                stride = nxt if b == n - 1 else 1
-            rate = drop_path_rate * index / max(n_units - 1, 1)
-            x = unit_fn(
-                x,
-                block=block,
-                filters=width,
-                stride=stride,
-                first=index == 0,
-                shortcut=merge_fn,
-                ctx=ctx,
-                name=f"conv{s + 2}_block{b + 1}",
-                drop_path_rate=rate,
-            )
-            index += 1
-
-    # 4. Head: the extra activation after the last unit (appendix), pooling, classifier.
-    out_dtype = _output_dtype()
-    if head:
-        x = ctx.act(x, head, name="post")
-    if include_top:
-        x = keras.layers.GlobalAveragePooling2D(data_format=data_format, name="avg_pool")(x)
-        x = keras.layers.Dense(
-            classes,
-            activation=classifier_activation,
-            kernel_initializer=torch_linear_init(),
-            bias_initializer="zeros",
-            dtype=out_dtype,
-            name="predictions",
-        )(x)
-    elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(
-            data_format=data_format, dtype=out_dtype, name="avg_pool"
-        )(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(
-            data_format=data_format, dtype=out_dtype, name="max_pool"
-        )(x)
-    elif out_dtype is not None:
-        x = keras.layers.Activation("linear", dtype=out_dtype, name="output_float32")(x)
-
-    inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else img_input
-    model = keras.Model(inputs, x, name=name or default_name)
-
-    # 5. Weights.
-    if weights is not None:
-        kp_weights.load(model, weights, record)
+    model = _graph(arch)
+    if arch.weights is not None:
+        kp_weights.load(model, arch.weights)
     return model
 
 
-def _named(model_name):
-    """Creates a named builder: looks up its row of `MODELS` and calls `PreActResNet`."""
-    row = MODELS[model_name]
+# -- Named entry points ----------------------------------------------------------------------
 
-    def builder(
-        *,
-        include_top=True,
-        weights=None,
-        input_tensor=None,
-        input_shape=None,
-        pooling=None,
-        classes=None,
-        classifier_activation="softmax",
-        name=None,
-        unit="full_preact",
-        shortcut="identity",
-        **kwargs,
-    ):
-        for key in ("depth", "family", "block", "stage_blocks"):
-            if key in kwargs:
-                raise TypeError(
-                    f"{model_name} fixes `{key}`; use keras_preact.PreActResNet for another."
-                )
-        return PreActResNet(
-            **row,
-            include_top=include_top,
-            weights=weights,
-            input_tensor=input_tensor,
-            input_shape=input_shape,
-            pooling=pooling,
-            classes=classes,
-            classifier_activation=classifier_activation,
-            name=name or f"preact_resnet{row['depth']}",
-            unit=unit,
-            shortcut=shortcut,
-            **kwargs,
+
+def _named(model_name, kwargs):
+    """Builds the row of `MODELS` named `model_name` with the caller's keyword arguments."""
+    fixed = sorted(set(kwargs) & set(MODELS[model_name]))
+    if fixed:
+        raise TypeError(
+            f"{model_name} fixes {', '.join(f'`{k}`' for k in fixed)}; use "
+            "keras_preact.PreActResNet for another value."
         )
-
-    builder.__name__ = builder.__qualname__ = model_name
-    family = row["family"]
-    builder.__doc__ = (
-        f"Pre-activation ResNet-{row['depth']} ({family} family, {row['block']} units, "
-        f"{row['stage_blocks']} units per stage).\n\n"
-        "Takes the keras.applications arguments (`include_top`, `weights`, `input_tensor`,\n"
-        "`input_shape`, `pooling`, `classes`, `classifier_activation`, `name`), `unit=` and\n"
-        "`shortcut=`, and every keyword option of `keras_preact.PreActResNet`.\n\n"
-        "Example:\n\n"
-        f">>> import keras_preact\n>>> model = keras_preact.{model_name}("
-        + ("input_shape=(32, 32, 3), classes=10)\n" if family == "cifar" else "weights=None)\n")
-    )
-    return builder
+    return PreActResNet(**MODELS[model_name], **kwargs)
 
 
-MODELS = {
-    **{
-        f"PreActResNet{d}": {"depth": d, "family": "imagenet", "block": b, "stage_blocks": s}
-        for d, (b, s) in IMAGENET_STAGES.items()
-    },
-    **{
-        f"PreActResNet{d}": {
-            "depth": d,
-            "family": "cifar",
-            "block": b,
-            "stage_blocks": (((d - 2) // CIFAR_DEPTH_RULE[b][0]),) * 3,
-        }
-        for d, b in CIFAR_NAMED.items()
-    },
-}
+def PreActResNet18(**kwargs):
+    """Pre-activation ResNet-18: ImageNet family, basic units, (2, 2, 2, 2) per stage."""
+    return _named("PreActResNet18", kwargs)
 
-PreActResNet18 = _named("PreActResNet18")
-PreActResNet34 = _named("PreActResNet34")
-PreActResNet50 = _named("PreActResNet50")
-PreActResNet101 = _named("PreActResNet101")
-PreActResNet152 = _named("PreActResNet152")
-PreActResNet200 = _named("PreActResNet200")
-PreActResNet20 = _named("PreActResNet20")
-PreActResNet32 = _named("PreActResNet32")
-PreActResNet44 = _named("PreActResNet44")
-PreActResNet56 = _named("PreActResNet56")
-PreActResNet110 = _named("PreActResNet110")
-PreActResNet164 = _named("PreActResNet164")
-PreActResNet1001 = _named("PreActResNet1001")
+
+def PreActResNet34(**kwargs):
+    """Pre-activation ResNet-34: ImageNet family, basic units, (3, 4, 6, 3) per stage."""
+    return _named("PreActResNet34", kwargs)
+
+
+def PreActResNet50(**kwargs):
+    """Pre-activation ResNet-50: ImageNet family, bottleneck units, (3, 4, 6, 3) per stage."""
+    return _named("PreActResNet50", kwargs)
+
+
+def PreActResNet101(**kwargs):
+    """Pre-activation ResNet-101: ImageNet family, bottleneck units, (3, 4, 23, 3) per stage."""
+    return _named("PreActResNet101", kwargs)
+
+
+def PreActResNet152(**kwargs):
+    """Pre-activation ResNet-152: ImageNet family, bottleneck units, (3, 8, 36, 3) per stage."""
+    return _named("PreActResNet152", kwargs)
+
+
+def PreActResNet200(**kwargs):
+    """Pre-activation ResNet-200: ImageNet family, bottleneck units, (3, 24, 36, 3) per stage."""
+    return _named("PreActResNet200", kwargs)
+
+
+def PreActResNet20(**kwargs):
+    """Pre-activation ResNet-20: CIFAR family, basic units, 3 per stage."""
+    return _named("PreActResNet20", kwargs)
+
+
+def PreActResNet32(**kwargs):
+    """Pre-activation ResNet-32: CIFAR family, basic units, 5 per stage."""
+    return _named("PreActResNet32", kwargs)
+
+
+def PreActResNet44(**kwargs):
+    """Pre-activation ResNet-44: CIFAR family, basic units, 7 per stage."""
+    return _named("PreActResNet44", kwargs)
+
+
+def PreActResNet56(**kwargs):
+    """Pre-activation ResNet-56: CIFAR family, basic units, 9 per stage."""
+    return _named("PreActResNet56", kwargs)
+
+
+def PreActResNet110(**kwargs):
+    """Pre-activation ResNet-110: CIFAR family, basic units, 18 per stage."""
+    return _named("PreActResNet110", kwargs)
+
+
+def PreActResNet164(**kwargs):
+    """Pre-activation ResNet-164: CIFAR family, bottleneck units, 18 per stage."""
+    return _named("PreActResNet164", kwargs)
+
+
+def PreActResNet1001(**kwargs):
+    """Pre-activation ResNet-1001: CIFAR family, bottleneck units, 111 per stage."""
+    return _named("PreActResNet1001", kwargs)
+
+
+_BUILDERS = {
+    f.__name__: f
+    for f in (PreActResNet18, PreActResNet34, PreActResNet50, PreActResNet101,
+              PreActResNet152, PreActResNet200, PreActResNet20, PreActResNet32,
+              PreActResNet44, PreActResNet56, PreActResNet110, PreActResNet164,
+              PreActResNet1001)
+}  # fmt: skip
 
 
 def list_models():
-    """Names of every named builder, ImageNet family first, by depth."""
+    """Names of every named builder, ImageNet family first, by depth.
+
+    >>> import keras_preact
+    >>> keras_preact.list_models()[:3]
+    ['PreActResNet18', 'PreActResNet34', 'PreActResNet50']
+    """
     return list(MODELS)
 
 
 def get_model(name, **kwargs):
-    """Builds a named model: `get_model("PreActResNet164", classes=10)`."""
-    if name not in MODELS:
+    """Builds a named model: `get_model("PreActResNet164", classes=10)`.
+
+    Raises:
+        ValueError: for an unknown name, listing the names.
+    """
+    if not isinstance(name, str) or name not in _BUILDERS:
         raise ValueError(f"Unknown model name={name!r}. Allowed: {list_models()}.")
-    return globals()[name](**kwargs)
+    return _BUILDERS[name](**kwargs)
+
+
+# -- Backbone view -----------------------------------------------------------------------------
 
 
 def _downsamples(model, prefix):
@@ -540,18 +821,24 @@ def feature_extractor(model):
 
     Keys are the stage names (`"conv2"` ... `"conv5"` for ImageNet, `"conv2"` ... `"conv4"`
     for CIFAR); values the stage's last unit output (with `downsample_in="last_unit"`, the
-    output before the stage's strided last unit, so strides stay 4/8/16/32), except that the deepest stage uses the
-    final `post_relu` where the network has one, since pre-activation sums are not normalized
-    (timm's `features_only` makes the same choice). Built on the same layers, so it shares
-    weights with `model`.
+    output before the stage's strided last unit, so strides stay 4/8/16/32), except that
+    the deepest stage uses the final `post_relu` where the network has one, since
+    pre-activation sums are not normalized (timm's `features_only` makes the same choice).
+    Built on the same layers, so it shares weights with `model`.
 
     Example:
 
     >>> import keras_preact
-    >>> backbone = keras_preact.feature_extractor(keras_preact.PreActResNet50(include_top=False))
-    >>> sorted(backbone.output)
-    ['conv2', 'conv3', 'conv4', 'conv5']
+    >>> model = keras_preact.PreActResNet18(include_top=False, input_shape=(64, 64, 3))
+    >>> backbone = keras_preact.feature_extractor(model)
+    >>> {k: tuple(v.shape[1:3]) for k, v in backbone.output.items()}
+    {'conv2': (16, 16), 'conv3': (8, 8), 'conv4': (4, 4), 'conv5': (2, 2)}
     """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"feature_extractor expects a built keras.Model, got {model!r}; build one first, "
+            "e.g. feature_extractor(keras_preact.get_model('PreActResNet20'))."
+        )
     names = [layer.name for layer in model.layers]
     unit_outs = {}
     for n in names:

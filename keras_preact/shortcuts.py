@@ -18,42 +18,49 @@ as `shortcut=` to any builder:
 ...     return keras.layers.Add(name=name)([x, residual])
 >>> model = keras_preact.PreActResNet20(shortcut=half_identity, input_shape=(32, 32, 3))
 
-The named variants below are factories: `shortcut="exclusive_gating"` uses the paper's
-defaults and `shortcut=shortcuts.exclusive_gating(gate_bias=0.0)` any other setting.
+The named variants below are factories of `Shortcut` values: `shortcut="exclusive_gating"`
+uses the paper's defaults and `shortcut=shortcuts.exclusive_gating(gate_bias=0.0)` any
+other setting. A `Shortcut` compares by name and parameters, so
+`shortcuts.exclusive_gating(-6.0) == shortcuts.get("exclusive_gating")`.
 Variants replace only the identity shortcuts; units that change shape keep their
 projection (Sec. 3.1: "we use 1x1 conv shortcuts only when dimensions increase").
 """
 
+import dataclasses
+
 import keras
 
 from keras_preact import layers
+from keras_preact.context import derive_seed
 
 
-def identity():
-    """Fig. 2(a): `x_{l+1} = x + F(x)`."""
+@dataclasses.dataclass(frozen=True)
+class Shortcut:
+    """A named shortcut variant of Fig. 2 with its parameters; calling it merges two paths.
 
-    def merge(x, residual, *, ctx, name, prefix):
-        return keras.layers.Add(name=name)([x, residual])
-
-    merge.shortcut_name = "identity"
-    return merge
-
-
-def constant_scaling(shortcut_scale=0.5, residual_scale=0.5):
-    """Fig. 2(b): `x_{l+1} = lambda * x + s * F(x)`.
-
-    Defaults to Table 1's only converging case: lambda = 0.5 with F scaled by 1 - lambda.
-
-    Args:
-        shortcut_scale: lambda, the factor on the shortcut.
-        residual_scale: the factor on F (1.0 for "F unscaled", which the paper reports fails).
+    Attributes:
+        kind: the variant's name, a key of `SHORTCUTS`.
+        params: its parameters, `((name, value), ...)` in the factory's order.
     """
 
-    def merge(x, residual, *, ctx, name, prefix):
-        return layers.ScaledAdd(shortcut_scale, residual_scale, name=name)([x, residual])
+    kind: str
+    params: tuple = ()
 
-    merge.shortcut_name = "constant_scaling"
-    return merge
+    def __call__(self, x, residual, *, ctx, name, prefix):
+        return _MERGES[self.kind](x, residual, ctx=ctx, name=name, prefix=prefix,
+                                  **dict(self.params))  # fmt: skip
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params)
+        return f"shortcuts.{self.kind}({args})"
+
+
+def _identity(x, residual, *, ctx, name, prefix):
+    return keras.layers.Add(name=name)([x, residual])
+
+
+def _constant_scaling(x, residual, *, ctx, name, prefix, shortcut_scale, residual_scale):
+    return layers.ScaledAdd(shortcut_scale, residual_scale, name=name)([x, residual])
 
 
 def _gate(x, ctx, prefix, gate_bias):
@@ -70,19 +77,74 @@ def _gate(x, ctx, prefix, gate_bias):
     )(x)
 
 
+def _exclusive_gating(x, residual, *, ctx, name, prefix, gate_bias):
+    g = _gate(x, ctx, prefix, gate_bias)
+    return layers.GatedAdd("exclusive", name=name)([x, residual, g])
+
+
+def _shortcut_only_gating(x, residual, *, ctx, name, prefix, gate_bias):
+    g = _gate(x, ctx, prefix, gate_bias)
+    return layers.GatedAdd("shortcut_only", name=name)([x, residual, g])
+
+
+def _conv1x1(x, residual, *, ctx, name, prefix):
+    h = ctx.conv(x, ctx.channels(x), 1, name=f"{prefix}_0_conv", bias_place="projection")
+    return keras.layers.Add(name=name)([h, residual])
+
+
+def _dropout(x, residual, *, ctx, name, prefix, rate, seed):
+    layer_name = f"{prefix}_shortcut_dropout"
+    s = ctx.layer_seed(layer_name) if seed is None else derive_seed(seed, layer_name)
+    h = layers.ShortcutDropout(rate, seed=s, name=layer_name)(x)
+    return keras.layers.Add(name=name)([h, residual])
+
+
+_MERGES = {
+    "identity": _identity,
+    "constant_scaling": _constant_scaling,
+    "exclusive_gating": _exclusive_gating,
+    "shortcut_only_gating": _shortcut_only_gating,
+    "conv1x1": _conv1x1,
+    "dropout": _dropout,
+}
+
+
+def _number(value, arg, low=None, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {arg}={value!r}: expected a number.")
+    if (low is not None and value < low) or (high is not None and value >= high):
+        raise ValueError(f"Invalid {arg}={value!r}: expected a number in [{low}, {high}).")
+    return float(value)
+
+
+def identity():
+    """Fig. 2(a): `x_{l+1} = x + F(x)`."""
+    return Shortcut("identity")
+
+
+def constant_scaling(shortcut_scale=0.5, residual_scale=0.5):
+    """Fig. 2(b): `x_{l+1} = lambda * x + s * F(x)`.
+
+    Defaults to Table 1's only converging case: lambda = 0.5 with F scaled by 1 - lambda.
+
+    Args:
+        shortcut_scale: lambda, the factor on the shortcut.
+        residual_scale: the factor on F (1.0 for "F unscaled", which the paper reports fails).
+    """
+    return Shortcut(
+        "constant_scaling",
+        (("shortcut_scale", _number(shortcut_scale, "shortcut_scale")),
+         ("residual_scale", _number(residual_scale, "residual_scale"))),
+    )  # fmt: skip
+
+
 def exclusive_gating(gate_bias=-6.0):
     """Fig. 2(c): `x_{l+1} = (1 - g(x)) * x + g(x) * F(x)`, g a 1x1-conv sigmoid gate.
 
     Args:
         gate_bias: initial bias b_g of the gate; Table 1 finds -6 best (0 to -5 fail).
     """
-
-    def merge(x, residual, *, ctx, name, prefix):
-        g = _gate(x, ctx, prefix, gate_bias)
-        return layers.GatedAdd("exclusive", name=name)([x, residual, g])
-
-    merge.shortcut_name = "exclusive_gating"
-    return merge
+    return Shortcut("exclusive_gating", (("gate_bias", _number(gate_bias, "gate_bias")),))
 
 
 def shortcut_only_gating(gate_bias=-6.0):
@@ -91,24 +153,12 @@ def shortcut_only_gating(gate_bias=-6.0):
     Args:
         gate_bias: initial gate bias; Table 1: -6 gives 6.91%, 0 gives 12.86%.
     """
-
-    def merge(x, residual, *, ctx, name, prefix):
-        g = _gate(x, ctx, prefix, gate_bias)
-        return layers.GatedAdd("shortcut_only", name=name)([x, residual, g])
-
-    merge.shortcut_name = "shortcut_only_gating"
-    return merge
+    return Shortcut("shortcut_only_gating", (("gate_bias", _number(gate_bias, "gate_bias")),))
 
 
 def conv1x1():
     """Fig. 2(e): `x_{l+1} = W x + F(x)`, W a 1x1 convolution (no BN, as drawn)."""
-
-    def merge(x, residual, *, ctx, name, prefix):
-        h = ctx.conv(x, ctx.channels(x), 1, name=f"{prefix}_0_conv", bias_place="projection")
-        return keras.layers.Add(name=name)([h, residual])
-
-    merge.shortcut_name = "conv1x1"
-    return merge
+    return Shortcut("conv1x1")
 
 
 def dropout(rate=0.5, seed=None):
@@ -116,18 +166,15 @@ def dropout(rate=0.5, seed=None):
 
     Args:
         rate: the drop probability (the paper's 0.5).
-        seed: optional seed for the masks.
+        seed: optional base seed of the masks; each unit derives its own from it (default:
+            from the network's `seed=`).
     """
-
-    def merge(x, residual, *, ctx, name, prefix):
-        s = seed if seed is not None else ctx.seed
-        h = layers.ShortcutDropout(rate, seed=s, name=f"{prefix}_shortcut_dropout")(x)
-        return keras.layers.Add(name=name)([h, residual])
-
-    merge.shortcut_name = "dropout"
-    return merge
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"Invalid seed={seed!r}: expected an int or None.")
+    return Shortcut("dropout", (("rate", _number(rate, "rate", 0.0, 1.0)), ("seed", seed)))
 
 
+#: The factories, by name.
 SHORTCUTS = {
     "identity": identity,
     "constant_scaling": constant_scaling,
@@ -139,12 +186,23 @@ SHORTCUTS = {
 
 
 def get(shortcut):
-    """Returns the merge function for a shortcut name or a user callable."""
+    """The merge function for a shortcut name, a `Shortcut`, or a user callable.
+
+    Raises:
+        ValueError: for an unknown name, or a factory passed without calling it.
+    """
+    for kind, factory in SHORTCUTS.items():
+        if shortcut is factory:
+            raise ValueError(
+                f"shortcut=shortcuts.{kind} is the factory, not a shortcut: call it, e.g. "
+                f"shortcut=shortcuts.{kind}(), or pass shortcut={kind!r}."
+            )
+    if isinstance(shortcut, str) and shortcut in SHORTCUTS:
+        return SHORTCUTS[shortcut]()
     if callable(shortcut):
         return shortcut
-    if shortcut not in SHORTCUTS:
-        raise ValueError(
-            f"Unknown shortcut={shortcut!r}. Allowed: {sorted(SHORTCUTS)} "
-            "or a callable `(x, residual, *, ctx, name, prefix) -> tensor`."
-        )
-    return SHORTCUTS[shortcut]()
+    raise ValueError(
+        f"Unknown shortcut={shortcut!r}. Allowed: {sorted(SHORTCUTS)}, a "
+        "keras_preact.shortcuts factory's result, or a callable "
+        "`(x, residual, *, ctx, name, prefix) -> tensor`."
+    )

@@ -92,12 +92,12 @@ def _residual_unit(
     spec, x, *, block, filters, stride, first, shortcut, ctx, name, drop_path_rate=0.0
 ):
     project = ctx.channels(x) != filters
-    shared = ctx.preact_scope == "shared"
+    shared = ctx.layout.preact_scope == "shared"
     # Appendix ("shared"): the first unit reuses the activation right after conv1 (the
     # stem's BN-ReLU) for both paths; every projection unit shares its pre-activation with
     # the 1x1 conv. "branch": the pre-activation feeds the residual branch only, in every
     # unit, and the projection (conv-BN) reads the raw unit input.
-    if spec.pre and not (shared and first and ctx.stem_norm):
+    if spec.pre and not (shared and first and ctx.layout.stem_norm):
         preact = ctx.act(x, spec.pre, name=f"{name}_preact")
     else:
         preact = x
@@ -121,7 +121,7 @@ def _residual_unit(
     else:
         sc = None
 
-    convs = branch_convs(block, filters, stride, ctx.stride_in)
+    convs = branch_convs(block, filters, stride, ctx.layout.stride_in)
     y = preact
     zero_last_conv = ctx.zero_init_residual and spec.last is None
     for i, (f, k, s) in enumerate(convs, start=1):
@@ -140,7 +140,8 @@ def _residual_unit(
     if spec.last:
         y = ctx.act(y, spec.last, name=f"{name}_{len(convs)}", zero=ctx.zero_init_residual)
     if drop_path_rate > 0.0:
-        y = layers.DropPath(drop_path_rate, seed=ctx.seed, name=f"{name}_drop_path")(y)
+        drop_name = f"{name}_drop_path"
+        y = layers.DropPath(drop_path_rate, seed=ctx.layer_seed(drop_name), name=drop_name)(y)
 
     merge_name = f"{name}_add" if spec.post else f"{name}_out"
     if sc is not None:
@@ -158,7 +159,7 @@ def make_unit(kind):
     """The unit function for a Fig. 4 name, or the callable itself."""
     if callable(kind):
         return kind
-    if kind not in UNITS:
+    if not isinstance(kind, str) or kind not in UNITS:
         raise ValueError(
             f"Unknown unit={kind!r}. Allowed: {sorted(UNITS)} or a callable "
             "`(x, *, block, filters, stride, first, shortcut, ctx, name, drop_path_rate)`."
@@ -169,6 +170,4 @@ def make_unit(kind):
         return _residual_unit(spec, x, **kwargs)
 
     unit.head = spec.head
-    unit.spec = spec
-    unit.unit_name = kind
     return unit

@@ -1,64 +1,47 @@
 """Pretrained weights: the table of records (data), resolution of `weights=`, and loading.
 
-Reading order: the layouts of the upstream codebases, the `WeightsRecord` schema, the
-`RECORDS` table (one row per downloadable or shipped file; `docs/weights.md` is the same
-table for people), then `resolve` (called by the builder before building: picks the record,
-checks it against the user's arguments) and `load` (called after building: fetches,
-verifies, converts and assigns every tensor, or raises before setting any).
+Reading order: the `WeightsRecord` schema, the `RECORDS` table (one row per downloadable or
+shipped file; `docs/weights.md` is the same table for people), then `resolve` (called by
+the builder before building: picks the record, checks it against the user's arguments and
+returns what it found, with any tensors it had to read), `fetch` and `load` (called after
+building: fetches, verifies, converts and assigns every tensor, or raises before setting
+any). This module never imports the builder: data flows from the builder to here.
 
 `weights=` accepts `None`, a local file (a Keras 3 `.weights.h5` from `model.save_weights`,
-or an upstream file in its own format: keras.applications `.h5`, timm `.safetensors`,
-fb.resnet.torch `.t7`), `"imagenet"` (the record with the best source-reported top-1 for
-that depth), a dataset name (`"fashion_mnist"`), or `"<dataset>:<tag>"`.
+this package's own `.h5` from `tools/export_weights.py`, or an upstream file in its own
+format: keras.applications `.h5`, timm `.safetensors`, fb.resnet.torch `.t7`),
+`"imagenet"` (the record with the best source-reported top-1 for that depth), a dataset
+name (`"fashion_mnist"`), or `"<dataset>:<tag>"`.
 """
 
+import contextlib
 import dataclasses
+import glob
 import hashlib
+import json
 import os
+import struct
+import urllib.request
 
 import keras
 import numpy as np
 
 from keras_preact import convert
-from keras_preact.context import PAPER_LAYOUT, conv_bias_places
+from keras_preact import shortcuts as kp_shortcuts
+from keras_preact.layout import LAYOUTS, Layout
 
-#: The paper's reference code (the authors' resnet-1k-layers): every builder's defaults.
-LAYOUT_PAPER = PAPER_LAYOUT
-#: timm `resnetv2_{18,34,50,101}`: stem conv without norm, Torch max-pool (-inf border),
-#: stride on the 3x3, projection on the pre-activated input, no conv biases.
-LAYOUT_TIMM = {
-    "stride_in": "3x3",
-    "downsample_in": "first_unit",
-    "stem_norm": False,
-    "stem_pool_padding": "neg_inf",
-    "conv_bias": (),
-    "bn_epsilon": 1e-5,
-    "preact_scope": "shared",
+#: The layout and preprocessing each upstream file format implies when a local file has
+#: no record (a local `.t7` file is read first and takes "fb" or "fb_legacy" from its
+#: structure). This package's own files carry neither: the builder arguments give them.
+FORMAT_DEFAULTS = {
+    "keras_h5": ("keras", "inception"),
+    "timm_safetensors": ("timm", "inception"),
+    "torch7": ("fb", "imagenet_torch"),
 }
-#: keras.applications ResNetV2 (`keras/src/applications/resnet.py`, `residual_block_v2`):
-#: stride in each stage's last unit with a 1x1 max-pool shortcut, biases on all but the
-#: inner convolutions, BN epsilon 1.001e-5.
-LAYOUT_KERAS = {
-    "stride_in": "3x3",
-    "downsample_in": "last_unit",
-    "stem_norm": False,
-    "stem_pool_padding": "zeros",
-    "conv_bias": ("stem", "projection", "residual_last"),
-    "bn_epsilon": 1.001e-5,
-    "preact_scope": "shared",
-}
-#: fb.resnet.torch `models/preresnet.lua` since PR #42 (ImageNet): the paper's layout (stem
-#: conv-BN-ReLU, "both_preact" first units of later stages) but the stride on the 3x3.
-LAYOUT_FB = {**LAYOUT_PAPER, "stride_in": "3x3"}
-#: The structure of the published `resnet-200.t7` (preresnet.lua before PR #42, whose
-#: `layer()` dropped each unit's type): every unit pre-activates only its residual branch,
-#: the first unit again after the stem's BN-ReLU; projections are conv-BN on the raw input.
-LAYOUT_FB_LEGACY = {**LAYOUT_FB, "preact_scope": "branch"}
-#: The layout each upstream file format implies when a local file has no record (a local
-#: `.t7` file is read first and takes LAYOUT_FB or LAYOUT_FB_LEGACY from its structure).
-FORMAT_LAYOUTS = {"keras_h5": LAYOUT_KERAS, "timm_safetensors": LAYOUT_TIMM, "torch7": LAYOUT_FB}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: What a `weights=` string ends with when it names a file rather than a record.
+_FILE_SUFFIXES = (".h5", ".hdf5", ".keras", ".safetensors", ".t7")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,20 +54,23 @@ class WeightsRecord:
         dataset: `"imagenet"`, `"fashion_mnist"`, or `"local"` for a file without a record.
         classes: classifier width of the file (None: unknown, for local files).
         input_shape: default input `(height, width, channels)` the builder uses.
-        layout: the `PreActResNet` layout options the file needs (all seven).
+        layout: the `keras_preact.Layout` the file needs (None: any, for this package's
+            own local files, whose layout the builder arguments give).
         source: where the weights come from, with a link.
-        format: `"keras_h5"`, `"timm_safetensors"`, `"torch7"` or `"keras_native"`.
+        format: `"keras_h5"`, `"timm_safetensors"`, `"torch7"` or `"keras_preact_h5"`.
         url: download URL (None for shipped files).
         file_name: name in the Keras cache (`~/.keras/models/`).
         file_hash, hash_algorithm: the hash the source publishes (None where it does not).
         license: license of the weights as the source states it.
         num_params: `model.count_params()` of the built model, BatchNorm moving statistics
             included as in keras.applications (checked by a test).
-        top1, top5: accuracy (%) as reported by `metrics_source`, not measured here.
+        top1, top5: accuracy (%) as reported by `metrics_source`.
         metrics_source: who reported `top1`/`top5`, and how (crop, resolution).
         eval_size: input side at which `top1` was measured.
-        preprocessing: the `imagenet_utils.preprocess_input` mode.
-        unit, shortcut: the unit and shortcut the weights were trained with.
+        preprocessing: the `keras_preact.preprocess_input` mode of the file's inputs (None:
+            unknown, for this package's own local files).
+        unit, shortcut: the unit and shortcut names the weights were trained with (None:
+            unknown, not checked).
         shipped: path of the file inside the package, for weights that ship with it.
         command: the exact command that produced our own weights.
     """
@@ -94,9 +80,9 @@ class WeightsRecord:
     dataset: str
     classes: int | None
     input_shape: tuple | None
-    layout: dict
+    layout: Layout | None
     source: str = ""
-    format: str = "keras_native"
+    format: str = "keras_preact_h5"
     url: str | None = None
     file_name: str | None = None
     file_hash: str | None = None
@@ -107,15 +93,16 @@ class WeightsRecord:
     top5: float | None = None
     metrics_source: str = ""
     eval_size: int | None = None
-    preprocessing: str = "imagenet_torch"
-    unit: str = "full_preact"
-    shortcut: str = "identity"
+    preprocessing: str | None = "imagenet_torch"
+    unit: str | None = "full_preact"
+    shortcut: str | None = "identity"
     shipped: str | None = None
     command: str | None = None
 
     @property
     def name(self):
-        return f"{self.dataset}:{self.tag}"
+        """`"<dataset>:<tag>"`; for a local file without a record, its path."""
+        return self.source if self.dataset == "local" else f"{self.dataset}:{self.tag}"
 
     @property
     def depth(self):
@@ -140,7 +127,7 @@ def _timm(depth, tag, top1, params, crop):
     arch = f"resnetv2_{depth}.{tag}"
     return WeightsRecord(
         model=f"PreActResNet{depth}", tag=f"timm_{tag}", dataset="imagenet", classes=1000,
-        input_shape=(224, 224, 3), layout=LAYOUT_TIMM, source=_TIMM_SOURCE.format(arch, arch),
+        input_shape=(224, 224, 3), layout=LAYOUTS["timm"], source=_TIMM_SOURCE.format(arch, arch),
         format="timm_safetensors", url=_HF.format(arch), file_name=f"timm_{arch}.safetensors",
         license="Apache-2.0 (timm pretrained_cfg)", num_params=params, top1=top1,
         metrics_source=_TIMM_METRICS.format(crop), eval_size=224, preprocessing="inception",
@@ -151,7 +138,7 @@ def _keras(depth, md5, top1, top5, params):
     fname = f"resnet{depth}v2_weights_tf_dim_ordering_tf_kernels.h5"
     return WeightsRecord(
         model=f"PreActResNet{depth}", tag="keras", dataset="imagenet", classes=1000,
-        input_shape=(224, 224, 3), layout=LAYOUT_KERAS,
+        input_shape=(224, 224, 3), layout=LAYOUTS["keras"],
         source=f"keras.applications ResNet{depth}V2 (keras/src/applications/resnet.py)",
         format="keras_h5", url=_KERAS + fname, file_name=fname, file_hash=md5,
         hash_algorithm="md5", license="Apache-2.0 (Keras)", num_params=params, top1=top1,
@@ -175,7 +162,7 @@ RECORDS = [
         dataset="imagenet",
         classes=1000,
         input_shape=(224, 224, 3),
-        layout=LAYOUT_FB_LEGACY,
+        layout=LAYOUTS["fb_legacy"],
         source="fb.resnet.torch resnet-200.t7 (github.com/facebookarchive/fb.resnet.torch, "
         "pretrained/README.md)",
         format="torch7",
@@ -195,7 +182,7 @@ RECORDS = [
         dataset="fashion_mnist",
         classes=10,
         input_shape=(28, 28, 1),
-        layout=LAYOUT_PAPER,
+        layout=LAYOUTS["paper"],
         source="keras-preact: training/cifar.py, exported by tools/export_weights.py",
         format="keras_preact_h5",
         shipped="weights_files/preact_resnet20_fashion_mnist.h5",
@@ -257,43 +244,51 @@ def get_record(name, depth=None):
     return found[0]
 
 
-def _same_option(key, a, b):
-    if key == "conv_bias":
-        return conv_bias_places(a) == conv_bias_places(b)
-    if key == "bn_epsilon":
-        return abs(float(a) - float(b)) <= 1e-9
-    return a == b
+@dataclasses.dataclass(frozen=True)
+class ResolvedWeights:
+    """What `resolve` found for a `weights=` value; `load` takes it.
 
+    Attributes:
+        record: the record (a `"local"` one for an upstream file no record names), or None
+            for a Keras 3 `.weights.h5` file, which `model.load_weights` reads.
+        path: the local file `weights=` named, or None for a record to fetch.
+        tensors: tensors `resolve` had to read already (a local `.t7` file, whose structure
+            picks its layout), so `load` does not read the file twice; else None.
+    """
 
-#: Tensors read from a local file while resolving its layout, kept for `load`:
-#: {(path, size, mtime_ns): tensors}; `load` pops them, so a file is read once.
-_READ_AHEAD = {}
-
-
-def _file_key(path):
-    st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    record: WeightsRecord | None
+    path: str | None = None
+    tensors: dict | None = None
 
 
 def _local_record(path, fmt, model_name):
-    """A record for a local upstream file: the one whose file name it bears, or its format's.
-
-    A `.t7` file without a record is read here: its structure picks `preact_scope`.
-    """
-    base = os.path.basename(os.fspath(path))
+    """A record for a local file: the one whose file name it bears, or one made from its
+    format, with the tensors read to make it (a `.t7` file's structure picks its layout)."""
+    base = os.path.basename(path)
     for r in RECORDS:
         if r.file_name == base and r.format == fmt:
-            return r
-    layout = FORMAT_LAYOUTS.get(fmt, {})
+            return r, None
+    layout, preprocessing = FORMAT_DEFAULTS.get(fmt, (None, None))
+    tensors = None
     if fmt == "torch7":
-        tensors = convert.read_tensors(path, fmt)
-        _READ_AHEAD.clear()
-        _READ_AHEAD[_file_key(path)] = tensors
-        layout = {**layout, "preact_scope": convert.torch7.preact_scope(tensors)}
-    return WeightsRecord(
+        tensors = _read(path, fmt, downloaded=False)
+        layout = "fb" if convert.torch7.preact_scope(tensors) == "shared" else "fb_legacy"
+    record = WeightsRecord(
         model=model_name, tag="local", dataset="local", classes=None, input_shape=None,
-        layout=layout, source=os.fspath(path), format=fmt,
+        layout=LAYOUTS[layout] if layout else None, source=path, format=fmt,
+        preprocessing=preprocessing, unit=None, shortcut=None,
     )  # fmt: skip
+    return record, tensors
+
+
+def _looks_like_a_path(weights):
+    text = os.fspath(weights)
+    return (
+        not isinstance(weights, str)
+        or os.path.sep in text
+        or (os.path.altsep is not None and os.path.altsep in text)
+        or text.lower().endswith(_FILE_SUFFIXES)
+    )
 
 
 def resolve(
@@ -301,45 +296,42 @@ def resolve(
     *,
     model_name=None,
     depth=None,
-    family=None,
-    block=None,
     include_top=True,
     classes=None,
     unit="full_preact",
     shortcut="identity",
-    layout=None,
 ):
-    """The record `weights` names (None for no weights or a Keras 3 file); raises if it
-    contradicts the other arguments. Called by `PreActResNet` before it builds anything."""
+    """What `weights=` names, checked against the other builder arguments.
+
+    Called by the builder before it builds anything. Returns None for `weights=None`, else a
+    `ResolvedWeights`. Raises FileNotFoundError for a missing file and ValueError for an
+    unknown record or one that contradicts the arguments (the layout is the builder's
+    check: it knows its default).
+    """
     if weights is None:
         return None
-    if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
-        fmt = convert.detect_format(weights)
-        if fmt == "keras_native":
-            return None
-        record = _local_record(weights, fmt, model_name)
-        if record.dataset == "local":
-            _check(record, depth, family, include_top, classes, unit, shortcut, layout)
-            return record
-    elif isinstance(weights, str) and os.path.sep not in weights:
-        record = get_record(weights, depth)
-    else:
+    if not isinstance(weights, (str, os.PathLike)):
         raise ValueError(
-            f"weights={weights!r} is neither None, an existing file, nor a record name. "
+            f"Invalid weights={weights!r}: expected None, a file path or a record name. "
             f"Records: {[r.name for r in RECORDS]}."
         )
-    if record.depth != depth:
+    if os.path.isfile(weights):
+        path = os.fspath(weights)
+        fmt = convert.detect_format(path)
+        if fmt == "keras_native":
+            return ResolvedWeights(record=None, path=path)
+        record, tensors = _local_record(path, fmt, model_name)
+        resolved = ResolvedWeights(record=record, path=path, tensors=tensors)
+    elif _looks_like_a_path(weights):
+        raise FileNotFoundError(
+            f"weights={os.fspath(weights)!r}: file not found. Pass an existing weights file, "
+            f"None, or a record name: {[r.name for r in RECORDS]}."
+        )
+    else:
+        resolved = ResolvedWeights(record=get_record(weights, depth))
+    record = resolved.record
+    if record.dataset != "local" and record.depth != depth:
         raise ValueError(f"{record.name} is for {record.model}, not a depth-{depth} network.")
-    _check(record, depth, family, include_top, classes, unit, shortcut, layout)
-    return record
-
-
-def _check(record, depth, family, include_top, classes, unit, shortcut, layout):
-    from keras_preact.preact_resnet import MODELS
-
-    row = MODELS.get(record.model)
-    if row is not None and family is not None and row["family"] != family:
-        raise ValueError(f"{record.name} needs family={row['family']!r}, not {family!r}.")
     if include_top and classes is not None and record.classes is not None:
         if classes != record.classes:
             raise ValueError(
@@ -347,23 +339,18 @@ def _check(record, depth, family, include_top, classes, unit, shortcut, layout):
                 f"include_top=True with classes={classes}. Pass include_top=False to use "
                 "them with another number of classes."
             )
-    for arg, value, wanted in (
-        ("unit", unit, record.unit),
-        ("shortcut", shortcut, record.shortcut),
+    if record.unit is not None and unit != record.unit:
+        raise ValueError(
+            f"weights={record.name!r} were trained with unit={record.unit!r}; got unit={unit!r}."
+        )
+    if record.shortcut is not None and kp_shortcuts.get(shortcut) != kp_shortcuts.get(
+        record.shortcut
     ):
-        if value != wanted:
-            raise ValueError(
-                f"weights={record.name!r} were trained with {arg}={wanted!r}; got {arg}={value!r}."
-            )
-    for key, value in (layout or {}).items():
-        if key not in record.layout:  # our own files carry no layout
-            continue
-        if value is not None and not _same_option(key, value, record.layout[key]):
-            raise ValueError(
-                f"{key}={value!r} contradicts the layout of weights={record.name!r}, which "
-                f"needs {key}={record.layout[key]!r}. Leave {key} unset to take it from the "
-                "weights."
-            )
+        raise ValueError(
+            f"weights={record.name!r} were trained with shortcut={record.shortcut!r}; got "
+            f"shortcut={shortcut!r}."
+        )
+    return resolved
 
 
 # -- Fetching and verifying files ------------------------------------------------------
@@ -378,22 +365,145 @@ def file_digest(path, algorithm="sha256"):
     return h.hexdigest()
 
 
-def _verify(path, expected, algorithm):
-    actual = file_digest(path, algorithm)
-    if actual != expected:
-        os.remove(path)
-        raise ValueError(
-            f"Hash mismatch for {path}: expected {algorithm} {expected}, got {actual}. The "
-            "file was deleted; call again to download it anew."
-        )
+def keras_home():
+    """Keras' cache folder, as `keras.utils.get_file` picks it: `$KERAS_HOME`, else
+    `~/.keras`."""
+    return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
+def _cache_dir(cache_dir):
+    base = os.path.expanduser(cache_dir or keras_home())
+    try:
+        os.makedirs(os.path.join(base, "models"), exist_ok=True)
+    except OSError:
+        pass
+    if not os.access(base, os.W_OK):  # keras.utils.get_file's own fallback
+        base = os.path.join("/tmp", ".keras")
+        os.makedirs(os.path.join(base, "models"), exist_ok=True)
+    return os.path.join(base, "models")
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+    """A cross-process lock on `path + ".lock"`, so concurrent users of one cache share one
+    download: the second waits for the first, then finds the finished file."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, downloads still land atomically
+        yield
+        return
+    with open(f"{path}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process downloading {path} ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_text_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _download(url, dest):
+    """Downloads `url` to a temporary name beside `dest`, with a progress bar; returns the
+    temporary path once the server's announced size (if any) has arrived in full."""
+    tmp = f"{dest}.part{os.getpid()}"
+    print(f"Downloading {url} to {dest}", flush=True)
+    try:
+        with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+            announced = response.headers.get("Content-Length")
+            announced = int(announced) if announced else None
+            bar = keras.utils.Progbar(announced, unit_name="B")
+            done = 0
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                f.write(chunk)
+                done += len(chunk)
+                bar.update(done)
+            f.flush()
+            os.fsync(f.fileno())
+        if announced is not None and done != announced:
+            raise OSError(f"the server announced {announced} bytes and sent {done}")
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, Exception):
+            raise OSError(f"Download of {url} failed: {e}. Nothing was cached.") from e
+        raise
+    return tmp
+
+
+def _complete(path, fmt):
+    """The format's own cheap completeness check: a safetensors file's header must cover
+    the file exactly; an HDF5 file must open. (A Torch7 file has no cheap check: its
+    conversion reads it whole, and `load` re-fetches a downloaded file that fails.)"""
+    try:
+        if fmt == "timm_safetensors":
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)  # fmt: skip
+            return os.path.getsize(path) == 8 + length + end
+        if fmt in ("keras_h5", "keras_preact_h5"):
+            import h5py
+
+            with h5py.File(path, "r"):
+                return True
+    except (OSError, ValueError, KeyError, struct.error):
+        return False
+    return True
+
+
+def _discard(path, why):
+    """Removes a cached file (and what was derived from it), saying which and why."""
+    print(f"Removing the cached weights file {path}: {why}. Downloading it again.", flush=True)
+    for p in (path, f"{path}.sha256", f"{path}.keras_preact.h5"):
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def _cached_is_good(path, record):
+    """Whether the cached `path` is the complete, verified file of `record`; a bad one is
+    discarded with a message naming it."""
+    if not os.path.exists(path):
+        return False
+    seen = f"{path}.sha256"
+    if record.file_hash:
+        actual = file_digest(path, record.hash_algorithm)
+        if actual != record.file_hash:
+            _discard(path, f"{record.hash_algorithm} {actual}, expected {record.file_hash}")
+            return False
+    elif os.path.exists(seen):
+        with open(seen) as f:
+            expected = f.read().split()[0]
+        actual = file_digest(path)
+        if actual != expected:
+            _discard(path, f"sha256 {actual}, but it was {expected} when downloaded")
+            return False
+    elif not _complete(path, record.format):
+        _discard(path, f"not a complete {record.format} file (an interrupted download?)")
+        return False
+    else:  # cached before hashes were recorded: record the one it has now
+        _write_text_atomic(seen, f"{file_digest(path)}  {os.path.basename(path)}\n")
+    return True
 
 
 def fetch(record, cache_dir=None):
     """The local path of `record`'s file: shipped, or downloaded into the Keras cache.
 
-    Downloads go through `keras.utils.get_file` (into `~/.keras/models/`, removing partial
-    files on interruption). The hash is checked here rather than by `get_file`, so that a
-    mismatch deletes the file and names both hashes.
+    A download goes to a temporary name and is renamed into place only when complete and
+    verified: the published hash where there is one, otherwise the server's announced size
+    and the format's completeness check. The sha256 of the file is then recorded beside it
+    (`<file>.sha256`), so every later use verifies against it. A cross-process lock makes
+    concurrent users share one download. A cached file that fails its check (a partial,
+    corrupt or tampered file) is removed with a message naming it and downloaded again.
     """
     if record.shipped:
         path = os.path.join(_PACKAGE_DIR, record.shipped)
@@ -410,33 +520,60 @@ def fetch(record, cache_dir=None):
         return path
     if record.url is None:
         raise ValueError(f"{record.name} has neither a URL nor a shipped file.")
-    from keras.src.backend import config
-
-    base = os.path.expanduser(cache_dir or config.keras_home())
-    try:
-        os.makedirs(base, exist_ok=True)
-    except OSError:
-        pass
-    if not os.access(base, os.W_OK):  # keras.utils.get_file's own fallback
-        base = os.path.join("/tmp", ".keras")
-    cached = os.path.join(base, "models", record.file_name)
-    if record.file_hash and os.path.exists(cached):
-        if file_digest(cached, record.hash_algorithm) != record.file_hash:
-            os.remove(cached)  # stale or corrupted: download anew
-    path = keras.utils.get_file(record.file_name, record.url, cache_subdir="models", cache_dir=base)
-    if record.file_hash:
-        _verify(path, record.file_hash, record.hash_algorithm)
+    path = os.path.join(_cache_dir(cache_dir), record.file_name)
+    with _exclusive(path):
+        if _cached_is_good(path, record):
+            return path
+        for stale in glob.glob(glob.escape(path) + ".part*"):  # killed downloads: no one
+            os.remove(stale)  # else can be writing them while we hold the lock
+        tmp = _download(record.url, path)
+        try:
+            if record.file_hash:
+                actual = file_digest(tmp, record.hash_algorithm)
+                if actual != record.file_hash:
+                    raise ValueError(
+                        f"Hash mismatch for {record.url}: expected {record.hash_algorithm} "
+                        f"{record.file_hash}, got {actual}. Nothing was cached; call again "
+                        "to download it anew."
+                    )
+            elif not _complete(tmp, record.format):
+                raise ValueError(
+                    f"The download of {record.url} is not a complete {record.format} file. "
+                    "Nothing was cached; call again to download it anew."
+                )
+            digest = file_digest(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        _write_text_atomic(f"{path}.sha256", f"{digest}  {os.path.basename(path)}\n")
     return path
+
+
+def _read(path, fmt, *, downloaded):
+    """`convert.read_tensors`, with any failure to read turned into a ValueError that names
+    the file and says what to do."""
+    try:
+        return convert.read_tensors(path, fmt)
+    except Exception as e:  # h5py's OSError, safetensors' SafetensorError, a KeyError, ...
+        what = "Delete it to download it again" if downloaded else "Re-export or re-download it"
+        raise ValueError(
+            f"Cannot read the weights file {path} ({fmt}): {type(e).__name__}: {e}. The file "
+            f"is truncated or corrupt, or not a {fmt} file. {what}."
+        ) from e
 
 
 def converted_tensors(path, fmt, cache=False):
     """The neutral tensors of `path`; with `cache`, reuses/writes `<path>.keras_preact.h5`."""
     if fmt in ("keras_h5", "keras_preact_h5") or not cache:
-        return convert.read_tensors(path, fmt)
+        return _read(path, fmt, downloaded=cache)
     cached = f"{path}.keras_preact.h5"
     if os.path.exists(cached) and os.path.getmtime(cached) >= os.path.getmtime(path):
-        return convert.read_tensors(cached, "keras_h5")
-    tensors = convert.read_tensors(path, fmt)
+        try:
+            return _read(cached, "keras_h5", downloaded=True)
+        except ValueError as e:  # a damaged conversion cache: convert again
+            print(f"Ignoring the unreadable conversion cache {cached}: {e}", flush=True)
+    tensors = _read(path, fmt, downloaded=True)
     convert.write_tensors(cached, tensors)  # atomic: tmp + os.replace
     return tensors
 
@@ -492,28 +629,60 @@ def assign(model, tensors, source="weights"):
         layer.set_weights(values)
 
 
-def load(model, weights, record):
-    """Loads `weights` into the built `model`; `record` is what `resolve` returned."""
+def load_weights_file(model, path):
+    """`model.load_weights(path)` for a Keras 3 `.weights.h5`, all or nothing.
+
+    Keras assigns variables one by one while it reads the file, so a file of another
+    architecture can change some variables before it raises. Here every variable of the
+    model (and of its optimizer, which `save_weights` also writes) is copied first and
+    restored if the load fails; the error names the file.
+    """
+    variables = list(model.variables)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        variables += list(optimizer.variables)
+    saved = [keras.ops.convert_to_numpy(v) for v in variables]
+    try:
+        model.load_weights(path)
+    except Exception as e:
+        for v, value in zip(variables, saved):
+            v.assign(value)
+        first_line = str(e).strip().split("\n")[0]  # Keras appends whole variable values
+        raise ValueError(
+            f"Cannot load {path} into model {model.name!r}: {type(e).__name__}: "
+            f"{first_line} No variable was changed. Is the file for another architecture "
+            "(depth, unit, shortcut, layout, classes), or truncated?"
+        ) from e
+
+
+def load(model, resolved):
+    """Loads the weights `resolve` found into the built `model`."""
+    record = resolved.record
     if record is None:
-        model.load_weights(weights)  # a Keras 3 `.weights.h5`: Keras checks it
+        load_weights_file(model, resolved.path)
         return
-    if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
-        path, downloaded = os.fspath(weights), False
+    if resolved.path is not None:
+        path, downloaded = resolved.path, False
     else:
         path, downloaded = fetch(record), record.shipped is None
-    try:
-        tensors = _READ_AHEAD.pop(_file_key(path), None)
-        if tensors is None:
+    tensors = resolved.tensors
+    if tensors is None:
+        try:
             tensors = converted_tensors(path, record.format, cache=downloaded)
-    except (OSError, ValueError, KeyError) as e:
-        hint = f" Delete {path} to download it again." if downloaded else ""
-        raise ValueError(f"Cannot read {record.name} from {path}: {e}.{hint}") from e
+        except ValueError as e:
+            if not downloaded:
+                raise
+            # A cached download that passed its checks but does not read (a Torch7 file
+            # cut short before sizes were checked): remove it and download it once more.
+            _discard(path, f"it cannot be read ({e.__cause__ or e})")
+            path = fetch(record)
+            tensors = converted_tensors(path, record.format, cache=True)
     if record.format == "torch7":
         scope = convert.torch7.preact_scope(tensors)
-        if scope != record.layout["preact_scope"]:
+        if scope != record.layout.preact_scope:
             raise ValueError(
                 f"{path} has the preact_scope={scope!r} structure; {record.name} expects "
-                f"preact_scope={record.layout['preact_scope']!r}. Pass a copy under another "
+                f"preact_scope={record.layout.preact_scope!r}. Pass a copy under another "
                 "file name: a local .t7 file no record names takes its layout from its "
                 "structure."
             )

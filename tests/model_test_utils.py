@@ -27,6 +27,13 @@ def tiny(**kwargs):
     return keras_preact.PreActResNet(**kw)
 
 
+def paper(**changes):
+    """The paper's `Layout` with some options changed."""
+    import keras_preact
+
+    return keras_preact.Layout.get("paper").replace(**changes)
+
+
 def random_inputs(model, batch=2, seed=0):
     """A seeded numpy batch matching the model's (fully defined) input shape."""
     shape = tuple(model.input_shape[1:])
@@ -57,10 +64,6 @@ def set_seeded_weights(model, seed=0, scale=0.1):
 
 def trainable_count(model):
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
-
-
-def layers_by_class(model, cls):
-    return [layer for layer in model.layers if isinstance(layer, cls)]
 
 
 def assert_finite(x, what="output"):

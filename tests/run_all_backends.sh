@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README "Set-up" and .ci/run): installs what the suite needs
-# when it is missing, then runs the whole suite once per Keras backend.
+# when it is missing, then runs the whole suite and the package's doctests once per Keras
+# backend.
 #   Python: the active virtual environment, or ./.venv (created here).
 #   Extra arguments go to pytest, e.g. `bash tests/run_all_backends.sh -m "not slow"`;
 #   BACKENDS="jax" limits the backends.
@@ -28,6 +29,8 @@ python -c "import keras, tensorflow, jax, torch; print('keras', keras.__version_
 status=0
 for backend in ${BACKENDS:-tensorflow jax torch}; do
   echo "=== KERAS_BACKEND=$backend"
-  KERAS_BACKEND=$backend python -m pytest -q -rs -p no:cacheprovider "$@" || status=1
+  # The suite, and the examples in the package's docstrings (doctests).
+  KERAS_BACKEND=$backend python -m pytest -q -rs -p no:cacheprovider --doctest-modules \
+    tests keras_preact "$@" || status=1
 done
 exit $status

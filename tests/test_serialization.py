@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from model_test_utils import (
     assert_config_round_trip,
+    paper,
     random_inputs,
     run_python,
     set_seeded_weights,
@@ -27,18 +28,15 @@ CASES = {
     "gating_b-2": dict(shortcut=shortcuts.exclusive_gating(gate_bias=-2.0)),
     "scaling_0.7_0.3": dict(shortcut=shortcuts.constant_scaling(0.7, 0.3)),
     "drop_path": dict(depth=14, drop_path_rate=0.2, seed=1),
-    "keras_layout": dict(
-        depth=11, block="bottleneck", stride_in="3x3", downsample_in="last_unit", stem_norm=False
-    ),
-    "conv_bias": dict(conv_bias=True, zero_init_residual=True),
+    "keras_layout": dict(depth=11, block="bottleneck", layout="keras"),
+    "conv_bias": dict(layout=paper(conv_bias=True), zero_init_residual=True),
     "imagenet_neg_inf_pool": dict(
         family="imagenet",
         depth=None,
         block="basic",
         stage_blocks=(1, 1, 1, 1),
         input_shape=(32, 32, 3),
-        stem_norm=False,
-        stem_pool_padding="neg_inf",
+        layout="timm",
     ),
 }
 

@@ -8,8 +8,8 @@ the top-5 agreement. References, where installed:
 - keras_h5 (`imagenet:keras`): `keras.applications.ResNet{50,101,152}V2(weights=<file>)`;
 - timm_safetensors (`imagenet:timm_*`): `timm.create_model("resnetv2_<d>")` with the file
   (timm's torchvision import is stubbed as in tools/make_timm_fixture.py);
-- torch7 (`imagenet:fb_torch`): the Torch7 module tree run by tools/make_t7_fixture.py's
-  torch.nn.functional interpreter (`forward`, on `from_torchfile` of the torchfile objects).
+- torch7 (`imagenet:fb_torch`): the Torch7 module tree run by the torch.nn.functional
+  interpreter of tools/torch7_reference.py (`forward` on `from_torchfile`).
 
     python tools/convert_weights.py --model PreActResNet50 --weights imagenet:keras \
         [--file ~/Downloads/resnet50v2_weights_tf_dim_ordering_tf_kernels.h5] \
@@ -61,7 +61,7 @@ def timm_reference(record, path, x):
 def torch7_reference(record, path, x):
     import torch
     import torchfile
-    from make_t7_fixture import forward, from_torchfile
+    from torch7_reference import forward, from_torchfile
 
     with torch.no_grad():
         nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

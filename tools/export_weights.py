@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 import keras_preact  # noqa: E402
-from keras_preact import convert, imagenet_utils  # noqa: E402
+from keras_preact import convert  # noqa: E402
 from keras_preact import weights as kp_weights  # noqa: E402
 from keras_preact.data import idx  # noqa: E402
 
@@ -33,7 +33,7 @@ def main():
     args = parser.parse_args()
 
     model = keras_preact.get_model(args.model, input_shape=(28, 28, 1), classes=10)
-    model.load_weights(args.checkpoint)
+    kp_weights.load_weights_file(model, args.checkpoint)
     tensors = {
         layer.name: {w.name: np.asarray(w.numpy(), np.float32) for w in layer.weights}
         for layer in model.layers
@@ -44,7 +44,7 @@ def main():
     reloaded = keras_preact.get_model(args.model, input_shape=(28, 28, 1), classes=10,
                                       weights=args.out)  # fmt: skip
     _, (x_test, y_test) = idx.load_fashion_mnist(args.data_dir)
-    x = imagenet_utils.preprocess_input(x_test, "fashion_mnist", data_format="channels_last")
+    x = keras_preact.preprocess_input(x_test, "fashion_mnist", data_format="channels_last")
     pred = np.argmax(reloaded.predict(x, batch_size=500, verbose=0), axis=-1)
     print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes, sha256 "
           f"{kp_weights.file_digest(args.out)}); test top-1 {100 * np.mean(pred == y_test):.2f}% "

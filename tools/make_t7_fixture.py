@@ -5,9 +5,10 @@ names and nesting of `models/preresnet.lua` (facebookarchive/fb.resnet.torch, Im
 branch: stem conv-BN-ReLU-maxpool, "both_preact" first units with a bare 1x1 projection,
 final BN-ReLU, average pool, View, Linear; plus the `nn.Copy` older checkpoints carry),
 at 1/8 width with (2, 2, 1, 1) bottleneck units and random weights, serialized by
-`keras_preact.convert.torch7.write`. `tests/fixtures/fb_preresnet_tiny.npz` holds an input
-batch and the logits of an independent forward pass: a small interpreter of the Torch
-modules written with torch.nn.functional, walking the same module tree as Lua would.
+`tools/torch7_reference.py`'s writer. `tests/fixtures/fb_preresnet_tiny.npz` holds an input
+batch and the logits of an independent forward pass: `torch7_reference.forward`, a small
+interpreter of the Torch modules written with torch.nn.functional, walking the same module
+tree as Lua would.
 
 `fb_preresnet_legacy_tiny.{t7,npz}` is the same network with the structure of the published
 `resnet-200.t7` (preresnet.lua before PR #42): every unit, the first included, pre-activates
@@ -22,10 +23,7 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-from keras_preact.convert import torch7
-from keras_preact.convert.torch7 import T7Module, write
+from torch7_reference import T7Module, forward, write
 
 FIXTURES = os.path.join(os.path.dirname(__file__), os.pardir, "tests", "fixtures")
 STAGES = (2, 2, 1, 1)
@@ -108,60 +106,6 @@ def network(legacy=False, stages=STAGES, widths=WIDTHS, classes=CLASSES, size=SI
                  "weight": (rng.standard_normal((classes, n_in)) / np.sqrt(n_in)).astype(np.float32),
                  "bias": (0.1 * rng.standard_normal(classes)).astype(np.float32)})]  # fmt: skip
     return seq(*mods)
-
-
-def from_torchfile(obj):
-    """A `torchfile.load`ed module tree as `T7Module`s, so `forward` runs real checkpoints
-    (tools/convert_weights.py). torchfile keeps a module's fields in `_obj`, keyed by bytes;
-    a field-less module (an `nn.Copy`) comes back with an empty list there."""
-    raw = obj._obj if isinstance(obj._obj, dict) else {}
-    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
-    if fields.get("modules") is not None:
-        fields["modules"] = [from_torchfile(c) for c in torch7._children(obj)]
-    return T7Module(obj.torch_typename().decode(), fields)
-
-
-def forward(m, x, calibrate=False):
-    """Torch7 semantics of each module type, in eval mode (NCHW).
-
-    With `calibrate`, every BatchNorm first sets its running statistics to those of its
-    input batch, so that a deep random network keeps activations of order one.
-    """
-    kind = m.typename.rpartition(".")[2]
-    f = m.fields
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))  # noqa: E731
-    if kind == "Sequential":
-        for child in f["modules"]:
-            x = forward(child, x, calibrate)
-        return x
-    if kind == "ConcatTable":
-        return [forward(child, x, calibrate) for child in f["modules"]]
-    if kind == "CAddTable":
-        return sum(x)
-    if kind == "SpatialConvolution":
-        shape = [int(f[k]) for k in ("nOutputPlane", "nInputPlane", "kH", "kW")]
-        b = t(f["bias"]) if f.get("bias") is not None else None
-        return F.conv2d(x, t(f["weight"]).reshape(shape), b, stride=int(f["dW"]),
-                        padding=int(f.get("padW") or 0))  # fmt: skip
-    if kind == "SpatialBatchNormalization":
-        if calibrate:
-            f["running_mean"] = x.mean((0, 2, 3)).numpy().astype(np.float32)
-            f["running_var"] = x.var((0, 2, 3)).numpy().astype(np.float32)
-        return F.batch_norm(x, t(f["running_mean"]), t(f["running_var"]), t(f["weight"]),
-                            t(f["bias"]), False, 0.0, float(f["eps"]))  # fmt: skip
-    if kind == "ReLU":
-        return F.relu(x)
-    if kind == "SpatialMaxPooling":  # Torch7 pads max-pooling with -inf, as PyTorch does
-        return F.max_pool2d(x, int(f["kW"]), int(f["dW"]), int(f.get("padW") or 0))
-    if kind == "SpatialAveragePooling":
-        return F.avg_pool2d(x, int(f["kW"]), int(f["dW"]))
-    if kind in ("Identity", "Copy", "Dropout", "SpatialDropout"):
-        return x
-    if kind in ("View", "Reshape"):
-        return x.reshape(x.shape[0], -1)
-    if kind == "Linear":
-        return F.linear(x, t(f["weight"]), t(f["bias"]))
-    raise ValueError(f"No reference for Torch module {kind}.")
 
 
 def main():

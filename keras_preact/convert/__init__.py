@@ -11,7 +11,7 @@ import os
 
 from keras_preact.convert import keras_h5, timm, torch7
 
-#: format name -> (reader module, the layout options of the networks it holds, unit label)
+#: format name -> the module whose `read(path)` returns the neutral form.
 FORMATS = {
     "keras_h5": keras_h5,
     "keras_preact_h5": keras_h5,  # our own by-name files: same layout, tagged, any layout
@@ -35,7 +35,14 @@ def detect_format(path):
     if head == b"\x89HDF\r\n\x1a\n":
         import h5py
 
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise ValueError(
+                f"Cannot open the weights file {path!r} as HDF5 ({e}): it is truncated or "
+                "corrupt. Re-export or re-download it."
+            ) from e
+        with f:
             if "keras_preact" in f.attrs:
                 return "keras_preact_h5"
             if "layer_names" in f.attrs or "model_weights" in f:

@@ -38,11 +38,6 @@ def _children(module):
     return list(modules.values()) if isinstance(modules, dict) else list(modules)
 
 
-def _number(module, key):
-    value = module[key]
-    return value if value is not None else None
-
-
 class _Converter:
     def __init__(self):
         self.tensors = {}
@@ -205,81 +200,3 @@ def read(path):
     if eps - {1e-5}:
         raise ValueError(f"{path!r}: BatchNorm eps {sorted(eps)}; the layout expects 1e-5.")
     return tensors
-
-
-# -- A minimal Torch7 writer, for test fixtures (tools/make_t7_fixture.py). -------------
-
-
-class T7Module:
-    """A Torch class instance to serialize: `T7Module("nn.ReLU", {"inplace": True})`."""
-
-    def __init__(self, typename, fields):
-        self.typename = typename
-        self.fields = fields
-
-
-def write(path, obj):
-    """Serializes numbers, strings, booleans, dicts, lists (1-based tables), float32 numpy
-    arrays (`torch.FloatTensor`) and `T7Module`s in the Torch7 binary format."""
-    out = []
-    counter = [0]
-
-    def put(fmt, *v):
-        out.append(struct.pack(fmt, *v))
-
-    def raw_string(s):
-        b = s.encode("utf8")
-        put("<i", len(b))
-        out.append(b)
-
-    def index():
-        counter[0] += 1
-        put("<i", counter[0])
-
-    def obj_(x):
-        if x is None:
-            put("<i", 0)
-        elif isinstance(x, bool):
-            put("<ii", 5, int(x))
-        elif isinstance(x, (int, float)):
-            put("<id", 1, float(x))
-        elif isinstance(x, str):
-            put("<i", 2)
-            raw_string(x)
-        elif isinstance(x, np.ndarray):
-            a = np.ascontiguousarray(x, np.float32)
-            put("<i", 4)
-            index()
-            raw_string("V 1")
-            raw_string("torch.FloatTensor")
-            put("<i", a.ndim)
-            strides = [s // 4 for s in a.strides]
-            put(f"<{a.ndim}q", *a.shape)
-            put(f"<{a.ndim}q", *strides)
-            put("<q", 1)
-            put("<i", 4)
-            index()
-            raw_string("V 1")
-            raw_string("torch.FloatStorage")
-            put("<q", a.size)
-            out.append(a.tobytes())
-        elif isinstance(x, T7Module):
-            put("<i", 4)
-            index()
-            raw_string("V 1")
-            raw_string(x.typename)
-            obj_(x.fields)
-        elif isinstance(x, (dict, list)):
-            items = list(x.items()) if isinstance(x, dict) else list(enumerate(x, start=1))
-            put("<i", 3)
-            index()
-            put("<i", len(items))
-            for k, v in items:
-                obj_(k)
-                obj_(v)
-        else:
-            raise TypeError(f"Cannot serialize {type(x).__name__} to Torch7.")
-
-    obj_(obj)
-    with open(path, "wb") as f:
-        f.write(b"".join(out))

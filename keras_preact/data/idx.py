@@ -20,19 +20,6 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
 
 def read_idx(path):
     """Reads one IDX file into a numpy array.

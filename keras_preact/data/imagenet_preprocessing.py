@@ -22,8 +22,9 @@ import math
 
 import tensorflow as tf
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
+from keras_preact.imagenet_utils import IMAGENET_MEAN as MEAN_RGB
+from keras_preact.imagenet_utils import IMAGENET_STD as STDDEV_RGB
+
 # Eigen-decomposition of the ImageNet RGB covariance used by AlexNet's and
 # fb.resnet.torch's lighting noise.
 _EIGVAL = (0.2175, 0.0188, 0.0045)
