@@ -7,8 +7,15 @@ gradients, BatchNorm updates and parameter count, and weights that convert both 
 import keras
 import numpy as np
 import pytest
-from model_test_utils import run_model_checks, to_numpy
+from model_test_utils import (
+    assert_trains_one_step,
+    random_inputs,
+    run_model_checks,
+    set_seeded_weights,
+    to_numpy,
+)
 
+import keras_preact
 from keras_preact import scan
 
 
@@ -215,3 +222,101 @@ def test_mixed_precision(mixed_bfloat16):
     assert all(w.dtype == "float32" for w in scanned.weights)
     scanned.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
     assert np.isfinite(float(np.asarray(scanned.train_on_batch(x, y))))
+
+
+# -- The builders' `scan_units=True` --------------------------------------------------------
+
+
+def built_pair(**kwargs):
+    """A written-out and a scanned builder model with the same (seeded) weights."""
+    kw = dict(depth=20, input_shape=(16, 16, 3), classes=5, classifier_activation=None)
+    kw.update(kwargs)
+    plain = keras_preact.PreActResNet(**kw)
+    set_seeded_weights(plain)
+    scanned = keras_preact.PreActResNet(**kw, scan_units=True)
+    scan.copy_weights(plain, scanned)
+    return plain, scanned
+
+
+@pytest.mark.parametrize(
+    "kwargs, scans",
+    [
+        # Paper layout, 3 units per stage: units 2-3 of every stage are scanned.
+        ({}, ["conv2_block2_to_3_out", "conv3_block2_to_3_out", "conv4_block2_to_3_out"]),
+        # keras layout (stride in the last unit of a stage, no stem BN-ReLU), 4 per stage,
+        # bottleneck units: the strided last units stay written out.
+        (
+            dict(depth=None, block="bottleneck", stage_blocks=(4, 4, 4), layout="keras"),
+            ["conv2_block2_to_3_out", "conv3_block2_to_3_out", "conv4_block2_to_4_out"],
+        ),
+    ],
+)
+def test_builder_scan_units_equals_written_out(kwargs, scans):
+    plain, scanned = built_pair(**kwargs)
+    assert [layer.name for layer in scanned.layers if isinstance(layer, scan.Scan)] == scans
+    assert scanned.count_params() == plain.count_params()
+    x = random_inputs(plain, batch=3)
+    for training in (False, True):
+        np.testing.assert_allclose(
+            to_numpy(scanned(x, training=training)),
+            to_numpy(plain(x, training=training)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_builder_scan_units_layer_names_and_features():
+    plain, scanned = built_pair()
+    names = {layer.name for layer in scanned.layers}
+    assert "conv2_block1_out" in names and "conv2_block2_to_3_out" in names
+    assert not names & {"conv2_block2_1_conv", "conv2_block3_out", "conv4_block3_out"}
+    # Stage outputs are the Scan layers' outputs: feature_extractor gives the same maps.
+    x = random_inputs(plain)
+    ours = keras_preact.feature_extractor(scanned)(x)
+    theirs = keras_preact.feature_extractor(plain)(x)
+    assert sorted(ours) == sorted(theirs) == ["conv2", "conv3", "conv4"]
+    for k in ours:
+        theirs_k = to_numpy(theirs[k])  # unnormalized sums, up to ~100: float32 noise scales
+        atol = 1e-5 * np.abs(theirs_k).max()
+        np.testing.assert_allclose(to_numpy(ours[k]), theirs_k, rtol=1e-5, atol=atol)
+
+
+def test_builder_scan_units_checks_and_trains(tmp_path):
+    _, scanned = built_pair(classifier_activation="softmax")
+    x = random_inputs(scanned)
+    run_model_checks(scanned, x, expected_output_shape=(None, 5), tmp_path=tmp_path)
+    assert_trains_one_step(scanned, x, np.array([0, 4]))
+
+
+def test_builder_scan_units_loads_weights_records():
+    kw = dict(weights="fashion_mnist", include_preprocessing=True)
+    plain = keras_preact.PreActResNet20(**kw)
+    scanned = keras_preact.PreActResNet20(**kw, scan_units=True)
+    assert scanned.weights_record == plain.weights_record == "fashion_mnist:e6"
+    x = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1)).astype("float32")
+    np.testing.assert_allclose(to_numpy(scanned(x)), to_numpy(plain(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_builder_scan_units_loads_keras_weights_files_of_either_structure(tmp_path):
+    plain, scanned = built_pair()
+    x = random_inputs(plain)
+    expected = to_numpy(plain(x))
+    plain_path, scanned_path = str(tmp_path / "plain.weights.h5"), str(tmp_path / "s.weights.h5")
+    plain.save_weights(plain_path)
+    scanned.save_weights(scanned_path)
+    kw = dict(depth=20, input_shape=(16, 16, 3), classes=5, classifier_activation=None)
+    for path in (plain_path, scanned_path):
+        loaded = keras_preact.PreActResNet(**kw, weights=path, scan_units=True)
+        np.testing.assert_allclose(to_numpy(loaded(x)), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="scan_units=True structure"):
+        keras_preact.PreActResNet(**{**kw, "classes": 6}, weights=plain_path, scan_units=True)
+
+
+def test_builder_scan_units_refusals():
+    kw = dict(input_shape=(16, 16, 3), classes=5)
+    with pytest.raises(ValueError, match=r"drop_path_rate=0\.1 needs scan_units=False"):
+        keras_preact.PreActResNet20(**kw, drop_path_rate=0.1, scan_units=True)
+    with pytest.raises(ValueError, match="random state"):
+        keras_preact.PreActResNet20(**kw, shortcut="dropout", scan_units=True)
+    with pytest.raises(ValueError, match="scan_units='yes'"):
+        keras_preact.PreActResNet20(**kw, scan_units="yes")
