@@ -204,14 +204,16 @@ class Scan(keras.layers.Layer):
             return (y, statistics), None
 
         carry = (inputs, list(non_trainable) if training else [])
-        if keras.backend.backend() == "torch":
+        backend = keras.backend.backend()
+        if backend == "torch":
             # torch's ops.scan is a Python loop that also stacks a placeholder output per step.
             for i in range(count):
                 xs = (i, [w[i] for w in trainable], [w[i] for w in non_trainable])
                 carry, _ = body(carry, xs)
+        elif backend == "tensorflow":
+            carry = _tf_loop(body, carry, trainable, non_trainable, count)
         else:
-            # The statistics travel in the carry, not as scan outputs: Keras' TensorFlow
-            # `ops.scan` requires the outputs to have the carry's structure.
+            # The statistics travel in the carry, not as scan outputs, like the TF loop's.
             carry, _ = ops.scan(body, carry, (ops.arange(count), trainable, non_trainable))
         outputs, statistics = carry
         if training:
@@ -284,6 +286,26 @@ class Scan(keras.layers.Layer):
         for v, value in zip(self._stacks, new):
             v.assign(value)
         return used
+
+
+def _tf_loop(body, carry, trainable, non_trainable, count):
+    """`body` applied `count` times in a `tf.while_loop` with `maximum_iterations`.
+
+    Not Keras' TensorFlow `ops.scan`: its outputs must have the carry's structure
+    (keras-team/keras#19681), and its loop has no `maximum_iterations`, without which
+    XLA (`jit_compile=True`, Keras' default on GPUs) cannot compile the gradient.
+    """
+    import tensorflow as tf
+
+    def step(i, carry):
+        xs = (i, [w[i] for w in trainable], [w[i] for w in non_trainable])
+        carry, _ = body(carry, xs)
+        return i + 1, carry
+
+    _, carry = tf.while_loop(
+        lambda i, _: i < count, step, (tf.constant(0), carry), maximum_iterations=count
+    )
+    return carry
 
 
 def scan_units(x, unit, *, names, name=None, **unit_kwargs):

@@ -132,6 +132,22 @@ def test_training_step_matches_written_out_units():
         assert not np.allclose(after[f"{unit}_1_bn"][2], before[f"{unit}_1_bn"][2])
 
 
+def test_training_step_compiles_with_xla():
+    """`jit_compile=True`: Keras' default on TensorFlow GPUs compiles the loop's gradient."""
+    if keras.backend.backend() == "torch":
+        pytest.skip("jit_compile=True is torch.compile on torch, not XLA")
+    plain, scanned = pair()
+    x, y = batch()
+    for m in (plain, scanned):
+        m.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=True,
+        )
+        m.train_on_batch(x, y)
+    assert max_weight_difference(plain, scanned) < 1e-5
+
+
 def test_inference_leaves_statistics_alone():
     _, scanned = pair()
     before = [to_numpy(w).copy() for w in scanned.non_trainable_weights]
