@@ -678,7 +678,9 @@ def PreActResNet(
             layers (`conv2_block5_1_conv`, ...) are replaced by one layer per stage
             (`conv2_block2_to_18_out`), `get_weights()` has another layout (convert with
             `keras_preact.scan.copy_weights`), and drop path and the dropout shortcut are
-            refused. `weights=` loads as usual. See `docs/models.md`.
+            refused. `weights=` loads as usual. On CPUs an XLA-compiled training step runs
+            several times slower (the loop's backward convolutions miss XLA:CPU's fast
+            kernels). See `docs/models.md`.
 
     Returns:
         A `keras.Model` (`PreActResNetModel`, whose `weights_record` names the record loaded).
