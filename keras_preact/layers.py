@@ -5,6 +5,7 @@ them reloads with `keras.models.load_model` in a fresh process after `import ker
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 _PACKAGE = "keras_preact"
@@ -175,3 +176,54 @@ class DropPath(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Normalize(keras.layers.Layer):
+    """Per-channel `(x / 255 - mean) / std` of pixels in [0, 255], on the device.
+
+    The first layer of a model built with `include_preprocessing=True`. Inputs of any dtype
+    (uint8 included) are normalized in float32, then cast to the layer's compute dtype.
+    Unlike `keras.layers.Normalization`, which calls TensorFlow at run time, it uses only
+    `keras.ops`, so it runs under JAX and PyTorch without TensorFlow installed.
+
+    Args:
+        mean: per-channel means, in [0, 1] units.
+        std: per-channel standard deviations, in [0, 1] units.
+        axis: the channel axis (-1 for channels_last, 1 for channels_first).
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = Normalize(mean=[0.5], std=[0.25])
+    >>> keras.ops.convert_to_numpy(layer(np.array([[0, 255]], np.uint8)[..., None])).ravel()
+    array([-2.,  2.], dtype=float32)
+    """
+
+    def __init__(self, mean, std, axis=-1, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if len(self.mean) != len(self.std) or not self.mean or min(self.std) <= 0:
+            raise ValueError(
+                f"Normalize needs as many means as stds, stds > 0; received mean={mean!r}, "
+                f"std={std!r}."
+            )
+        self.axis = int(axis)
+
+    def call(self, x):
+        shape = [1] * len(x.shape)
+        shape[self.axis] = len(self.mean)
+        scale = np.asarray(self.std, np.float32) * 255.0
+        mean = ops.reshape(ops.convert_to_tensor(np.asarray(self.mean, np.float32) * 255.0), shape)
+        std = ops.reshape(ops.convert_to_tensor(scale), shape)
+        return ops.cast((ops.cast(x, "float32") - mean) / std, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor(x.shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std, "axis": self.axis}

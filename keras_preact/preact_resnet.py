@@ -491,12 +491,7 @@ def _graph(arch):
     x = inputs
     if arch.preprocessing is not None:
         mean, std = arch.preprocessing
-        x = keras.layers.Normalization(
-            axis=ctx.channel_axis,
-            mean=[255.0 * m for m in mean],
-            variance=[(255.0 * s) ** 2 for s in std],
-            name="preprocessing",
-        )(x)
+        x = kp_layers.Normalize(mean, std, axis=ctx.channel_axis, name="preprocessing")(x)
 
     x = _stem(x, arch)
 

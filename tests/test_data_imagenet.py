@@ -1,6 +1,7 @@
 """The ImageNet tf.data pipeline on real photos written as ImageNet TFRecords."""
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -134,6 +135,7 @@ def test_eval_is_deterministic_and_skips_broken_images(shards, photos):
     first = run(256, 224, counter)
     assert first.shape == (len(photos), 224, 224, 3)
     assert counter.skipped() == 2
+    assert counter.counts() == _counts(undecodable=2, delivered=len(photos))
     np.testing.assert_array_equal(first, run(256, 224))
     # The paper's Table 5 evaluation: 320 from 320.
     assert run(320, 320).shape == (len(photos), 320, 320, 3)
@@ -159,7 +161,9 @@ def test_file_level_sharding(shards):
     contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
     seen = []
     for ctx in contexts:
-        files = tfdata._encoded_records("tfrecord", "train", str(shards), False, ctx, 0, True, 1, 2)
+        files = tfdata.encoded_records(
+            source="tfrecord", split="train", data_dir=str(shards), input_context=ctx
+        )
         seen.append(sorted(int(y) for _, y in files))
     assert seen[0] and seen[1]
     assert sorted(seen[0] + seen[1]) == sorted(i % 5 for i in range(len(PHOTOS) + 3))
@@ -174,3 +178,256 @@ def test_tfds_source_under_mock_data():
         images, labels = next(iter(ds))
     assert images.shape == (2, 224, 224, 3)
     assert labels.shape == (2,)
+
+
+# ----------------------------------------------------------------------------
+# Bad records: each is dropped and counted by cause; nothing else is lost.
+
+
+def _counts(**nonzero):
+    return {**dict.fromkeys((*tfdata.SKIP_CAUSES, "delivered"), 0), **nonzero}
+
+
+def _example(image=None, label=None, **features):
+    """A serialized `tf.train.Example` with the given ImageNet features (None: absent)."""
+    feature = dict(features)
+    if image is not None:
+        feature["image/encoded"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[image]))
+    if label is not None:
+        feature["image/class/label"] = tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[label])
+        )
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _write_both_splits(folder, records):
+    """The same records as `train-00000-of-00001` and `validation-00000-of-00001`."""
+    folder.mkdir()
+    paths = [str(folder / f"{split}-00000-of-00001") for split in ("train", "validation")]
+    for path in paths:
+        with tf.io.TFRecordWriter(path) as writer:
+            for record in records:
+                writer.write(record)
+    return paths
+
+
+def _record_spans(path):
+    """`(start, data length)` of each record of a TFRecord file, from its framing."""
+    raw = open(path, "rb").read()
+    spans, pos = [], 0
+    while pos < len(raw):
+        (length,) = struct.unpack("<Q", raw[pos : pos + 8])
+        spans.append((pos, length))
+        pos += 16 + length  # length, its CRC, data, the data's CRC
+    return spans
+
+
+def _damage(path, at):
+    """Flips the bits of byte `at` of a file."""
+    raw = bytearray(open(path, "rb").read())
+    raw[at] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def small_photos():
+    """Ten small JPEGs of real photos (48 px on the longer side)."""
+    out = []
+    for i in range(10):
+        image = PIL.fromarray(getattr(skimage_data, PHOTOS[i % len(PHOTOS)])()).convert("RGB")
+        image.thumbnail((48, 48))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _eval_labels(folder, counter, **kwargs):
+    ds = _shard_dataset(
+        folder, "validation", batch_size=4, training=False, image_size=32, eval_resize=36,
+        counter=counter, **kwargs,
+    )  # fmt: skip
+    return sorted(int(y) for _, labels in ds for y in labels)
+
+
+def _train_labels(folder, counter, images, **kwargs):
+    # Ordered: an unordered parallel map may move images across an epoch's end.
+    ds = _shard_dataset(
+        folder, "train", batch_size=3, training=True, image_size=32, shuffle_buffer=4,
+        deterministic=True, counter=counter, **kwargs,
+    )  # fmt: skip
+    return [int(y) for _, labels in ds.take(images // 3) for y in labels]
+
+
+def test_corrupt_record_costs_only_that_record(tmp_path, small_photos):
+    # Record i holds label i + 1 (i after label_offset); one byte of record 4's
+    # data is flipped, so its CRC fails.
+    paths = _write_both_splits(
+        tmp_path / "shards", [_example(p, i + 1) for i, p in enumerate(small_photos)]
+    )
+    for path in paths:
+        start, length = _record_spans(path)[4]
+        _damage(path, start + 12 + length // 2)
+    good = [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    counter = tfdata.SkipCounter()
+    assert _eval_labels(tmp_path / "shards", counter) == good
+    assert counter.counts() == _counts(corrupt_record=1, delivered=9)
+    # Training: shuffle, then repeat, so 27 images are exactly three epochs.
+    counter = tfdata.SkipCounter()
+    labels = _train_labels(tmp_path / "shards", counter, 27)
+    assert sorted(labels) == sorted(good * 3)
+    counts = counter.counts()
+    # Met once per epoch; the reader runs ahead of the batches taken, so later
+    # epochs can already be counted. One pass of the training reader is exact:
+    assert counts["corrupt_record"] >= 3 and counter.skipped() == counts["corrupt_record"]
+    counter = tfdata.SkipCounter()
+    records = tfdata.encoded_records(
+        source="tfrecord", split="train", data_dir=str(tmp_path / "shards"), training=True,
+        counter=counter,
+    )  # fmt: skip
+    assert sorted(int(y) for _, y in records) == good
+    assert counter.counts() == _counts(corrupt_record=1)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["data", "length", "length_crc", "data_crc", "two_records", "truncated", "trailing_bytes"],
+)
+def test_reader_resumes_after_unreadable_records(tmp_path, damage):
+    # Record i: label i + 1 and i + 1 KB of image bytes (not decoded here).
+    path = str(tmp_path / "validation-00000-of-00001")
+    with tf.io.TFRecordWriter(path) as writer:
+        for i in range(10):
+            writer.write(_example(bytes([i]) * (1000 * i + 1000), i + 1))
+    spans = _record_spans(path)
+    start, length = spans[4]
+    lost, bad = [4], 1
+    if damage == "data":
+        _damage(path, start + 12 + length // 2)
+    elif damage == "length":  # the length fails its CRC: found by a scan
+        _damage(path, start + 1)
+    elif damage == "length_crc":
+        _damage(path, start + 9)
+    elif damage == "data_crc":
+        _damage(path, start + 12 + length + 1)
+    elif damage == "two_records":
+        _damage(path, start + 12)
+        _damage(path, spans[7][0] + 3)
+        lost, bad = [4, 7], 2
+    elif damage == "truncated":
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[: spans[9][0] + 20])
+        lost = [9]
+    else:
+        open(path, "ab").write(b"\x01\x02\x03")
+        lost = []
+    expected = [i for i in range(10) if i not in lost]
+
+    def labels(**kwargs):
+        records = tfdata._encoded_records(
+            "tfrecord", "validation", str(tmp_path), False, None, 0, True, 1, 4, **kwargs
+        )
+        return [int(y) for _, y in records]
+
+    assert labels() == expected
+    counter = tfdata.SkipCounter()
+    assert labels(counter=counter) == expected
+    assert counter.counts() == _counts(corrupt_record=bad)
+
+
+def test_out_of_range_labels_are_skipped_and_counted(tmp_path, small_photos):
+    # 1-based labels; after label_offset=1: 0, -1, 1000, 4999, 2**40, 999.
+    labels = [1, 0, 1001, 5000, 2**40 + 1, 1000]
+    _write_both_splits(tmp_path / "shards", [_example(p, y) for p, y in zip(small_photos, labels)])
+    # With label smoothing the one-hot depth bounds the labels.
+    ds = _shard_dataset(
+        tmp_path / "shards", "validation", batch_size=8, training=False, image_size=32,
+        one_hot_classes=1000,
+    )  # fmt: skip
+    (_, one_hot), *rest = list(ds)
+    assert not rest and one_hot.shape == (2, 1000)
+    np.testing.assert_array_equal(np.argmax(one_hot, -1), [0, 999])
+    counter = tfdata.SkipCounter()
+    assert _eval_labels(tmp_path / "shards", counter, num_classes=1000) == [0, 999]
+    assert counter.counts() == _counts(bad_label=4, delivered=2)
+    counter = tfdata.SkipCounter()
+    assert set(_train_labels(tmp_path / "shards", counter, 12, num_classes=1000)) == {0, 999}
+    assert counter.counts()["bad_label"] >= 4 * 6  # four per epoch, six epochs
+
+
+def test_bad_class_counts_raise(tmp_path, small_photos):
+    _write_both_splits(tmp_path / "shards", [_example(small_photos[0], 1)])
+    with pytest.raises(ValueError, match="num_classes must be a positive int or None; got 0"):
+        _shard_dataset(tmp_path / "shards", "train", batch_size=1, training=True, num_classes=0)
+    with pytest.raises(ValueError, match="num_classes=10 and one_hot_classes=5 disagree"):
+        _shard_dataset(
+            tmp_path / "shards", "train", batch_size=1, training=True, num_classes=10,
+            one_hot_classes=5,
+        )  # fmt: skip
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=4):
+        with pytest.raises(ValueError, match="declares 10 classes, more than num_classes=3"):
+            tfdata.imagenet_dataset(
+                source="imagenette", split="train", batch_size=2, training=True, num_classes=3
+            )
+
+
+def test_unparsable_records_are_skipped_and_counted(tmp_path, small_photos):
+    records = [
+        _example(small_photos[0], 1),
+        b"not a tf.train.Example \xff\x00",
+        b"",  # an empty Example: no features at all
+        _example(None, 2),  # no image
+        _example(small_photos[1], None),  # no label
+        _example(small_photos[2], None, **{
+            "image/class/label": tf.train.Feature(float_list=tf.train.FloatList(value=[3.0]))
+        }),  # a float label
+        _example(small_photos[3], 3),
+        _example(b"\xff\xd8\xff\xe0 not a jpeg", 4),  # parses, does not decode
+    ]  # fmt: skip
+    _write_both_splits(tmp_path / "shards", records)
+    counter = tfdata.SkipCounter()
+    assert _eval_labels(tmp_path / "shards", counter) == [0, 2]
+    assert counter.skipped() == 6
+    assert counter.counts() == _counts(unparsable=5, undecodable=1, delivered=2)
+    counter.reset()
+    assert counter.counts() == _counts()
+    assert set(_train_labels(tmp_path / "shards", counter, 9)) == {0, 2}
+    assert counter.counts()["unparsable"] >= 5 * 4  # five per epoch, 4-5 epochs
+
+
+def test_one_counter_for_several_input_pipelines(tmp_path, small_photos):
+    """Two input pipelines of one process (as `distribute_datasets_from_function`
+    makes them) count into one `SkipCounter`; so does a strategy's pipeline."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(2):
+        records = [_example(small_photos[i], shard * 5 + i + 1) for i in range(5)]
+        records[shard] = b"garbage"  # one unparsable record per shard
+        records[2 + shard] = _example(small_photos[0], 99)  # and one bad label
+        with tf.io.TFRecordWriter(str(folder / f"validation-0000{shard}-of-00002")) as writer:
+            for record in records:
+                writer.write(record)
+    counter = tfdata.SkipCounter()
+
+    def dataset_fn(context):
+        return _shard_dataset(
+            folder, "validation", batch_size=2, training=False, image_size=32,
+            input_context=context, counter=counter, num_classes=10,
+        )  # fmt: skip
+
+    iterators = [iter(dataset_fn(tf.distribute.InputContext(2, i, 1))) for i in range(2)]
+    seen = 0
+    while iterators:  # alternate between the two pipelines
+        try:
+            seen += len(next(iterators[0])[1])
+            iterators.append(iterators.pop(0))
+        except StopIteration:
+            iterators.pop(0)
+    assert seen == 6
+    assert counter.counts() == _counts(unparsable=2, bad_label=2, delivered=6)
+    counter.reset()
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    data = strategy.distribute_datasets_from_function(dataset_fn)
+    assert sum(len(labels) for _, labels in data) == 6
+    assert counter.counts() == _counts(unparsable=2, bad_label=2, delivered=6)

@@ -30,6 +30,7 @@ CASES = {
     "drop_path": dict(depth=14, drop_path_rate=0.2, seed=1),
     "keras_layout": dict(depth=11, block="bottleneck", layout="keras"),
     "conv_bias": dict(layout=paper(conv_bias=True), zero_init_residual=True),
+    "include_preprocessing": dict(include_preprocessing=True, preprocessing="inception"),
     "imagenet_neg_inf_pool": dict(
         family="imagenet",
         depth=None,
@@ -92,6 +93,7 @@ def test_custom_layers_are_registered():
         keras_preact.layers.ShortcutDropout,
         keras_preact.layers.DropPath,
         keras_preact.layers.ConstantPadding2D,
+        keras_preact.layers.Normalize,
     ):
         name = keras.saving.get_registered_name(cls)
         assert name == f"keras_preact>{cls.__name__}"

@@ -70,10 +70,12 @@ def read_tensors(path, fmt=None):
     return FORMATS[fmt].read(os.fspath(path))
 
 
-def write_tensors(path, tensors):
+def write_tensors(path, tensors, dtype="float32"):
     """Writes the neutral form as a by-layer-name HDF5 file, atomically (tmp + os.replace).
 
     The file has the Keras 2 weights layout (`layer_names`, `weight_names`), so
     `keras_h5.read` reads it back and Keras' own legacy loader accepts it too.
+    `dtype="float16"` stores every tensor in half precision (half the size; read back as
+    float32); it raises if a tensor does not fit float16's range.
     """
-    keras_h5.write(os.fspath(path), tensors)
+    keras_h5.write(os.fspath(path), tensors, dtype=dtype)

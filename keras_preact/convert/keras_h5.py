@@ -34,8 +34,27 @@ def read(path):
     return tensors
 
 
-def write(path, tensors):
+#: Storage types `write` accepts. Reading always returns float32; float16 halves a shipped
+#: file (HDF5 has no portable bfloat16 type, so float16 is the half-size choice).
+STORAGE_DTYPES = ("float32", "float16")
+
+
+def write(path, tensors, dtype="float32"):
     import h5py
+
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {STORAGE_DTYPES}.")
+    if dtype == "float16":
+        finfo = np.finfo(np.float16)
+        for layer, weights in tensors.items():
+            for var, value in weights.items():
+                v = np.asarray(value, np.float64)
+                big = np.abs(v).max(initial=0.0)
+                if not np.all(np.isfinite(v)) or big > finfo.max:
+                    raise ValueError(
+                        f"{layer}/{var} (max |x| {big:.4g}) does not fit float16 (max "
+                        f"{finfo.max:.4g}); store it as float32."
+                    )
 
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -49,7 +68,7 @@ def write(path, tensors):
                 names = [f"{layer}/{var}:0" for var in weights]
                 group.attrs["weight_names"] = np.array([n.encode("utf8") for n in names])
                 for name, value in zip(names, weights.values()):
-                    group.create_dataset(name, data=np.asarray(value, np.float32))
+                    group.create_dataset(name, data=np.asarray(value, dtype))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -6,8 +6,10 @@ per-replica batches for that input pipeline, ready for
 `strategy.distribute_datasets_from_function`.
 """
 
+import concurrent.futures
 import functools
 import os
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -168,34 +170,99 @@ def load_tfds_arrays(name, data_dir=None, download=True):
 # ImageNet-format data: TFRecord shards or TFDS, kept encoded until the map.
 
 
-class SkipCounter:
-    """Counts the images a pipeline could not decode and skipped.
+SKIP_CAUSES = ("corrupt_record", "unparsable", "bad_label", "undecodable")
 
-    Each element increments `started` before decoding and `decoded` after; an
-    element whose decode fails raises inside the map, is dropped by
-    `ignore_errors` and never reaches `decoded`. `skipped()` is exact once the
-    dataset is exhausted; mid-epoch it can also include the few elements in
-    flight.
+
+class SkipCounter:
+    """Per-cause counts of the records an ImageNet pipeline dropped, and of the images it delivered.
+
+    The causes (`SKIP_CAUSES`):
+
+    * `corrupt_record`: TFRecord bytes that fail their CRC or framing. Reading
+      resumes at the next valid record of the shard; one unreadable stretch
+      counts once (usually one record).
+    * `unparsable`: not a `tf.train.Example`, or without exactly one
+      `image/encoded` bytes value and one int64 `image/class/label`.
+    * `bad_label`: a label (after `label_offset`) outside `[0, num_classes)`.
+    * `undecodable`: image bytes that fail to decode.
+
+    `delivered` counts the images in the batches the pipeline produced. One
+    counter may serve every input pipeline of a process (each call of
+    `strategy.distribute_datasets_from_function`'s function) and several
+    passes; create it outside `strategy.scope()`, so that its variables are
+    plain variables on the host's CPU. Counts are
+    exact once the datasets using the counter are exhausted (an evaluation
+    pass). While a pipeline runs, `unparsable` and `undecodable` (records started
+    minus records finished) can also include the few records being parsed or
+    decoded at that moment, and `delivered` includes prefetched batches. A
+    training pipeline meets, and counts, a bad record once per epoch. Each
+    process of a multi-worker run counts its own input pipelines.
+
+    Example:
+
+    >>> counter = SkipCounter()
+    >>> counter.counts()["corrupt_record"], counter.skipped()
+    (0, 0)
     """
 
     def __init__(self):
-        with tf.init_scope():
-            self.started = tf.Variable(0, dtype=tf.int64, trainable=False, name="started")
-            self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="decoded")
+        names = [*SKIP_CAUSES, "delivered", "unparsable_done", "undecodable_done"]
+        # init_scope: created eagerly even when a dataset function is being traced.
+        with tf.init_scope(), tf.device("/CPU:0"):
+            self._vars = {
+                n: tf.Variable(0, dtype=tf.int64, trainable=False, name=f"skip_{n}") for n in names
+            }
+
+    def counts(self):
+        """`{cause: records skipped for it, ..., "delivered": images delivered}` as ints."""
+        v = {n: int(var.numpy()) for n, var in self._vars.items()}
+        out = {c: v[c] for c in SKIP_CAUSES}
+        for c in ("unparsable", "undecodable"):  # started minus finished
+            out[c] -= v[f"{c}_done"]
+        out["delivered"] = v["delivered"]
+        return out
 
     def skipped(self):
-        return int(self.started.numpy() - self.decoded.numpy())
+        """All records skipped, over every cause."""
+        counts = self.counts()
+        return sum(counts[c] for c in SKIP_CAUSES)
+
+    def reset(self):
+        """Sets every count to 0, e.g. before an evaluation pass."""
+        for var in self._vars.values():
+            var.assign(0)
+
+    def variable(self, name):
+        """The int64 `tf.Variable` behind count `name` (a cause or `"delivered"`)."""
+        return self._vars[name]
+
+    def add(self, name, n=1):
+        """Adds `n` to count `name` (a cause or `"delivered"`) from inside a dataset function."""
+        return self._vars[name].assign_add(tf.cast(n, tf.int64))
+
+    def guard(self, cause, fn):
+        """Wraps a `fn` that may raise, for a map followed by `ignore_errors()`.
+
+        Each call adds 1 to `cause` before `fn` runs and 1 to its finished count
+        after; a call that raises never finishes, so the difference counts the
+        records `ignore_errors` dropped.
+        """
+
+        def guarded(*args):
+            with tf.control_dependencies([self.add(cause)]):
+                out = fn(*args)
+            # The finished count waits for every output of fn.
+            with tf.control_dependencies(tf.nest.flatten(out)):
+                done = self.add(f"{cause}_done")
+            with tf.control_dependencies([done]):
+                return tf.nest.map_structure(tf.identity, out)
+
+        return guarded
 
     def wrap(self, fn):
-        def counted(image_bytes, label):
-            with tf.control_dependencies([self.started.assign_add(1)]):
-                image = fn(image_bytes)
-            with tf.control_dependencies([image]):
-                done = self.decoded.assign_add(1)
-            with tf.control_dependencies([done]):
-                return tf.identity(image), label
-
-        return counted
+        """`fn(image_bytes) -> image` as `(image_bytes, label) -> (image, label)`, counted as
+        `undecodable` when it raises (use with `ignore_errors()`)."""
+        return self.guard("undecodable", lambda image_bytes, label: (fn(image_bytes), label))
 
 
 def parse_example(serialized, label_offset=1):
@@ -203,6 +270,8 @@ def parse_example(serialized, label_offset=1):
 
     The TF official and TPU ImageNet scripts store `image/encoded` and a 1-based
     `image/class/label` (0 is "background"), hence the default offset of 1.
+    Raises `InvalidArgumentError` for bytes that are not a `tf.train.Example`
+    or lack either feature.
     """
     features = tf.io.parse_single_example(
         serialized,
@@ -233,20 +302,271 @@ def write_imagenet_tfrecords(path, encoded_images, labels):
             writer.write(example.SerializeToString())
 
 
-def _encoded_records(
+# TFRecord framing: uint64 length, masked CRC-32C of the length, the data, masked
+# CRC-32C of the data, all little-endian. `tf.data.TFRecordDataset` stops a file
+# at its first record that fails a check and moves on to the next file; the
+# readers below resume after the bad record instead. They build their graphs with
+# explicit `tf.cond` / `tf.while_loop`, so AutoGraph is told not to convert them.
+_HEADER_BYTES = 12
+_FRAMING_BYTES = 16
+_SCAN_WINDOW = 1 << 20
+_READ_BUFFER = 8 << 20
+_SCAN_BATCH = 32
+
+
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)  # Castagnoli, reflected
+        table.append(c)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def _le_int(data, first, count, size):
+    """Little-endian unsigned ints of `size` bytes at offsets `first + range(count)`."""
+    out = tf.zeros([count], tf.int64)
+    for i in range(size):
+        out = tf.bitwise.bitwise_or(
+            out, tf.bitwise.left_shift(data[first + i : first + i + count], 8 * i)
+        )
+    return out
+
+
+@tf.autograph.experimental.do_not_convert
+def _record_headers(data, start, count):
+    """Which of the `count` byte offsets from `start` of `data` (uint8) hold a
+    TFRecord header whose length passes its CRC, and that length (int64)."""
+    b = tf.cast(data[start : start + count + _HEADER_BYTES - 1], tf.int64)
+    table = tf.constant(_CRC32C_TABLE, tf.int64)
+
+    def crc_step(i, crc):
+        byte = b[i : i + count]
+        index = tf.bitwise.bitwise_and(tf.bitwise.bitwise_xor(crc, byte), 0xFF)
+        return i + 1, tf.bitwise.bitwise_xor(
+            tf.gather(table, index), tf.bitwise.right_shift(crc, 8)
+        )
+
+    crc = tf.fill([count], tf.constant(0xFFFFFFFF, tf.int64))
+    _, crc = tf.while_loop(lambda i, crc: i < 8, crc_step, (tf.constant(0, tf.int64), crc))
+    crc = tf.bitwise.bitwise_xor(crc, 0xFFFFFFFF)
+    rotated = tf.bitwise.bitwise_or(tf.bitwise.right_shift(crc, 15), tf.bitwise.left_shift(crc, 17))
+    masked = tf.bitwise.bitwise_and(
+        tf.bitwise.bitwise_and(rotated, 0xFFFFFFFF) + 0xA282EAD8, 0xFFFFFFFF
+    )
+    length = _le_int(b, 0, count, 8)
+    # A length with the top bit set is negative here; none is that long.
+    return tf.equal(masked, _le_int(b, 8, count, 4)) & (length >= 0), length
+
+
+@tf.autograph.experimental.do_not_convert
+def _next_record(data, pos):
+    """Offset of the first record after the unreadable one at `pos` (or the size).
+
+    An intact header (its length passes its CRC) gives the record's end, so a
+    record with corrupt data costs only itself. Otherwise the bytes after `pos`
+    are scanned for the next valid header of a record that fits in the file.
+    """
+    size = tf.size(data, out_type=tf.int64)
+
+    def scan(p, found):
+        count = tf.minimum(tf.constant(_SCAN_WINDOW, tf.int64), size - _HEADER_BYTES + 1 - p)
+        ok, length = _record_headers(data, p, count)
+        end = p + tf.range(count, dtype=tf.int64) + _FRAMING_BYTES + length
+        fits = ok & (end <= size)
+        first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int64)
+        # At `pos` itself an intact header gives the end of the bad record.
+        at_pos = tf.equal(p, pos) & ok[0]
+        found = tf.where(tf.reduce_any(fits), p + first, found)
+        return p + count, tf.where(at_pos, tf.minimum(end[0], size), found)
+
+    _, found = tf.while_loop(
+        lambda p, found: (found < 0) & (p + _HEADER_BYTES <= size),
+        scan,
+        (pos, tf.constant(-1, tf.int64)),
+    )
+    return tf.where(found < 0, size, found)
+
+
+def _records_from(path, offset):
+    """TFRecordDataset of one file from byte `offset`, a record boundary."""
+    variant = tf.raw_ops.TFRecordDatasetV2(
+        filenames=path, compression_type="", buffer_size=_READ_BUFFER, byte_offsets=offset
+    )
+    return tf.data.experimental.from_variant(variant, tf.TensorSpec([], tf.string))
+
+
+@tf.autograph.experimental.do_not_convert
+def _readable_run(path, offset):
+    """The records from `offset` up to the first unreadable one, and the bytes they span."""
+    everything = tf.int64.max
+    records = (
+        _records_from(path, offset)
+        .ignore_errors()
+        .batch(everything)
+        .concatenate(tf.data.Dataset.from_tensors(tf.zeros([0], tf.string)))
+        .take(1)
+        .get_single_element()
+    )
+    span = tf.reduce_sum(tf.cast(tf.strings.length(records), tf.int64) + _FRAMING_BYTES)
+    return records, span
+
+
+# A call of a function that is not inlined: the recovery graph stays out of the
+# scan's function, which then runs faster. The variable is an argument, so one
+# trace serves every counter.
+@functools.partial(tf.function, autograph=False, experimental_attributes={"_noinline": True})
+def _recover(path, offset, corrupt):
+    """Every readable record of `path` from `offset`, where reading stopped early.
+
+    Adds the unreadable stretches to the int64 variable `corrupt`. Holds the
+    whole shard in memory; it runs only after a read error.
+    """
+    # Counted before anything is read: if the shard cannot be read again the
+    # loss is still counted once.
+    with tf.control_dependencies([corrupt.assign_add(1)]):
+        data = tf.io.decode_raw(tf.io.read_file(path), tf.uint8)
+    size = tf.size(data, out_type=tf.int64)
+
+    def body(pos, records, bad):
+        good, span = _readable_run(path, pos)
+        pos += span
+        stuck = pos < size
+
+        def skip():
+            nxt = _next_record(data, pos)
+            note = tf.print(
+                "keras_preact.data: skipped an unreadable TFRecord in",
+                path,
+                "at bytes",
+                pos,
+                "to",
+                nxt,
+                output_stream=sys.stderr,
+            )
+            with tf.control_dependencies([note]):
+                return tf.identity(nxt)
+
+        nxt = tf.cond(stuck, skip, lambda: pos)
+        return nxt, tf.concat([records, good], 0), bad + tf.cast(stuck, tf.int64)
+
+    _, records, bad = tf.while_loop(
+        lambda pos, records, bad: pos < size,
+        body,
+        (offset, tf.zeros([0], tf.string), tf.constant(0, tf.int64)),
+        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None]), tf.TensorShape([])),
+    )
+    # The first unreadable stretch was counted above; a re-read that worked
+    # (a transient error) takes it back.
+    with tf.control_dependencies([corrupt.assign_add(bad - 1)]):
+        return tf.identity(records)
+
+
+@tf.autograph.experimental.do_not_convert
+def _shard_records(path, size, counter):
+    """The records of one TFRecord file; an unreadable record costs only itself.
+
+    The file is read with `TFRecordDataset` while the bytes read are summed; if
+    it stops before `size`, `_recover` reads the rest, skipping what fails. The
+    sum runs on batches of records (one function call per batch, not per record).
+    """
+    head = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).ignore_errors()
+    # `batch` yields no empty batch, so an empty one marks the end.
+    batches = head.batch(_SCAN_BATCH).concatenate(
+        tf.data.Dataset.from_tensors(tf.zeros([0], tf.string))
+    )
+
+    def step(offset, records):
+        end = tf.equal(tf.size(records), 0)
+        out = tf.cond(
+            end & (offset < size),
+            lambda: _recover(path, offset, counter.variable("corrupt_record")),
+            lambda: records,
+        )
+        span = tf.reduce_sum(tf.cast(tf.strings.length(records), tf.int64) + _FRAMING_BYTES)
+        return offset + span, out
+
+    return batches.scan(tf.constant(0, tf.int64), step).unbatch()
+
+
+def _file_sizes(files):
+    with concurrent.futures.ThreadPoolExecutor(min(32, len(files))) as pool:
+        return list(pool.map(lambda f: tf.io.gfile.stat(f).length, files))
+
+
+def _checked_num_classes(num_classes, one_hot_classes):
+    for name, value in (("num_classes", num_classes), ("one_hot_classes", one_hot_classes)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None; got {value!r}.")
+    if num_classes and one_hot_classes and num_classes != one_hot_classes:
+        raise ValueError(
+            f"num_classes={num_classes} and one_hot_classes={one_hot_classes} disagree."
+        )
+    return num_classes or one_hot_classes
+
+
+def encoded_records(
+    *,
     source,
     split,
-    data_dir,
-    training,
-    input_context,
-    seed,
-    deterministic,
-    label_offset,
-    cycle_length,
+    data_dir=None,
+    training=False,
+    input_context=None,
+    seed=0,
+    deterministic=False,
+    label_offset=1,
+    cycle_length=16,
+    num_classes=None,
+    counter=None,
 ):
-    """Dataset of `(encoded image, label)`, one file-level shard per input pipeline."""
+    """Dataset of `(encoded image, int64 label)`, one file-level shard per input pipeline.
+
+    Records that cannot be read, parsed or that carry a label outside
+    `[0, num_classes)` are dropped and counted in `counter` (see `SkipCounter`).
+
+    Args:
+        source: `"tfrecord"` (shards `train-*` / `validation-*` in `data_dir`),
+            or a TFDS name.
+        split: `"train"` or `"validation"` (any TFDS split string for TFDS).
+        data_dir: shard folder, or the TFDS data_dir.
+        training: shuffle the shards.
+        input_context: `tf.distribute.InputContext`, or None.
+        seed: seed of the shard shuffle.
+        deterministic: fixed order of records.
+        label_offset: subtracted from TFRecord labels (1 for the TF scripts).
+        cycle_length: shards read in parallel.
+        num_classes: labels must lie in `[0, num_classes)`; None checks only
+            `label >= 0` for TFRecords and uses the classes a TFDS dataset
+            declares. A TFDS dataset that declares more classes than
+            `num_classes` is an error.
+        counter: a `SkipCounter`; None counts into a private one.
+
+    Returns:
+        A `tf.data.Dataset` of `(scalar string, scalar int64)`.
+
+    Example:
+
+    >>> ds = encoded_records(source="tfrecord", split="validation",  # doctest: +SKIP
+    ...                      data_dir="/data/imagenet", num_classes=1000)
+    """
+    num_classes = _checked_num_classes(num_classes, None)
+    counter = counter or SkipCounter()
     pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
+    order = bool(deterministic) or not training
+
+    def label_ok(image, label):
+        # A filter predicate that counts what it drops.
+        ok = label >= 0
+        if num_classes is not None:
+            ok &= label < num_classes
+        with tf.control_dependencies([counter.add("bad_label", tf.cast(~ok, tf.int64))]):
+            return tf.identity(ok)
+
     if source == "tfrecord":
         prefix = "train" if split.startswith("train") else "validation"
         files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{prefix}-*")))
@@ -257,33 +577,79 @@ def _encoded_records(
                 f"{len(files)} {prefix} shards cannot be split over {pipelines} input "
                 "pipelines; write at least one shard per pipeline."
             )
-        ds = tf.data.Dataset.from_tensor_slices(files).shard(pipelines, pipeline_id)
+        files = files[pipeline_id::pipelines]  # file-level sharding
+        sizes = _file_sizes(files)
+        ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(sizes, np.int64)))
         if training:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(
-            lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
+            lambda f, n: _shard_records(f, n, counter),
             cycle_length=cycle_length,
             num_parallel_calls=AUTOTUNE,
-            deterministic=bool(deterministic) or not training,
+            deterministic=order,
         )
-        return ds.map(lambda r: parse_example(r, label_offset), num_parallel_calls=AUTOTUNE)
-    import tensorflow_datasets as tfds
+        ds = ds.map(
+            counter.guard("unparsable", lambda r: parse_example(r, label_offset)),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=order,
+        ).ignore_errors(log_warning=True)
+    else:
+        import tensorflow_datasets as tfds
 
-    read_config = tfds.ReadConfig(
-        input_context=input_context,
-        shuffle_seed=seed,
-        interleave_cycle_length=cycle_length,
-        try_autocache=False,
-    )
-    ds = tfds.load(
-        source,
+        read_config = tfds.ReadConfig(
+            input_context=input_context,
+            shuffle_seed=seed,
+            interleave_cycle_length=cycle_length,
+            try_autocache=False,
+        )
+        ds, info = tfds.load(
+            source,
+            split=split,
+            data_dir=data_dir,
+            shuffle_files=training,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=read_config,
+            with_info=True,
+        )
+        declared = info.features["label"].num_classes
+        if num_classes is None:
+            num_classes = declared
+        elif declared > num_classes:
+            raise ValueError(
+                f"{source!r} declares {declared} classes, more than num_classes={num_classes}: "
+                f"its labels {num_classes}..{declared - 1} would be out of range."
+            )
+        ds = ds.map(lambda e: (e["image"], e["label"]), num_parallel_calls=AUTOTUNE)
+    return ds.filter(label_ok)
+
+
+def _encoded_records(
+    source,
+    split,
+    data_dir,
+    training,
+    input_context,
+    seed,
+    deterministic,
+    label_offset,
+    cycle_length,
+    counter=None,
+    num_classes=None,
+):
+    """Positional form of `encoded_records`, for callers written against it."""
+    return encoded_records(
+        source=source,
         split=split,
         data_dir=data_dir,
-        shuffle_files=training,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=read_config,
+        training=training,
+        input_context=input_context,
+        seed=seed,
+        deterministic=deterministic,
+        label_offset=label_offset,
+        cycle_length=cycle_length,
+        num_classes=num_classes,
+        counter=counter,
     )
-    return ds.map(lambda e: (e["image"], e["label"]), num_parallel_calls=AUTOTUNE)
 
 
 def imagenet_dataset(
@@ -307,12 +673,15 @@ def imagenet_dataset(
     cycle_length=16,
     counter=None,
     one_hot_classes=None,
+    num_classes=None,
 ):
     """The ImageNet input pipeline.
 
     Records stay encoded through the shuffle (a 10k-element buffer of JPEG bytes
     is ~1 GB less than of decoded images); decoding, cropping and augmentation
-    run in one parallel map; undecodable images are dropped and counted.
+    run in one parallel map. Records that cannot be read or parsed, labels
+    outside `[0, num_classes)` and undecodable images are dropped and counted
+    by cause in `counter`, with the images delivered (see `SkipCounter`).
 
     Args:
         source: `"tfrecord"` (shards `train-*` / `validation-*` in `data_dir`),
@@ -336,27 +705,35 @@ def imagenet_dataset(
         shuffle_buffer: number of encoded records in the shuffle buffer.
         label_offset: subtracted from TFRecord labels (1 for the TF scripts).
         cycle_length: shards read in parallel.
-        counter: a `SkipCounter` to count skipped images.
+        counter: a `SkipCounter` that counts skipped records by cause and the
+            images delivered; None counts into a private one.
         one_hot_classes: emit one-hot labels of this depth (for label smoothing).
+        num_classes: labels must lie in `[0, num_classes)`, others are skipped
+            and counted; default `one_hot_classes`. None checks only
+            `label >= 0` for TFRecords and uses a TFDS dataset's declared
+            classes.
 
     Returns:
         A `tf.data.Dataset` of `(images, labels)` batches.
     """
     batch = per_replica_batch(batch_size, input_context)
-    ds = _encoded_records(
-        source,
-        split,
-        data_dir,
-        training,
-        input_context,
-        seed,
-        deterministic,
-        label_offset,
-        cycle_length,
+    num_classes = _checked_num_classes(num_classes, one_hot_classes)
+    counter = counter or SkipCounter()
+    ds = encoded_records(
+        source=source,
+        split=split,
+        data_dir=data_dir,
+        training=training,
+        input_context=input_context,
+        seed=seed,
+        deterministic=deterministic,
+        label_offset=label_offset,
+        cycle_length=cycle_length,
+        num_classes=num_classes,
+        counter=counter,
     )
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    counter = counter or SkipCounter()
     if training:
         prep = functools.partial(
             ipp.preprocess_train, crop=crop, size=image_size, color=color, fused=fused
@@ -383,7 +760,8 @@ def imagenet_dataset(
         images = ipp.normalize(images) if normalize else tf.cast(tf.round(images), tf.uint8)
         if one_hot_classes:
             labels = tf.one_hot(labels, one_hot_classes)
-        return images, labels
+        with tf.control_dependencies([counter.add("delivered", tf.shape(images)[0])]):
+            return tf.identity(images), labels
 
     ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
     return ds.with_options(_options(deterministic or not training)).prefetch(AUTOTUNE)
