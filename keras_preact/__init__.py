@@ -4,7 +4,7 @@
 >>> model = PreActResNet20(input_shape=(28, 28, 1), classes=10)
 """
 
-from keras_preact import layers, shortcuts, units, weights
+from keras_preact import layers, scan, shortcuts, units, weights
 from keras_preact.context import BuildContext
 from keras_preact.imagenet_utils import decode_predictions, preprocess_input
 from keras_preact.layout import LAYOUTS, Layout
@@ -58,6 +58,7 @@ __all__ = [
     "layers",
     "list_models",
     "preprocess_input",
+    "scan",
     "shortcuts",
     "units",
     "weights",

@@ -18,6 +18,7 @@ import keras
 
 from keras_preact import imagenet_utils
 from keras_preact import layers as kp_layers
+from keras_preact import scan as kp_scan
 from keras_preact import shortcuts as kp_shortcuts
 from keras_preact import units as kp_units
 from keras_preact import weights as kp_weights
@@ -290,6 +291,7 @@ class _Architecture:
     classes: int
     classifier_activation: object
     drop_path_rate: float
+    scan_units: bool
     preprocessing: tuple | None  # (mean, std) in [0, 1] units
     name: str
     weights: kp_weights.ResolvedWeights | None
@@ -321,6 +323,7 @@ def _resolve(
     drop_path_rate,
     zero_init_residual,
     seed,
+    scan_units,
 ):
     """Validates every argument (ValueError naming it) and resolves the weights record."""
     _choice(family, "family", tuple(FAMILIES))
@@ -345,6 +348,13 @@ def _resolve(
         raise ValueError(f"Invalid name={name!r}: expected a string or None.")
     bn_momentum = _number(bn_momentum, "bn_momentum", 0.0, 1.0)
     drop_path_rate = _number(drop_path_rate, "drop_path_rate", 0.0, 1.0)
+    scan_units = _bool(scan_units, "scan_units")
+    if scan_units and drop_path_rate > 0.0:
+        raise ValueError(
+            f"scan_units=True applies one unit to every slice of stacked weights, so its units "
+            f"cannot have their own drop-path rates and masks; drop_path_rate={drop_path_rate!r} "
+            "needs scan_units=False."
+        )
     zero_init_residual = _bool(zero_init_residual, "zero_init_residual")
     seed = _int(seed, "seed", allow_none=True)
     if kernel_initializer != "he_normal_fan_out":
@@ -410,6 +420,7 @@ def _resolve(
         classes=classes,
         classifier_activation=classifier_activation,
         drop_path_rate=drop_path_rate,
+        scan_units=scan_units,
         preprocessing=_preprocessing(include_preprocessing, preprocessing, record, channels),
         name=name,
         weights=resolved,
@@ -452,6 +463,14 @@ def _unit_strides(arch):
                for b in range(n)]  # fmt: skip
 
 
+def _run_of_stride_1(strides, b):
+    """How many units from `b` on have stride 1 (at least 1: unit `b` itself)."""
+    run = 1
+    while b + run < len(strides) and strides[b] == strides[b + run] == 1:
+        run += 1
+    return run
+
+
 def _output_dtype():
     policy = keras.config.dtype_policy()
     if policy.compute_dtype in ("float16", "bfloat16") and policy.variable_dtype == "float32":
@@ -480,19 +499,27 @@ def _graph(arch):
     n_units = sum(arch.stage_blocks)
     index = 0
     for s, (width, strides) in enumerate(zip(arch.widths, _unit_strides(arch))):
-        for b, stride in enumerate(strides):
-            x = arch.unit(
-                x,
+        b = 0
+        while b < len(strides):
+            kwargs = dict(
                 block=arch.block,
                 filters=width,
-                stride=stride,
+                stride=strides[b],
                 first=index == 0,
                 shortcut=arch.shortcut,
                 ctx=ctx,
-                name=f"conv{s + 2}_block{b + 1}",
                 drop_path_rate=arch.drop_path_rate * index / max(n_units - 1, 1),
             )
-            index += 1
+            # scan_units: after a stage's first unit, the units of stride 1 keep the shape
+            # and differ only in their weights; one `Scan` layer applies them in a loop.
+            run = _run_of_stride_1(strides, b) if arch.scan_units and b > 0 else 1
+            names = [f"conv{s + 2}_block{c + 1}" for c in range(b, b + run)]
+            if run > 1:
+                x = kp_scan.scan_units(x, arch.unit, names=names, **kwargs)
+            else:
+                x = arch.unit(x, name=names[0], **kwargs)
+            b += run
+            index += run
 
     # Head: the extra activation after the last unit (appendix), pooling, classifier.
     out_dtype = _output_dtype()
@@ -578,6 +605,7 @@ def PreActResNet(
     drop_path_rate=0.0,
     zero_init_residual=False,
     seed=None,
+    scan_units=False,
     **removed,
 ):
     """Builds a pre-activation ResNet of any depth as a Functional `keras.Model`.
@@ -637,6 +665,17 @@ def PreActResNet(
         zero_init_residual: start every residual branch at zero (beyond the paper).
         seed: base seed of the random layers (dropout shortcut, drop path); each layer
             derives its own.
+        scan_units: if True, the units of a stage after its first that keep its shape
+            (stride 1) become one `keras_preact.scan.Scan` layer that loops over their
+            stacked weights, so a traced training step holds one unit per stage whatever
+            the depth: JAX/XLA compile PreActResNet1001 as fast as PreActResNet164. Same
+            outputs, gradients, BatchNorm updates and parameter count; but the units' own
+            layers (`conv2_block5_1_conv`, ...) are replaced by one layer per stage
+            (`conv2_block2_to_18_out`), `get_weights()` has another layout (convert with
+            `keras_preact.scan.copy_weights`), and drop path and the dropout shortcut are
+            refused. `weights=` loads as usual. On CPUs an XLA-compiled training step runs
+            several times slower (the loop's backward convolutions miss XLA:CPU's fast
+            kernels). See `docs/models.md`.
 
     Returns:
         A `keras.Model` (`PreActResNetModel`, whose `weights_record` names the record loaded).
@@ -684,11 +723,36 @@ def PreActResNet(
         drop_path_rate=drop_path_rate,
         zero_init_residual=zero_init_residual,
         seed=seed,
+        scan_units=scan_units,
     )
     model = _graph(arch)
     if arch.weights is not None:
-        kp_weights.load(model, arch.weights)
+        _load(model, arch)
     return model
+
+
+def _load(model, arch):
+    """Loads the resolved weights; a scanned model gets them through a written-out twin,
+    since weights files name the units' own layers."""
+    if not arch.scan_units:
+        kp_weights.load(model, arch.weights)
+        return
+    if arch.weights.record is None:
+        try:  # A Keras `.weights.h5` saved from a scanned model has the scanned structure.
+            kp_weights.load(model, arch.weights)
+            return
+        except ValueError as e:
+            scanned_error = e
+    plain = _graph(dataclasses.replace(arch, scan_units=False))
+    try:
+        kp_weights.load(plain, arch.weights)
+    except ValueError as e:
+        if arch.weights.record is None:
+            raise ValueError(
+                f"{e} (It did not load into the scan_units=True structure either: {scanned_error})"
+            ) from e
+        raise
+    kp_scan.copy_weights(plain, model)
 
 
 # -- Named entry points ----------------------------------------------------------------------
