@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(
     reason="tf.distribute strategies need KERAS_BACKEND=tensorflow",
 )
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 MIRRORED_SCRIPT = textwrap.dedent("""
     import sys
@@ -31,7 +32,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     import keras_preact
-    from training import common, custom_loop
+    from training import custom_loop, optimization
 
     def plain_cnn():
         inputs = keras.Input((8, 8, 3))
@@ -48,7 +49,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         with strategy.scope():
             keras.utils.set_random_seed(0)
             model = build()
-            common.add_weight_decay(model, 0.01)
+            optimization.add_weight_decay(model, 0.01)
             optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
             if loop == "fit":
                 model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(
@@ -108,18 +109,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_worker_multi_worker_mirrored(tmp_path):
-    """Two processes train training/cifar.py together and end with identical weights."""
-    from keras_preact.data import cifar_files
-
-    rng = np.random.default_rng(0)
-    train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
-    test = (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 20))
-    cifar_files.write_cifar("cifar10", str(tmp_path / "data"), train, test)
+def _two_workers(tmp_path, model_dir, epochs, tag):
+    """Runs training/cifar.py as two MultiWorkerMirrored workers on 127.0.0.1."""
     ports = [_free_port(), _free_port()]
     workers = [f"127.0.0.1:{p}" for p in ports]
-    model_dir = tmp_path / "run"
     procs = []
     for i in range(2):
         env = dict(
@@ -138,13 +131,14 @@ def test_two_worker_multi_worker_mirrored(tmp_path):
             f"--data_dir={tmp_path / 'data'}",
             f"--model_dir={model_dir}",
             "--batch_size=16",
-            "--epochs=2",
+            f"--epochs={epochs}",
             "--steps_per_epoch=3",
-            "--lr_schedule=constant",
+            "--lr_schedule=cosine",
+            "--warmup_steps=2",
             "--base_lr=0.05",
             "--verbose=2",
         ]
-        log = open(tmp_path / f"worker{i}.log", "w")
+        log = open(tmp_path / f"{tag}_worker{i}.log", "w")
         procs.append(
             (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log)
         )
@@ -155,22 +149,45 @@ def test_two_worker_multi_worker_mirrored(tmp_path):
             if proc.poll() is None:
                 proc.kill()
             log.close()
-    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    logs = [(tmp_path / f"{tag}_worker{i}.log").read_text() for i in range(2)]
     for (proc, _), text in zip(procs, logs):
         assert proc.returncode == 0, text[-4000:]
-    summary = json.loads((model_dir / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["replicas"] == 2
-    chief = model_dir / "final.weights.h5"
-    other = model_dir / "workers" / "worker_1" / "final.weights.h5"
+    return logs
+
+
+def _h5_arrays(path):
     import h5py
 
-    def arrays(path):
-        out = {}
-        with h5py.File(path) as f:
-            f.visititems(lambda k, v: out.__setitem__(k, v[()]) if hasattr(v, "shape") else None)
-        return out
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if hasattr(v, "shape") else None)
+    return out
 
-    a, b = arrays(chief), arrays(other)
+
+@pytest.mark.slow
+def test_two_worker_multi_worker_mirrored(tmp_path):
+    """Two processes train training/cifar.py together and end with identical weights; rerun
+    with more epochs, both resume at the checkpoint's optimizer step and schedule."""
+    from keras_preact.data import cifar_files
+    from training import optimization
+
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
+    test = (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 20))
+    cifar_files.write_cifar("cifar10", str(tmp_path / "data"), train, test)
+    model_dir = tmp_path / "run"
+    _two_workers(tmp_path, model_dir, 2, "first")
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["replicas"] == 2 and summary["loop"] == "custom"
+    logs = _two_workers(tmp_path, model_dir, 3, "resumed")
+    for text in logs:
+        assert "2 epoch(s) done, optimizer step 6," in text, text[-3000:]
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 9 and summary["resumed_from_epoch"] == 2
+    schedule = optimization.WarmupSchedule(0.05, 9, decay="cosine", warmup_steps=2)
+    np.testing.assert_allclose(summary["final_lr"], float(schedule(9)), atol=1e-7)
+    a = _h5_arrays(model_dir / "final.weights.h5")
+    b = _h5_arrays(model_dir / "workers" / "worker_1" / "final.weights.h5")
     assert a.keys() == b.keys() and len(a) > 10
     differ = [k for k in a if not np.array_equal(a[k], b[k])]
     assert not differ, differ

@@ -49,9 +49,7 @@ def _run(args, tmp_path):
     return out
 
 
-@pytest.mark.slow
-def test_imagenet_trainer_then_evaluate(shards, tmp_path):
-    model_dir = tmp_path / "run"
+def _train(shards, model_dir, tmp_path, *extra):
     _run(
         [
             "training/imagenet.py",
@@ -64,47 +62,95 @@ def test_imagenet_trainer_then_evaluate(shards, tmp_path):
             "--eval_size=32",
             "--eval_resize=36",
             "--batch_size=4",
-            "--epochs=2",
-            "--steps_per_epoch=2",
             "--shuffle_buffer=8",
             "--verbose=2",
-            "--train_crop=inception",
-            "--color_augmentation",
             f"--model_dir={model_dir}",
+            *extra,
         ],
         tmp_path,
     )
-    summary = json.loads((model_dir / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["skipped_images"] >= 0
-    assert 0.0 <= summary["eval_top1"] <= 1.0
+    return json.loads((model_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_imagenet_trainer_then_evaluate(shards, tmp_path):
+    model_dir = tmp_path / "run"
+    summary = _train(
+        shards,
+        model_dir,
+        tmp_path,
+        "--epochs=2",
+        "--steps_per_epoch=2",
+        "--train_crop=inception",
+        "--color_augmentation",
+        "--num_eval_examples=2",
+        "--weight_decay=0",  # the eval loss is then the cross-entropy alone
+    )
+    assert summary["steps"] == 4
+    assert summary["train_skipped_images"] == 0  # every training image decodes
+    assert set(summary["train_skipped_by_cause"].values()) == {0}
+    # The final evaluation scored the 2 images asked for, and counted its own skips apart.
+    assert summary["eval_images_scored"] == 2
     config = json.loads((model_dir / "config.json").read_text())
     assert config["base_lr"] == pytest.approx(0.1 * 4 / 256)  # linear scaling rule
+    assert config["origins"]["base_lr"] == "derived"
     weights = model_dir / "final.weights.h5"
     results = {}
     for name, extra in (
-        ("224", []),
-        ("320", ["--eval_resize=320", "--eval_size=320"]),
-        ("ten", ["--ten_crop"]),
+        ("trainer's", ["--eval_size=32", "--eval_resize=36", "--batch_size=2", "--max_batches=1"]),
+        ("224", ["--batch_size=2"]),
+        ("320", ["--eval_resize=320", "--eval_size=320", "--batch_size=2"]),
+        ("ten", ["--ten_crop", "--batch_size=2"]),
     ):
         out_json = tmp_path / f"{name}.json"
         _run(
             [
-                "training/evaluate.py",
-                "--model=PreActResNet20",
+                "training/evaluate.py",  # model and classes come from the run's config.json
                 f"--weights={weights}",
                 "--source=tfrecord",
                 f"--data_dir={shards}",
-                "--num_classes=3",
-                "--batch_size=2",
                 f"--output={out_json}",
                 *extra,
             ],
             tmp_path,
         )
         results[name] = json.loads(out_json.read_text())
-    for result in results.values():
+    # The trainer evaluated its first 2 validation images (--num_eval_examples=2): the
+    # same weights, rebuilt by evaluate.py, give the same numbers on those 2 images.
+    same = results["trainer's"]
+    assert same["examples"] == 2 and same["model"] == "PreActResNet20"
+    np.testing.assert_allclose(same["loss"], summary["eval_loss"], rtol=1e-4)
+    assert same["top1"] == pytest.approx(summary["eval_top1"])
+    for name in ("224", "320", "ten"):
         # Five photos decode; the broken record is skipped and counted.
-        assert result["examples"] == 5 and result["skipped_images"] == 1
-        assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+        assert results[name]["examples"] == 5 and results[name]["skipped_images"] == 1
+        assert results[name]["skipped_by_cause"]["undecodable"] == 1
     assert results["320"]["eval_size"] == 320 and results["ten"]["ten_crop"]
-    np.testing.assert_allclose(results["224"]["top5"], 1.0)  # 3 classes: top-5 is all
+    # The protocols see different pixels, so their losses differ.
+    assert len({round(results[n]["loss"], 6) for n in ("224", "320", "ten")}) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("keras").backend.backend() != "tensorflow",
+    reason="the custom loop is tf.distribute's",
+)
+def test_imagenet_custom_loop_with_label_smoothing(shards, tmp_path):
+    """Label smoothing under the strategy.run loop: trains and evaluates (sparse labels)."""
+    summary = _train(
+        shards,
+        tmp_path / "run",
+        tmp_path,
+        "--loop=custom",
+        "--label_smoothing=0.1",
+        "--epochs=1",
+        "--steps_per_epoch=2",
+    )
+    assert summary["steps"] == 2 and summary["loop"] == "custom"
+    assert np.isfinite(summary["eval_loss"]) and summary["train_skipped_images"] == 0
+    # The whole validation shard: five photos scored, the broken one skipped and named, once
+    # (the per-epoch evaluation met it too; the final pass counts afresh).
+    assert summary["eval_images_scored"] == 5
+    assert summary["eval_skipped_by_cause"] == {
+        "corrupt_record": 0, "unparsable": 0, "bad_label": 0, "undecodable": 1
+    }

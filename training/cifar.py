@@ -8,6 +8,12 @@ padding, random crop, horizontal flip, per-channel normalization:
     python training/cifar.py --preset=paper --dataset=cifar10 \
         --model=PreActResNet110 --model_dir=runs/c10_r110
 
+The preset fills the flags not given; an explicit flag wins (`--preset=paper --epochs=1`
+runs one epoch). An ablation of the paper's Fig. 4(c) unit with Fig. 2(c) shortcuts:
+
+    python training/cifar.py --preset=paper --unit=relu_before_add \
+        --shortcut=exclusive_gating --gate_bias=-6 --model_dir=runs/c10_ablation
+
 A short real run on the Debian copy of Fashion-MNIST (see docs/training.md for
 the measured result):
 
@@ -31,10 +37,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 
-from training import common  # noqa: E402
+from training import (  # noqa: E402
+    checkpoints,
+    config,
+    distribution,
+    loops,
+    modeling,
+    optimization,
+    sources,
+)
 
-common.define_common_flags(model="PreActResNet20", batch_size=128, epochs=160, lr_schedule="step")
-flags.DEFINE_enum("dataset", "cifar10", ["cifar10", "cifar100", "fashion_mnist"], "Dataset.")
+#: `--preset=paper`: 64k iterations = 160 epochs of 400 steps at batch 128.
+PRESETS = {
+    "paper": {
+        "batch_size": 128,
+        "steps_per_epoch": 400,
+        "epochs": 160,
+        "lr_schedule": "step",
+        "lr_boundaries": ["32000", "48000"],
+        "warmup_steps": 400,
+        "warmup": "constant",
+        "warmup_lr": 0.01,
+        "base_lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+    }
+}
+
+config.define_train_flags(
+    model="PreActResNet20", batch_size=128, epochs=160, lr_schedule="step", presets=PRESETS
+)
+flags.adopt_module_key_flags(config)
+flags.DEFINE_enum("dataset", "cifar10", list(sources.MEMORY_DATASETS), "Dataset.")
 flags.DEFINE_enum(
     "source",
     "tfds",
@@ -49,77 +83,106 @@ flags.DEFINE_enum(
     ["auto", "numpy", "tfdata"],
     "auto: tfdata under the TensorFlow backend, numpy otherwise.",
 )
-flags.DEFINE_enum("preset", None, ["paper"], "paper: the paper's CIFAR schedule (64k steps).")
 flags.DEFINE_bool("flip", True, "Random horizontal flips (also used for Fashion-MNIST).")
-flags.DEFINE_integer("padding", 4, "Padding of the random crop; 0 disables cropping.")
 flags.DEFINE_integer(
-    "eval_examples", None, "Evaluate on the first N test images only (smoke runs)."
+    "padding", 4, "Padding of the random crop; 0 disables cropping.", lower_bound=0
+)
+flags.DEFINE_integer(
+    "eval_examples", None, "Evaluate on the first N test images only (smoke runs).", lower_bound=1
 )
 
+
+@flags.multi_flags_validator(
+    ["source", "data_dir", "dataset"], message="--source=files needs --data_dir."
+)
+def _files_need_a_folder(values):
+    return values["source"] != "files" or bool(values["data_dir"])
+
+
+@flags.multi_flags_validator(["source", "data_dir", "dataset"])
+def _tfds_can_load(values):
+    if values["source"] == "tfds":
+        problem = sources.tfds_problem(values["dataset"], values["data_dir"])
+        if problem:
+            raise flags.ValidationError(problem)
+    return True
+
+
+@flags.multi_flags_validator(["pipeline", "loop", "strategy"])
+def _pipeline_fits_backend_and_loop(values):
+    if values["pipeline"] == "tfdata" and keras.backend.backend() != "tensorflow":
+        raise flags.ValidationError(
+            "--pipeline=tfdata feeds tf.data batches: use KERAS_BACKEND=tensorflow or "
+            "--pipeline=numpy (or auto)."
+        )
+    custom = values["loop"] == "custom" or (
+        values["loop"] == "auto" and values["strategy"] == "multi_worker_mirrored"
+    )
+    if custom and values["pipeline"] == "numpy":
+        raise flags.ValidationError(
+            "--loop=custom distributes a tf.data dataset: use --pipeline=tfdata (or auto)."
+        )
+    return True
+
+
 FLAGS = flags.FLAGS
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
-
-
-def load_arrays():
-    if FLAGS.source == "files":
-        if not FLAGS.data_dir:
-            raise app.UsageError("--source=files needs --data_dir.")
-        if FLAGS.dataset == "fashion_mnist":
-            from keras_preact.data import idx
-
-            return idx.load_fashion_mnist(FLAGS.data_dir)
-        from keras_preact.data import cifar_files
-
-        return cifar_files.load_cifar(FLAGS.dataset, FLAGS.data_dir)
-    from keras_preact.data import tfdata
-
-    return tfdata.load_tfds_arrays(FLAGS.dataset, data_dir=FLAGS.data_dir)
 
 
 def main(argv):
     del argv
     start = time.time()
-    if FLAGS.label_smoothing:
-        # The in-memory pipelines yield sparse labels; smoothing needs one-hot ones.
-        raise app.UsageError(
-            f"--label_smoothing={FLAGS.label_smoothing} is supported by training/imagenet.py "
-            "only; training/cifar.py allows 0."
-        )
-    if FLAGS.preset == "paper":
-        # 64k iterations = 160 epochs of 400 steps at batch 128.
-        FLAGS.batch_size, FLAGS.steps_per_epoch, FLAGS.epochs = 128, 400, 160
-        FLAGS.lr_schedule, FLAGS.lr_boundaries = "step", ["32000", "48000"]
-        FLAGS.warmup_steps, FLAGS.warmup, FLAGS.warmup_lr = 400, "constant", 0.01
-        FLAGS.base_lr, FLAGS.momentum, FLAGS.weight_decay = 0.1, 0.9, 1e-4
-    # Seeds, strategy and precision come first: variables are created under them.
-    run = common.setup_run()
-    pipeline = FLAGS.pipeline
-    if pipeline == "auto" or run.loop == "custom":
+
+    # 1. Configuration: the flags, once, as a frozen Config (values checked at parsing).
+    cfg = config.from_flags(FLAGS, PRESETS)
+    cfg = cfg.derive(base_lr=cfg.base_lr or 0.1)
+
+    # 2. Seeds, strategy and precision: variables are created under them.
+    run = distribution.setup(cfg)
+    pipeline = cfg.pipeline
+    if pipeline == "auto":
         pipeline = "tfdata" if keras.backend.backend() == "tensorflow" else "numpy"
 
-    # Data.
+    # 3. Data, in memory; uint8 batches when the model normalizes on the device.
     from keras_preact.data import numpy_pipeline
 
-    (x_train, y_train), (x_test, y_test) = load_arrays()
-    if FLAGS.eval_examples:
-        x_test, y_test = x_test[: FLAGS.eval_examples], y_test[: FLAGS.eval_examples]
+    (x_train, y_train), (x_test, y_test) = sources.load_arrays(
+        cfg.dataset, cfg.source, cfg.data_dir
+    )
+    if cfg.batch_size > len(x_train):
+        raise app.UsageError(
+            f"--batch_size={cfg.batch_size} exceeds the {len(x_train)} training images."
+        )
+    if cfg.eval_examples:
+        x_test, y_test = x_test[: cfg.eval_examples], y_test[: cfg.eval_examples]
+    # The data set's statistics normalize the inputs, unless the start weights carry their own.
     mean, std = numpy_pipeline.channel_stats(x_train)
-    steps_per_epoch = FLAGS.steps_per_epoch or len(x_train) // FLAGS.batch_size
-    total_steps = steps_per_epoch * FLAGS.epochs
+    cfg = cfg.derive(
+        **modeling.resolved_options(cfg, model=cfg.model, mean=mean, std=std),
+        pipeline=pipeline,
+        steps_per_epoch=cfg.steps_per_epoch or len(x_train) // cfg.batch_size,
+        num_train=len(x_train),
+        num_test=len(x_test),
+    )
+    cfg = cfg.derive(total_steps=cfg.steps_per_epoch * cfg.epochs)
+    mean, std = cfg.mean, cfg.std
+    on_host = not cfg.normalize_on_device
     if pipeline == "numpy":
         train_data = numpy_pipeline.ArrayDataset(
             x_train,
             y_train,
-            FLAGS.batch_size,
+            cfg.batch_size,
             mean,
             std,
             training=True,
-            steps_per_epoch=steps_per_epoch,
-            padding=FLAGS.padding,
-            flip=FLAGS.flip,
-            seed=FLAGS.seed,
+            steps_per_epoch=cfg.steps_per_epoch,
+            padding=cfg.padding,
+            flip=cfg.flip,
+            seed=cfg.seed,
+            normalize=on_host,
         )
-        val_data = numpy_pipeline.ArrayDataset(x_test, y_test, 500, mean, std, training=False)
+        val_data = numpy_pipeline.ArrayDataset(
+            x_test, y_test, 500, mean, std, training=False, normalize=on_host
+        )
         val_data_fn = lambda: val_data  # noqa: E731
     else:
         from keras_preact.data import tfdata
@@ -128,15 +191,16 @@ def main(argv):
             return tfdata.array_dataset(
                 x_train,
                 y_train,
-                batch_size=FLAGS.batch_size,
+                batch_size=cfg.batch_size,
                 training=True,
                 mean=mean,
                 std=std,
                 input_context=input_context,
-                padding=FLAGS.padding,
-                flip=FLAGS.flip,
-                seed=FLAGS.seed,
-                deterministic=FLAGS.deterministic,
+                padding=cfg.padding,
+                flip=cfg.flip,
+                seed=cfg.seed,
+                deterministic=cfg.deterministic,
+                normalize=on_host,
             )
 
         def val_fn(input_context=None):
@@ -148,6 +212,7 @@ def main(argv):
                 mean=mean,
                 std=std,
                 input_context=input_context,
+                normalize=on_host,
             )
 
         if run.loop == "custom":
@@ -157,56 +222,54 @@ def main(argv):
             train_data, val_data = train_fn(), val_fn()
             val_data_fn = lambda: val_data  # noqa: E731
 
-    # Model and optimizer.
-    base_lr = FLAGS.base_lr if FLAGS.base_lr is not None else 0.1
-    schedule = common.lr_schedule(base_lr, total_steps, [int(b) for b in FLAGS.lr_boundaries])
-    model, _, optimizer, decayed = common.build_model(
-        run, schedule, input_shape=x_train.shape[1:], classes=NUM_CLASSES[FLAGS.dataset]
+    # 4. Model and optimizer.
+    schedule = optimization.lr_schedule(
+        cfg,
+        base_lr=cfg.base_lr,
+        total_steps=cfg.total_steps,
+        boundaries=[int(b) for b in config.lr_boundaries(cfg)],
     )
-
-    os.makedirs(FLAGS.model_dir, exist_ok=True)
-    common.write_run_config(
+    built = modeling.build(
+        cfg,
         run,
-        pipeline=pipeline,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        base_lr=base_lr,
-        decayed_variables=decayed,
-        mean=mean.tolist(),
-        std=std.tolist(),
-        num_train=len(x_train),
-        num_test=len(x_test),
+        schedule,
+        input_shape=x_train.shape[1:],
+        classes=sources.MEMORY_DATASETS[cfg.dataset],
     )
+    cfg = cfg.derive(decayed_variables=built.decayed)
+    checkpoints.write_config(cfg, run)
 
-    # Resume from the last completed epoch, if the run was interrupted.
-    initial_epoch = common.restore(model, optimizer, FLAGS.model_dir)
+    # 5. Resume from the last completed epoch, if the run was interrupted.
+    checkpointer = checkpoints.Checkpointer(cfg.model_dir, run.write_dir)
+    initial_epoch = checkpointer.restore(built.model).epoch
     if pipeline == "numpy":
-        train_data.epoch = initial_epoch
+        train_data.epoch = initial_epoch  # the batches continue where the run stopped
 
-    # Train.
-    history = common.fit(
+    # 6. Train.
+    history = loops.train(
+        cfg,
         run,
-        model,
-        optimizer,
+        built,
         train_data,
         val_data_fn,
-        steps_per_epoch=steps_per_epoch,
+        checkpointer=checkpointer,
+        steps_per_epoch=cfg.steps_per_epoch,
         initial_epoch=initial_epoch,
     )
 
-    # Final evaluation on the test set, and the run's summary.
-    final = common.final_evaluation(run, model, val_data_fn)
-    common.write_final(
+    # 7. Final evaluation on the test set, and the run's summary.
+    final = loops.evaluate(cfg, run, built, val_data_fn)
+    loops.finish(
+        cfg,
         run,
-        model,
-        optimizer,
+        built,
         history=history,
         initial_epoch=initial_epoch,
         start=start,
-        dataset=FLAGS.dataset,
-        test_top1=float(final.get("top1")),
-        test_top5=float(final.get("top5")),
-        test_loss=float(final.get("loss")),
+        dataset=cfg.dataset,
+        test_top1=float(final["top1"]),
+        test_top5=float(final["top5"]),
+        test_loss=float(final["loss"]),
         train_loss_per_epoch=[float(v) for v in history.get("loss", [])],
     )
 

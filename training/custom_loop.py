@@ -8,6 +8,9 @@ loss is averaged over the global batch with `tf.nn.compute_average_loss`, the
 Keras TF optimizer all-reduces (sums) the gradients across replicas in
 `apply`, and metrics are per-replica counts summed with `strategy.reduce`.
 It works under every TF strategy, which is how the tests compare it with `fit`.
+
+It needs TensorFlow (`tf.distribute`); `--loop=custom` under another backend is refused
+when the flags are parsed (`config.define_train_flags`).
 """
 
 import os
@@ -17,12 +20,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import common
+from training import callbacks, metrics, optimization
 
 
 def _counts(labels, logits):
-    if labels.shape.rank == 2:  # one-hot (label smoothing)
-        labels = tf.argmax(labels, -1)
     labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
     logits = tf.cast(logits, tf.float32)
     top1 = tf.reduce_sum(
@@ -34,11 +35,8 @@ def _counts(labels, logits):
 
 
 def _per_example_loss(labels, logits, label_smoothing=0.0):
-    if labels.shape.rank == 2:
-        return keras.losses.categorical_crossentropy(
-            labels, logits, from_logits=True, label_smoothing=label_smoothing
-        )
-    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    loss = optimization.SparseCrossentropy(label_smoothing, reduction=None)
+    return loss(labels, tf.cast(logits, tf.float32))
 
 
 def make_train_step(
@@ -50,7 +48,7 @@ def make_train_step(
     def step_fn(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            per_example = _per_example_loss(labels, tf.cast(logits, tf.float32), label_smoothing)
+            per_example = _per_example_loss(labels, logits, label_smoothing)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             if model.losses:
                 # Each replica adds 1/R of the L2 term: the gradient all-reduce sums it back.
@@ -88,12 +86,16 @@ def make_sync_step(model, strategy):
     return sync
 
 
-def make_eval_step(model, strategy):
+def make_eval_step(model, strategy, *, label_smoothing=0.0):
+    """Returns `step(batch) -> (loss_sum, top1_count, top5_count, n)` summed over replicas.
+
+    The loss is the training loss (with its label smoothing), as `model.evaluate`
+    reports it in the `fit` loop.
+    """
+
     def step_fn(images, labels):
         logits = model(images, training=False)
-        per_example = keras.losses.sparse_categorical_crossentropy(
-            labels, tf.cast(logits, tf.float32), from_logits=True
-        )
+        per_example = _per_example_loss(labels, logits, label_smoothing)
         return (tf.reduce_sum(per_example), *_counts(labels, logits))
 
     @tf.function
@@ -104,27 +106,32 @@ def make_eval_step(model, strategy):
     return step
 
 
-def evaluate(model, strategy, dist_dataset):
-    """Loss, top-1 and top-5 over a distributed evaluation dataset."""
-    step = make_eval_step(model, strategy)
+def evaluate(model, strategy, dist_dataset, *, label_smoothing=0.0):
+    """Loss, top-1 and top-5 over a distributed evaluation dataset.
+
+    The loss includes the weight-decay penalty, as `model.evaluate` reports it.
+    """
+    step = make_eval_step(model, strategy, label_smoothing=label_smoothing)
     totals = np.zeros(4)
     for batch in dist_dataset:
         totals += np.array([float(t) for t in step(batch)])
     loss, top1, top5, n = totals
     n = max(n, 1.0)
-    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
+    penalty = sum(float(keras.ops.convert_to_numpy(x)) for x in model.losses)
+    return {"loss": loss / n + penalty, "top1": top1 / n, "top5": top5 / n}
 
 
 def fit(
     model,
-    optimizer,
     strategy,
     train_dist_dataset,
     *,
+    checkpointer,
     epochs,
     steps_per_epoch,
     global_batch_size,
-    model_dir,
+    log_dir,
+    chief=True,
     initial_epoch=0,
     val_dist_dataset_fn=None,
     max_steps=None,
@@ -134,23 +141,30 @@ def fit(
 ):
     """Trains with `strategy.run`, checkpointing and logging like `model.fit`.
 
+    Args:
+        model: the model, compiled with its optimizer (the checkpoint saves both).
+        strategy: a `tf.distribute.Strategy`.
+        train_dist_dataset: the distributed training dataset (repeats forever).
+        checkpointer: the run's `checkpoints.Checkpointer`; saves after every epoch.
+        epochs: train until this epoch.
+        steps_per_epoch: steps per epoch.
+        global_batch_size: the global batch size (the loss is averaged over it).
+        log_dir: where `log.csv` is appended (this worker's write folder).
+        chief: whether this worker prints progress.
+        initial_epoch: epochs already done (resumed runs).
+        val_dist_dataset_fn: returns the distributed validation dataset, or None.
+        max_steps: stop after this many optimizer steps in total.
+        jit_compile: XLA-compile the step (single replica only).
+        verbose: 0 silent, 1 progress bar, 2 one line per epoch.
+        label_smoothing: of the loss.
+
     Returns:
         A dict of lists, like `History.history`.
     """
-    chief = common.is_chief(strategy)
-    # Every worker writes (reading variables may be collective), the non-chief
-    # ones to a scratch folder.
-    resolver = getattr(strategy, "cluster_resolver", None)
-    write_dir = (
-        model_dir
-        if chief
-        else os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
-    )
-    os.makedirs(write_dir, exist_ok=True)
-    checkpoint = common.EpochCheckpoint(write_dir)
-    checkpoint.set_model(model)
-    guard = common.NaNGuard()
-    csv_path = os.path.join(write_dir, "log.csv")
+    optimizer = model.optimizer
+    os.makedirs(log_dir, exist_ok=True)
+    guard = callbacks.NaNGuard()
+    csv_path = os.path.join(log_dir, "log.csv")
     step = make_train_step(
         model,
         optimizer,
@@ -182,17 +196,18 @@ def fit(
             }
             guard.on_train_batch_end(i, {"loss": out[0]})
             bar.update(i + 1, [(k, v) for k, v in logs.items()])
-            if max_steps and int(common.scalar(optimizer.iterations)) >= max_steps:
+            if max_steps and int(metrics.scalar(optimizer.iterations)) >= max_steps:
                 break
         sync()
         logs["epoch_time_s"] = time.time() - start
-        logs["lr"] = common.scalar(optimizer.learning_rate)
+        logs["lr"] = metrics.learning_rate(optimizer)
         if val_dist_dataset_fn is not None:
-            for k, v in evaluate(model, strategy, val_dist_dataset_fn()).items():
+            val = evaluate(model, strategy, val_dist_dataset_fn(), label_smoothing=label_smoothing)
+            for k, v in val.items():
                 logs["val_" + k] = v
         if verbose and chief:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
-        checkpoint.on_epoch_end(epoch, logs)
+        checkpointer.save(model, epoch=epoch + 1, logs=logs)
         new = not os.path.exists(csv_path)
         with open(csv_path, "a") as f:
             if new:
@@ -200,6 +215,6 @@ def fit(
             f.write(",".join([str(epoch), *(f"{v:.6g}" for v in logs.values())]) + "\n")
         for k, v in logs.items():
             history.setdefault(k, []).append(v)
-        if max_steps and int(common.scalar(optimizer.iterations)) >= max_steps:
+        if max_steps and int(metrics.scalar(optimizer.iterations)) >= max_steps:
             break
     return history

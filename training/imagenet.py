@@ -15,6 +15,12 @@ Multi-worker (set TF_CONFIG on every machine, same command everywhere) and TPU:
     python training/imagenet.py --strategy=multi_worker_mirrored ...
     python training/imagenet.py --strategy=tpu --tpu=grpc://10.0.0.2:8470 ...
 
+Fine-tuning from a weights record, with another number of classes (every layer but the
+classifier is loaded):
+
+    python training/imagenet.py --source=imagenette --weights=imagenet \
+        --model=PreActResNet50 --epochs=5 --base_lr=0.01 --model_dir=runs/r50_nette
+
 The input pipeline needs TensorFlow; under KERAS_BACKEND=jax the model trains
 with keras.distribution.DataParallel over the local devices.
 """
@@ -27,11 +33,32 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # noqa: E402
+from training import (  # noqa: E402
+    checkpoints,
+    config,
+    distribution,
+    loops,
+    modeling,
+    optimization,
+    sources,
+)
 
-from training import common  # noqa: E402
+#: `--preset=paper`: He et al. 2015's ImageNet schedule, 90 epochs (fb.resnet.torch's length).
+PRESETS = {
+    "paper": {
+        "batch_size": 256,
+        "epochs": 90,
+        "lr_schedule": "step",
+        "lr_boundaries": ["30", "60"],
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+    }
+}
 
-common.define_common_flags(model="PreActResNet50", batch_size=256, epochs=90, lr_schedule="step")
+config.define_train_flags(
+    model="PreActResNet50", batch_size=256, epochs=90, lr_schedule="step", presets=PRESETS
+)
+flags.adopt_module_key_flags(config)
 flags.DEFINE_string(
     "source",
     "tfrecord",
@@ -41,9 +68,16 @@ flags.DEFINE_string(
 flags.DEFINE_string("data_dir", None, "Shard folder, or the TFDS data_dir.")
 flags.DEFINE_string("train_split", "train", "TFDS split for training.")
 flags.DEFINE_string("eval_split", "validation", "TFDS split for evaluation.")
-flags.DEFINE_integer("num_classes", None, "Default: 1000 (10 for imagenette).")
-flags.DEFINE_integer("num_train_examples", None, "Default: 1281167 (9469 for imagenette).")
-flags.DEFINE_integer("num_eval_examples", None, "Default: 50000 (3925 for imagenette).")
+flags.DEFINE_integer("num_classes", None, "Default: 1000 (10 for imagenette).", lower_bound=1)
+flags.DEFINE_integer(
+    "num_train_examples", None, "Default: 1281167 (9469 for imagenette).", lower_bound=1
+)
+flags.DEFINE_integer(
+    "num_eval_examples",
+    None,
+    "Evaluate on the first N validation images only (default: all of them).",
+    lower_bound=1,
+)
 flags.DEFINE_enum(
     "train_crop",
     "scale",
@@ -53,90 +87,150 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool("color_augmentation", False, "Colour jitter and PCA lighting noise.")
 flags.DEFINE_bool("fused_decode", True, "Decode only the crop window of each JPEG.")
-flags.DEFINE_integer("image_size", 224, "Training crop size.")
-flags.DEFINE_integer("eval_resize", 256, "Shorter side before the centre crop.")
-flags.DEFINE_integer("eval_size", 224, "Evaluation centre crop (320 with --eval_resize=320).")
-flags.DEFINE_bool(
-    "normalize_on_device",
-    True,
-    "Ship uint8 batches and normalize on the accelerator (4x less host-to-device traffic).",
+flags.DEFINE_integer("image_size", 224, "Training crop size.", lower_bound=1)
+flags.DEFINE_integer("eval_resize", 256, "Shorter side before the centre crop.", lower_bound=1)
+flags.DEFINE_integer(
+    "eval_size", 224, "Evaluation centre crop (320 with --eval_resize=320).", lower_bound=1
 )
-flags.DEFINE_integer("shuffle_buffer", 10_000, "Encoded records in the shuffle buffer.")
+flags.DEFINE_integer(
+    "shuffle_buffer", 10_000, "Encoded records in the shuffle buffer.", lower_bound=1
+)
 flags.DEFINE_integer(
     "label_offset",
     1,
     "Subtracted from TFRecord labels (TF scripts write 1..1000). Ignored for TFDS sources.",
 )
-flags.DEFINE_enum("preset", None, ["paper"], "paper: the paper's ImageNet schedule.")
+
+
+@flags.multi_flags_validator(["source", "data_dir"])
+def _source_is_readable(values):
+    if values["source"] == "tfrecord":
+        if not values["data_dir"]:
+            raise flags.ValidationError(
+                "--source=tfrecord needs --data_dir, the folder of train-* and validation-* "
+                "shards (or pass a TFDS name: --source=imagenet2012 or imagenette)."
+            )
+        return True
+    problem = sources.tfds_problem(values["source"], values["data_dir"])
+    if problem:
+        raise flags.ValidationError(problem)
+    return True
+
+
+@flags.multi_flags_validator(
+    ["eval_resize", "eval_size"],
+    message="--eval_resize must be >= --eval_size (the centre crop is taken from the resize).",
+)
+def _crop_fits(values):
+    return values["eval_resize"] >= values["eval_size"]
+
 
 FLAGS = flags.FLAGS
+#: (classes, training images, validation images) of the known sources; ImageNet otherwise.
 _SIZES = {"imagenette": (10, 9469, 3925)}
-
-
-def with_input_normalization(model, size):
-    """uint8 images -> ImageNet mean/std normalization -> `model`, on the device."""
-    from keras_preact.data.imagenet_preprocessing import MEAN_RGB, STDDEV_RGB
-
-    inputs = keras.Input((size, size, 3), dtype="uint8", name="image_uint8")
-    x = keras.layers.Normalization(
-        mean=[255.0 * m for m in MEAN_RGB],
-        variance=[(255.0 * s) ** 2 for s in STDDEV_RGB],
-        name="input_normalization",
-    )(keras.ops.cast(inputs, "float32"))
-    return keras.Model(inputs, model(x), name=model.name + "_uint8")
 
 
 def main(argv):
     del argv
     start = time.time()
-    classes, n_train, n_eval = _SIZES.get(FLAGS.source, (1000, 1_281_167, 50_000))
-    classes = FLAGS.num_classes or classes
-    n_train = FLAGS.num_train_examples or n_train
-    n_eval = FLAGS.num_eval_examples or n_eval
-    if FLAGS.preset == "paper":
-        FLAGS.batch_size, FLAGS.epochs, FLAGS.lr_schedule = 256, 90, "step"
-        FLAGS.lr_boundaries, FLAGS.momentum, FLAGS.weight_decay = ["30", "60"], 0.9, 1e-4
-    # Seeds, strategy and precision first: variables are created under them.
-    run = common.setup_run()
 
-    # Data: per-replica batches, one file-level shard per input pipeline.
-    from keras_preact.data import tfdata
-
-    counter = tfdata.SkipCounter()
-    both = dict(  # the same records, batches, labels and normalization for training and eval
-        source=FLAGS.source,
-        data_dir=FLAGS.data_dir,
-        batch_size=FLAGS.batch_size,
-        normalize=not FLAGS.normalize_on_device,
-        label_offset=FLAGS.label_offset,
-        one_hot_classes=classes if FLAGS.label_smoothing else None,
+    # 1. Configuration: the flags, once, as a frozen Config (values checked at parsing).
+    cfg = config.from_flags(FLAGS, PRESETS)
+    classes, n_train, _ = _SIZES.get(cfg.source, (1000, 1_281_167, 50_000))
+    cfg = cfg.derive(num_classes=cfg.num_classes or classes)
+    cfg = cfg.derive(num_train_examples=cfg.num_train_examples or n_train)
+    cfg = cfg.derive(
+        steps_per_epoch=cfg.steps_per_epoch or cfg.num_train_examples // cfg.batch_size
+    )
+    if cfg.steps_per_epoch < 1:
+        raise app.UsageError(
+            f"--batch_size={cfg.batch_size} exceeds --num_train_examples="
+            f"{cfg.num_train_examples}: an epoch would have no step."
+        )
+    # lr 0.1 per 256 images (the linear scaling rule).
+    cfg = cfg.derive(
+        base_lr=cfg.base_lr or 0.1 * cfg.batch_size / 256,
+        total_steps=cfg.steps_per_epoch * cfg.epochs,
     )
 
+    # ImageNet's statistics normalize the inputs, unless the start weights carry their own.
+    from keras_preact.data import imagenet_preprocessing as ipp
+
+    cfg = cfg.derive(
+        **modeling.resolved_options(cfg, model=cfg.model, mean=ipp.MEAN_RGB, std=ipp.STDDEV_RGB)
+    )
+
+    # 2. Seeds, strategy and precision: variables are created under them.
+    run = distribution.setup(cfg)
+
+    # 3. Data: per-replica batches, one file-level shard per input pipeline; uint8
+    # batches when the model normalizes on the device.
+    import tensorflow as tf
+
+    from keras_preact.data import tfdata
+
+    # Counted apart: the training pipeline meets a bad record once per epoch; the final
+    # evaluation's counts are taken from one pass (reset before it).
+    counter, eval_counter = tfdata.SkipCounter(), tfdata.SkipCounter()
+    with tf.device("/CPU:0"):  # a host variable, like the counters'
+        scored = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_images_scored")
+    both = dict(  # the same records, batches and labels for training and eval
+        source=cfg.source,
+        data_dir=cfg.data_dir,
+        batch_size=cfg.batch_size,
+        normalize=False,
+        label_offset=cfg.label_offset,
+        num_classes=cfg.num_classes,  # other labels are skipped and counted
+    )
+
+    def on_host(ds):
+        """With --nonormalize_on_device: float32 batches, normalized with the run's statistics."""
+        if cfg.normalize_on_device:
+            return ds
+        offset = tf.constant([255.0 * m for m in cfg.mean])
+        scale = tf.constant([1.0 / (255.0 * s) for s in cfg.std])
+        return ds.map(
+            lambda x, y: ((tf.cast(x, tf.float32) - offset) * scale, y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+
     def train_fn(input_context=None):
-        return tfdata.imagenet_dataset(
-            split=FLAGS.train_split,
+        ds = tfdata.imagenet_dataset(
+            split=cfg.train_split,
             training=True,
             input_context=input_context,
-            crop=FLAGS.train_crop,
-            image_size=FLAGS.image_size,
-            color=FLAGS.color_augmentation,
-            fused=FLAGS.fused_decode,
-            seed=FLAGS.seed,
-            deterministic=FLAGS.deterministic,
-            shuffle_buffer=FLAGS.shuffle_buffer,
+            crop=cfg.train_crop,
+            image_size=cfg.image_size,
+            color=cfg.color_augmentation,
+            fused=cfg.fused_decode,
+            seed=cfg.seed,
+            deterministic=cfg.deterministic,
+            shuffle_buffer=cfg.shuffle_buffer,
             counter=counter,
             **both,
         )
+        return on_host(ds)
 
     def eval_fn(input_context=None):
-        return tfdata.imagenet_dataset(
-            split=FLAGS.eval_split,
+        ds = tfdata.imagenet_dataset(
+            split=cfg.eval_split,
             training=False,
             input_context=input_context,
-            image_size=FLAGS.eval_size,
-            eval_resize=FLAGS.eval_resize,
+            image_size=cfg.eval_size,
+            eval_resize=cfg.eval_resize,
+            counter=eval_counter,
             **both,
         )
+        if cfg.num_eval_examples:
+            pipelines = input_context.num_input_pipelines if input_context else 1
+            batch = tfdata.per_replica_batch(cfg.batch_size, input_context)
+            ds = ds.unbatch().take(cfg.num_eval_examples // pipelines).batch(batch)
+
+        def count(x, y):  # the images the evaluation sees, after any --num_eval_examples cut
+            with tf.control_dependencies([scored.assign_add(tf.cast(tf.shape(y)[0], tf.int64))]):
+                return tf.identity(x), tf.identity(y)
+
+        return on_host(ds.map(count))
 
     distributed = run.strategy is not None and (run.replicas > 1 or run.loop == "custom")
     if distributed:
@@ -144,66 +238,58 @@ def main(argv):
         eval_data_fn = lambda: run.strategy.distribute_datasets_from_function(eval_fn)  # noqa: E731
     else:
         train_data, eval_data_fn = train_fn(), eval_fn
-    steps_per_epoch = FLAGS.steps_per_epoch or n_train // FLAGS.batch_size
-    total_steps = steps_per_epoch * FLAGS.epochs
 
-    # Model and optimizer; lr 0.1 per 256 images (linear scaling rule).
-    base_lr = FLAGS.base_lr if FLAGS.base_lr is not None else 0.1 * FLAGS.batch_size / 256
-    schedule = common.lr_schedule(
-        base_lr, total_steps, [int(float(e) * steps_per_epoch) for e in FLAGS.lr_boundaries]
+    # 4. Model and optimizer.
+    schedule = optimization.lr_schedule(
+        cfg,
+        base_lr=cfg.base_lr,
+        total_steps=cfg.total_steps,
+        boundaries=[int(e * cfg.steps_per_epoch) for e in config.lr_boundaries(cfg)],
     )
-    size = FLAGS.image_size
-    base, model, optimizer, decayed = common.build_model(
-        run,
-        schedule,
-        input_shape=(size, size, 3),
-        classes=classes,
-        label_smoothing=FLAGS.label_smoothing,
-        wrap=(lambda m: with_input_normalization(m, size)) if FLAGS.normalize_on_device else None,
+    built = modeling.build(
+        cfg, run, schedule, input_shape=(cfg.image_size, cfg.image_size, 3), classes=cfg.num_classes
     )
+    cfg = cfg.derive(decayed_variables=built.decayed)
+    checkpoints.write_config(cfg, run)
 
-    common.write_run_config(
+    # 5. Resume from the last completed epoch, if the run was interrupted.
+    checkpointer = checkpoints.Checkpointer(cfg.model_dir, run.write_dir)
+    initial_epoch = checkpointer.restore(built.model).epoch
+
+    # 6. Train.
+    history = loops.train(
+        cfg,
         run,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        base_lr=base_lr,
-        decayed_variables=decayed,
-        num_classes=classes,
-        num_train_examples=n_train,
-    )
-
-    # Resume from the last completed epoch, if the run was interrupted.
-    initial_epoch = common.restore(model, optimizer, FLAGS.model_dir)
-
-    # Train.
-    history = common.fit(
-        run,
-        model,
-        optimizer,
+        built,
         train_data,
         eval_data_fn,
-        steps_per_epoch=steps_per_epoch,
+        checkpointer=checkpointer,
+        steps_per_epoch=cfg.steps_per_epoch,
         initial_epoch=initial_epoch,
-        label_smoothing=FLAGS.label_smoothing,
     )
 
-    # Final evaluation. The base model's weights are the deliverable: they load
-    # into keras_preact.get_model(...) without the uint8 wrapper.
-    final = common.final_evaluation(run, model, eval_data_fn)
-    common.write_final(
+    # 7. Final evaluation (one counted pass), and the run's summary.
+    eval_counter.reset()
+    scored.assign(0)
+    final = loops.evaluate(cfg, run, built, eval_data_fn)
+    evaluated = eval_counter.counts()
+    loops.finish(
+        cfg,
         run,
-        base,
-        optimizer,
+        built,
         history=history,
         initial_epoch=initial_epoch,
         start=start,
-        source=FLAGS.source,
+        source=cfg.source,
         eval_top1=float(final["top1"]),
         eval_top5=float(final["top5"]),
         eval_loss=float(final["loss"]),
-        eval_size=FLAGS.eval_size,
-        eval_resize=FLAGS.eval_resize,
-        skipped_images=counter.skipped(),
+        eval_size=cfg.eval_size,
+        eval_resize=cfg.eval_resize,
+        eval_images_scored=int(scored.numpy()),
+        eval_skipped_by_cause={c: evaluated[c] for c in tfdata.SKIP_CAUSES},
+        train_skipped_images=counter.skipped(),
+        train_skipped_by_cause={c: n for c, n in counter.counts().items() if c in tfdata.SKIP_CAUSES},
     )
 
 

@@ -154,6 +154,8 @@ class ArrayDataset(keras.utils.PyDataset):
         flip: random horizontal flips.
         erasing: probability of `random_erasing` per training image (0 disables it).
         seed: integer seed.
+        normalize: map images to float32 `(x / 255 - mean) / std`; if False, batches stay
+            uint8 (4x fewer bytes to the accelerator) and the model normalizes them.
 
     Example:
 
@@ -177,6 +179,7 @@ class ArrayDataset(keras.utils.PyDataset):
         flip=True,
         erasing=0.0,
         seed=0,
+        normalize=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -191,6 +194,7 @@ class ArrayDataset(keras.utils.PyDataset):
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.padding, self.flip, self.seed = padding, flip, seed
+        self.normalize = normalize
         if not 0.0 <= erasing <= 1.0:
             raise ValueError(f"erasing={erasing!r} must be a probability in [0, 1].")
         self.erasing = erasing
@@ -216,7 +220,7 @@ class ArrayDataset(keras.utils.PyDataset):
     def __getitem__(self, index):
         if not self.training:
             sl = slice(index * self.batch_size, (index + 1) * self.batch_size)
-            return normalize(self.images[sl], self.mean, self.std), self.labels[sl]
+            return self._finish(self.images[sl]), self.labels[sl]
         global_batch = self.epoch * self.steps_per_epoch + index
         data_pass, within = divmod(global_batch, self.batches_per_pass)
         idx = self._order(data_pass)[within * self.batch_size : (within + 1) * self.batch_size]
@@ -228,7 +232,10 @@ class ArrayDataset(keras.utils.PyDataset):
             # A stream of its own: turning erasing on leaves the crops and flips unchanged.
             rng = np.random.default_rng([self.seed, 2, global_batch])
             x = random_erasing(x, rng, probability=self.erasing)
-        return normalize(x, self.mean, self.std), self.labels[idx]
+        return self._finish(x), self.labels[idx]
+
+    def _finish(self, images):
+        return normalize(images, self.mean, self.std) if self.normalize else images
 
     def on_epoch_end(self):
         self.epoch += 1

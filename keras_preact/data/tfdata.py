@@ -86,6 +86,7 @@ def array_dataset(
     seed=0,
     deterministic=False,
     shuffle_buffer=None,
+    normalize=True,
 ):
     """Dataset of CIFAR-style batches from uint8 arrays held in memory.
 
@@ -102,9 +103,12 @@ def array_dataset(
         seed: seed of the shuffle and the augmentation.
         deterministic: fixed element order and stateless random ops.
         shuffle_buffer: default: the whole (sharded) dataset.
+        normalize: map images to float32 `(x / 255 - mean) / std`; if False, batches stay
+            uint8 (4x fewer bytes to the accelerator) and the model normalizes them.
 
     Returns:
-        A `tf.data.Dataset` of `(float32 images, int64 labels)` batches.
+        A `tf.data.Dataset` of `(float32 images, int64 labels)` batches (uint8 images
+        with `normalize=False`).
 
     Example:
 
@@ -120,7 +124,7 @@ def array_dataset(
     mean = tf.constant(mean, tf.float32)
     std = tf.constant(std, tf.float32)
 
-    def normalize(x, y):
+    def normalize_batch(x, y):
         return (tf.cast(x, tf.float32) / 255.0 - mean) / std, y
 
     if training:
@@ -138,7 +142,8 @@ def array_dataset(
                 num_parallel_calls=AUTOTUNE,
             )
     ds = ds.batch(batch, drop_remainder=training)
-    ds = ds.map(normalize, num_parallel_calls=AUTOTUNE)
+    if normalize:
+        ds = ds.map(normalize_batch, num_parallel_calls=AUTOTUNE)
     return ds.with_options(_options(deterministic or not training)).prefetch(AUTOTUNE)
 
 

@@ -1,0 +1,530 @@
+"""The trainers' configuration: presets and origins, flag errors at start, module layout,
+and command-line runs of the model options (an ablation, label smoothing on both loops)."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from training import config  # noqa: E402
+
+TF = keras.backend.backend() == "tensorflow"
+
+
+def _fake_cifar(root):
+    from keras_preact.data import cifar_files
+
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
+    test = (rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 16))
+    cifar_files.write_cifar("cifar10", str(root), train, test)
+    return str(root)
+
+
+def _cifar(data_dir, model_dir, *extra):
+    return [
+        sys.executable,
+        "training/cifar.py",
+        "--dataset=cifar10",
+        "--source=files",
+        f"--data_dir={data_dir}",
+        f"--model_dir={model_dir}",
+        "--batch_size=16",
+        "--verbose=2",
+        *extra,
+    ]
+
+
+def _run(cmd, timeout=600):
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Config: presets, origins, derived values.
+
+
+def test_preset_fills_only_what_no_flag_gave():
+    values = {"epochs": 1, "batch_size": 128, "seed": 0, "base_lr": None}
+    preset = {"epochs": 160, "batch_size": 128, "base_lr": 0.1}
+    cfg = config.Config.from_values(values, explicit={"epochs", "batch_size"}, preset=preset)
+    assert (cfg.epochs, cfg.batch_size, cfg.base_lr, cfg.seed) == (1, 128, 0.1, 0)
+    assert dict(cfg.origins) == {
+        "epochs": "flag",
+        "batch_size": "flag",
+        "base_lr": "preset",
+        "seed": "default",
+    }
+    with pytest.raises(ValueError, match="unknown options"):
+        config.Config.from_values(values, preset={"epoch": 3})
+
+
+def test_config_is_frozen_and_derives_without_overriding():
+    cfg = config.Config.from_values({"steps_per_epoch": None, "pipeline": "auto", "epochs": 2})
+    with pytest.raises(AttributeError):
+        cfg.epochs = 3
+    with pytest.raises(TypeError):
+        cfg.values["epochs"] = 3
+    with pytest.raises(AttributeError, match="no option 'epoch'"):
+        _ = cfg.epoch
+    derived = cfg.derive(steps_per_epoch=390, pipeline="numpy", total_steps=780)
+    assert derived.steps_per_epoch == 390 and cfg.steps_per_epoch is None
+    assert derived.origins["steps_per_epoch"] == "derived"
+    assert derived.origins["total_steps"] == "derived"
+    assert derived.origins["epochs"] == "default"
+    with pytest.raises(ValueError, match="already 2"):
+        derived.derive(epochs=3)
+    record = derived.record()
+    assert record["total_steps"] == 780 and record["origins"]["pipeline"] == "derived"
+    json.dumps(record)
+
+
+# ----------------------------------------------------------------------------
+# Bad flags fail at parsing, before any data or model work.
+
+_PARSE = textwrap.dedent("""
+    import json, runpy, sys
+    from absl import flags
+    script, cases = sys.argv[1], json.loads(sys.argv[2])
+    runpy.run_path(script, run_name="parse_only")
+    out = {}
+    for name, argv in cases.items():
+        try:
+            flags.FLAGS([script, *argv])
+            out[name] = None
+        except flags.Error as error:
+            out[name] = str(error)
+        flags.FLAGS.unparse_flags()
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def _parse_errors(script, cases):
+    out = subprocess.run(
+        [sys.executable, "-c", _PARSE, script, json.dumps(cases)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-4000:]
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+def _check_errors(got, expected):
+    for name, wanted in expected.items():
+        if wanted is None:
+            assert got[name] is None, (name, got[name])
+            continue
+        assert got[name] is not None, f"{name}: no error"
+        for fragment in wanted:
+            assert fragment in got[name], (name, got[name])
+
+
+def test_bad_cifar_flags_fail_at_parsing(tmp_path):
+    base = [f"--model_dir={tmp_path}", "--source=files", f"--data_dir={tmp_path}"]
+    cases = {
+        "ok": [],
+        "batch_size=0": ["--batch_size=0"],
+        "batch_size=-8": ["--batch_size=-8"],
+        "epochs=0": ["--epochs=0"],
+        "steps_per_epoch=0": ["--steps_per_epoch=0"],
+        "base_lr=0": ["--base_lr=0"],
+        "base_lr=-0.1": ["--base_lr=-0.1"],
+        "padding=-1": ["--padding=-1"],
+        "eval_examples=0": ["--eval_examples=0"],
+        "unknown model": ["--model=PreActResNet7"],
+        "tpu without name": ["--strategy=tpu"],
+        "stray shortcut parameter": ["--gate_bias=-6"],
+        "gate bias ok": ["--shortcut=exclusive_gating", "--gate_bias=-6"],
+        "unknown weights": ["--weights=no_such_record"],
+        "bad layout": ["--layout=caffe"],
+        "bad boundaries": ["--lr_boundaries=30,sixty"],
+        "files without folder": [f"--model_dir={tmp_path}", "--source=files", "--data_dir="],
+        "custom loop": ["--loop=custom"],
+    }
+    cases = {name: base + argv for name, argv in cases.items()}
+    expected = {
+        "ok": None,
+        "batch_size=0": ["--batch_size=0", "positive"],
+        "batch_size=-8": ["--batch_size=-8", "positive"],
+        "epochs=0": ["--epochs=0"],
+        "steps_per_epoch=0": ["--steps_per_epoch=0"],
+        "base_lr=0": ["--base_lr=0", "> 0"],
+        "base_lr=-0.1": ["--base_lr=-0.1", "> 0"],
+        "padding=-1": ["--padding=-1"],
+        "eval_examples=0": ["--eval_examples=0"],
+        "unknown model": ["--model=PreActResNet7", "PreActResNet20", "PreActResNet200"],
+        "tpu without name": ["--strategy=tpu needs --tpu"],
+        "stray shortcut parameter": ["--gate_bias", "exclusive_gating", "--shortcut=identity"],
+        "gate bias ok": None,
+        "unknown weights": ["no_such_record", "fashion_mnist"],
+        "bad layout": ["--layout=caffe", "timm"],
+        "bad boundaries": ["--lr_boundaries"],
+        "files without folder": ["--source=files needs --data_dir"],
+        "custom loop": None if TF else ["--loop=custom", "KERAS_BACKEND=tensorflow"],
+    }
+    if not TF:  # the default strategy-less backends refuse tf.distribute strategies
+        cases["tpu without name"] = base + ["--strategy=tpu", "--tpu=x"]
+        expected["tpu without name"] = ["--strategy=tpu", "not available"]
+    _check_errors(_parse_errors("training/cifar.py", cases), expected)
+
+
+def test_bad_imagenet_and_evaluate_flags_fail_at_parsing(tmp_path):
+    base = [f"--model_dir={tmp_path}", f"--data_dir={tmp_path}"]
+    cases = {
+        "ok": base,
+        "no data_dir": [f"--model_dir={tmp_path}"],
+        "batch_size=0": base + ["--batch_size=0"],
+        "image_size=0": base + ["--image_size=0"],
+        "num_eval_examples=0": base + ["--num_eval_examples=0"],
+        "shuffle_buffer=0": base + ["--shuffle_buffer=0"],
+        "crop above resize": base + ["--eval_size=320", "--eval_resize=256"],
+        "unknown model": base + ["--model=ResNet50"],
+        "label smoothing 1": base + ["--label_smoothing=1.0"],
+    }
+    expected = {
+        "ok": None,
+        "no data_dir": ["--source=tfrecord needs --data_dir"],
+        "batch_size=0": ["--batch_size=0"],
+        "image_size=0": ["--image_size=0"],
+        "num_eval_examples=0": ["--num_eval_examples=0"],
+        "shuffle_buffer=0": ["--shuffle_buffer=0"],
+        "crop above resize": ["--eval_resize must be >= --eval_size"],
+        "unknown model": ["--model=ResNet50", "PreActResNet50"],
+        "label smoothing 1": ["--label_smoothing=1.0", "[0, 1)"],
+    }
+    _check_errors(_parse_errors("training/imagenet.py", cases), expected)
+    weights = ["--weights=fashion_mnist"]
+    cases = {
+        "ok": weights + ["--dataset=fashion_mnist", "--source=files", f"--data_dir={tmp_path}"],
+        "unknown dataset": weights + ["--dataset=mnist"],
+        "tfrecord for cifar": weights + ["--dataset=cifar10", "--source=tfrecord"],
+        "batch_size=0": weights + [f"--data_dir={tmp_path}", "--batch_size=0"],
+        "no weights": [f"--data_dir={tmp_path}"],
+    }
+    expected = {
+        "ok": None,
+        "unknown dataset": ["--dataset=mnist", "imagenet", "cifar10", "cifar100", "fashion_mnist"],
+        "tfrecord for cifar": ["--source=files or --source=tfds"],
+        "batch_size=0": ["--batch_size=0"],
+        "no weights": ["--weights"],
+    }
+    _check_errors(_parse_errors("training/evaluate.py", cases), expected)
+
+
+def test_bad_flag_exits_at_once_without_a_traceback(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "training/cifar.py", f"--model_dir={tmp_path}", "--batch_size=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1
+    assert "flag --batch_size=0: 0 is not a positive integer" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.skipif(not TF, reason="tensorflow_datasets needs TensorFlow")
+def test_tfds_offline_says_what_to_do_instead(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from training import sources
+
+    offline = lambda host: False  # noqa: E731
+    problem = sources.tfds_problem("fashion_mnist", str(tmp_path), can_reach=offline)
+    assert "cannot be reached" in problem
+    assert "--source=files" in problem and "prepare_tfds.py" in problem
+    problem = sources.tfds_problem("imagenet2012", str(tmp_path), can_reach=offline)
+    assert "tfds build imagenet2012 --manual_dir" in problem
+    assert sources.tfds_problem("cifar10", str(tmp_path), can_reach=lambda h: True) is None
+
+
+# ----------------------------------------------------------------------------
+# Module layout.
+
+
+def test_training_modules_import_without_cycles():
+    """`training/` modules import each other in one direction only (no cycle)."""
+    folder = os.path.join(REPO, "training")
+    graph = {}
+    for name in os.listdir(folder):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "training":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("training."):
+                deps.add(node.module.split(".")[1])
+        graph[name[:-3]] = deps
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "active", f"import cycle: {' -> '.join(path + [node])}"
+        state[node] = "active"
+        for dep in graph.get(node, ()):
+            visit(dep, path + [node])
+        state[node] = "done"
+
+    for node in graph:
+        visit(node, [])
+    assert "common" not in graph  # split by concern
+
+
+# ----------------------------------------------------------------------------
+# Command-line runs.
+
+
+@pytest.mark.slow
+def test_preset_overridden_by_a_flag(tmp_path):
+    """`--preset=paper --epochs=1` runs one epoch; config.json says where each value came from
+    and holds only the trainer's own flags."""
+    data = _fake_cifar(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    out = _run(
+        _cifar(data, model_dir, "--preset=paper", "--epochs=1", "--steps_per_epoch=2"),
+        timeout=300,
+    )
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["epochs_run"] == 1 and summary["steps"] == 2
+    cfg = json.loads((model_dir / "config.json").read_text())
+    origins = cfg["origins"]
+    assert (cfg["epochs"], origins["epochs"]) == (1, "flag")
+    assert (cfg["steps_per_epoch"], origins["steps_per_epoch"]) == (2, "flag")
+    assert (cfg["batch_size"], origins["batch_size"]) == (16, "flag")
+    assert (cfg["warmup_steps"], origins["warmup_steps"]) == (400, "preset")
+    assert (cfg["lr_boundaries"], origins["lr_boundaries"]) == (["32000", "48000"], "preset")
+    assert (cfg["base_lr"], origins["base_lr"]) == (0.1, "preset")
+    assert (cfg["seed"], origins["seed"]) == (0, "default")
+    assert origins["total_steps"] == "derived" and cfg["total_steps"] == 2
+    assert set(origins) <= set(cfg)
+    assert set(origins.values()) <= {"flag", "preset", "default", "derived"}
+    for foreign in ("hbm_oom_exit", "tt_check_filter", "runtime_oom_exit", "logtostderr", "help"):
+        assert foreign not in cfg
+    # The constant warm-up of the preset is in force: lr 0.01 at step 2.
+    assert summary["final_lr"] == pytest.approx(0.01)
+    assert "shuffle=True" not in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_ablation_from_the_command_line_then_evaluate(tmp_path):
+    """The paper's Fig. 4(c) unit with Fig. 2(c) shortcuts, trained for a few steps; then
+    evaluate.py rebuilds that architecture from the run's config.json and gets the
+    trainer's own test loss and accuracy from final.weights.h5."""
+    data = _fake_cifar(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    _run(
+        _cifar(
+            data,
+            model_dir,
+            "--unit=relu_before_add",
+            "--shortcut=exclusive_gating",
+            "--gate_bias=-4",
+            "--width_multiplier=0.5",
+            "--zero_init_residual",
+            "--epochs=1",
+            "--steps_per_epoch=2",
+            "--base_lr=0.05",
+            "--weight_decay=0",  # the trainer's test loss is then the cross-entropy alone
+        )
+    )
+    summary = json.loads((model_dir / "summary.json").read_text())
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert (cfg["unit"], cfg["shortcut"], cfg["gate_bias"]) == (
+        "relu_before_add",
+        "exclusive_gating",
+        -4.0,
+    )
+    import keras_preact
+    from training import modeling
+
+    model = keras_preact.get_model(
+        "PreActResNet20", input_shape=(32, 32, 3), **modeling.builder_kwargs(cfg)
+    )
+    names = [layer.name for layer in model.layers]
+    assert "conv2_block2_gate_conv" in names  # the gates exist (block1 projects 16 -> 8)
+    assert model.get_layer("conv2_block1_1_conv").filters == 8  # width 0.5
+    out_json = tmp_path / "eval.json"
+    _run(
+        [
+            sys.executable,
+            "training/evaluate.py",
+            f"--weights={model_dir / 'final.weights.h5'}",
+            "--dataset=cifar10",
+            "--source=files",
+            f"--data_dir={data}",
+            f"--output={out_json}",
+        ]
+    )
+    result = json.loads(out_json.read_text())
+    assert result["run_config"] and result["model"] == "PreActResNet20"
+    assert result["architecture"]["unit"] == "relu_before_add"
+    assert result["architecture"]["shortcut"] == "exclusive_gating"
+    assert result["examples"] == 16
+    np.testing.assert_allclose(result["loss"], summary["test_loss"], rtol=1e-4)
+    assert result["top1"] == pytest.approx(summary["test_top1"])
+    assert result["top5"] == pytest.approx(summary["test_top5"])
+    # A flag that contradicts the run is refused, not silently used.
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "training/evaluate.py",
+            f"--weights={model_dir / 'final.weights.h5'}",
+            "--unit=full_preact",
+            "--dataset=cifar10",
+            "--source=files",
+            f"--data_dir={data}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "--unit=full_preact contradicts" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TF, reason="both loops run under TensorFlow only")
+def test_label_smoothing_on_both_loops(tmp_path):
+    """`--label_smoothing` trains and evaluates under `fit` and the custom loop alike: from the
+    same seed and deterministic input, both end with the same smoothed test loss."""
+    data = _fake_cifar(tmp_path / "data")
+    summaries = {}
+    for loop in ("fit", "custom"):
+        model_dir = tmp_path / loop
+        _run(
+            _cifar(
+                data,
+                model_dir,
+                f"--loop={loop}",
+                "--label_smoothing=0.2",
+                "--deterministic",
+                "--epochs=1",
+                "--steps_per_epoch=2",
+                "--base_lr=0.05",
+                "--lr_schedule=constant",
+            )
+        )
+        summaries[loop] = json.loads((model_dir / "summary.json").read_text())
+    fit, custom = summaries["fit"], summaries["custom"]
+    assert fit["steps"] == custom["steps"] == 2
+    np.testing.assert_allclose(custom["test_loss"], fit["test_loss"], rtol=1e-4)
+    np.testing.assert_allclose(
+        custom["train_loss_per_epoch"], fit["train_loss_per_epoch"], rtol=1e-4
+    )
+
+
+@pytest.mark.skipif(TF, reason="label smoothing under fit; the TF case runs both loops above")
+def test_label_smoothing_under_fit(tmp_path):
+    data = _fake_cifar(tmp_path / "data")
+    _run(
+        _cifar(data, tmp_path / "run", "--label_smoothing=0.2", "--epochs=1", "--steps_per_epoch=2")
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert summary["steps"] == 2 and cfg["label_smoothing"] == 0.2
+
+
+def test_fine_tuning_loads_every_layer_but_the_classifier():
+    """`--weights` with another number of classes: the record's layers, a new classifier;
+    the run derives the record's layout and input normalization."""
+    import keras_preact
+    from training import modeling
+
+    record = keras_preact.get_model("PreActResNet20", weights="fashion_mnist")
+    tuned = modeling.build_base(
+        {}, model="PreActResNet20", input_shape=(28, 28, 1), classes=3, weights="fashion_mnist"
+    )
+    assert tuned.get_layer("predictions").units == 3
+    for layer in record.layers:
+        if layer.weights and layer.name != "predictions":
+            for a, b in zip(layer.get_weights(), tuned.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(a, b)
+    derived = modeling.resolved_options(
+        {"weights": "fashion_mnist"}, model="PreActResNet20", mean=[0.5], std=[0.5]
+    )
+    assert derived["layout"] == "paper"
+    np.testing.assert_allclose(derived["mean"], [0.2860406])  # the record's, not the data's
+    np.testing.assert_allclose(derived["std"], [0.35302424])
+    plain = modeling.resolved_options({}, model="PreActResNet20", mean=[0.5], std=[0.25])
+    assert plain == {"layout": "paper", "mean": [0.5], "std": [0.25]}
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_the_command_line(tmp_path):
+    """cifar.py --weights=fashion_mnist starts from the shipped record's weights."""
+    import keras_preact
+    from keras_preact.data import idx
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for prefix, n in (("train", 64), ("t10k", 16)):
+        idx.write_idx(
+            data / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+        )
+        idx.write_idx(
+            data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8)
+        )
+    model_dir = tmp_path / "run"
+    cmd = _cifar(data, model_dir, "--weights=fashion_mnist", "--epochs=1", "--steps_per_epoch=1")
+    cmd[2] = "--dataset=fashion_mnist"
+    _run(cmd + ["--base_lr=1e-9", "--lr_schedule=constant"])
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["weights"] == "fashion_mnist" and cfg["origins"]["layout"] == "derived"
+    np.testing.assert_allclose(cfg["mean"], [0.2860406])
+    record = keras_preact.get_model("PreActResNet20", weights="fashion_mnist")
+    tuned = keras_preact.get_model("PreActResNet20", input_shape=(28, 28, 1), classes=10)
+    tuned.load_weights(model_dir / "final.weights.h5")
+    kernels = [layer.name for layer in record.layers if layer.name.endswith("_conv")]
+    assert len(kernels) > 10
+    for name in kernels:  # one step at lr 1e-9 leaves the kernels where they started
+        np.testing.assert_allclose(
+            tuned.get_layer(name).get_weights()[0],
+            record.get_layer(name).get_weights()[0],
+            atol=1e-6,
+        )
+
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")
+def test_evaluate_a_weights_record(tmp_path):
+    """`evaluate.py --weights=fashion_mnist` builds the record's model with the record's own
+    normalization and scores like the record says (92.38 % on all 10,000 test images)."""
+    out_json = tmp_path / "eval.json"
+    _run(
+        [
+            sys.executable,
+            "training/evaluate.py",
+            "--weights=fashion_mnist",
+            "--dataset=fashion_mnist",
+            "--source=files",
+            f"--data_dir={FMNIST}",
+            "--batch_size=250",
+            "--max_batches=4",
+            f"--output={out_json}",
+        ]
+    )
+    result = json.loads(out_json.read_text())
+    assert result["model"] == "PreActResNet20" and result["examples"] == 1000
+    np.testing.assert_allclose(result["normalization"], [[0.2860406], [0.35302424]])
+    assert result["top1"] > 0.88, result

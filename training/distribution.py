@@ -1,0 +1,147 @@
+"""Strategy, chief election and precision: what a run decides before any variable exists.
+
+`setup(cfg)` seeds, creates the distribution strategy of `--strategy` for the backend,
+sets the precision policy and resolves `--loop=auto`; it returns a `Run`.
+"""
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import keras
+from absl import logging
+
+
+class Run(NamedTuple):
+    """What `setup` decides before any variable exists."""
+
+    strategy: object  # a tf.distribute.Strategy, or None outside TensorFlow
+    policy: str  # the Keras precision policy
+    replicas: int
+    chief: bool  # this worker writes the run's files
+    loop: str  # "fit" or "custom" (`--loop=auto` resolved)
+    write_dir: str  # `model_dir` on the chief, a scratch folder on other workers
+
+
+def setup(cfg):
+    """Seeds, determinism, strategy and precision from `cfg`; returns a `Run`."""
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    # Strategy and precision come first: variables are created under them.
+    strategy = make_strategy(cfg.strategy, cfg.tpu)
+    policy = set_precision(cfg.mixed_precision, cfg.strategy)
+    loop = cfg.loop
+    if loop == "auto":
+        loop = "custom" if cfg.strategy == "multi_worker_mirrored" else "fit"
+    return Run(
+        strategy=strategy,
+        policy=policy,
+        replicas=num_replicas(strategy),
+        chief=is_chief(strategy),
+        loop=loop,
+        write_dir=write_dir(strategy, cfg.model_dir),
+    )
+
+
+def make_strategy(name, tpu=""):
+    """Returns the distribution strategy for `--strategy`, or None outside TF.
+
+    Under TensorFlow this is a `tf.distribute.Strategy`. Under JAX,
+    `mirrored` (and `default` with several devices) installs
+    `keras.distribution.DataParallel` over all local devices and returns None.
+    Under PyTorch only `default` and `one_device` exist.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        if name in ("multi_worker_mirrored", "tpu"):
+            raise ValueError(f"--strategy={name} needs KERAS_BACKEND=tensorflow; got jax.")
+        devices = jax.devices()
+        if name in ("default", "mirrored") and len(devices) > 1:
+            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+            logging.info("JAX DataParallel over %d devices.", len(devices))
+        return None
+    if backend != "tensorflow":
+        if name not in ("default", "one_device"):
+            raise ValueError(
+                f"--strategy={name} needs KERAS_BACKEND=tensorflow (or jax for "
+                f"mirrored); got {backend}."
+            )
+        return None
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"--strategy must be one of the known strategies; got {name!r}.")
+
+
+def scope(strategy):
+    """`strategy.scope()`, or a no-op context outside TensorFlow."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def num_replicas(strategy):
+    if strategy is not None:
+        return strategy.num_replicas_in_sync
+    dist = keras.distribution.distribution()
+    return len(dist.device_mesh.devices.flatten()) if dist is not None else 1
+
+
+def is_chief(strategy):
+    """True on the worker that writes checkpoints and logs (always, outside MWMS)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+    )
+
+
+def write_dir(strategy, model_dir):
+    """`model_dir` on the chief; a scratch folder under it on other workers.
+
+    Every worker saves (reading variables may involve collectives), but only the
+    chief's files are the run's.
+    """
+    if is_chief(strategy):
+        return model_dir
+    resolver = strategy.cluster_resolver
+    return os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
+
+
+def set_precision(mixed, strategy_name):
+    """Sets and returns the Keras dtype policy: float32, or the mixed one of the device."""
+    if not mixed:
+        return "float32"
+    gpu = False
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+    elif keras.backend.backend() == "jax":
+        import jax
+
+        gpu = jax.default_backend() == "gpu"
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        gpu = torch.cuda.is_available()
+    policy = "mixed_float16" if gpu and strategy_name != "tpu" else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy

@@ -1,0 +1,105 @@
+"""Training and evaluation with `model.fit` or the `strategy.run` loop, and the run's end.
+
+`train` picks the loop the run resolved (`distribution.Run.loop`); both save through the
+same `checkpoints.Checkpointer`, log the same columns and return a `History`-like dict.
+"""
+
+import os
+import time
+
+import keras
+
+from training import callbacks, checkpoints, metrics
+
+
+def train(
+    cfg,
+    run,
+    built,
+    train_data,
+    val_data_fn,
+    *,
+    checkpointer,
+    steps_per_epoch,
+    initial_epoch,
+):
+    """Trains `built.model` to `cfg.epochs`; returns the history (a dict of lists).
+
+    `val_data_fn()` returns the validation data (distributed for the custom loop).
+    """
+    if run.loop == "fit":
+        history = built.model.fit(
+            train_data,
+            epochs=cfg.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_data_fn(),
+            callbacks=callbacks.fit_callbacks(
+                run,
+                checkpointer,
+                model_dir=cfg.model_dir,
+                max_steps=cfg.max_steps,
+            ),
+            verbose=cfg.verbose,
+            # The pipelines shuffle themselves (a PyDataset or tf.data ignores `shuffle`).
+            shuffle=False,
+        ).history
+        return {k.replace("compile_metrics_", ""): v for k, v in history.items()}
+    from training import custom_loop
+
+    return custom_loop.fit(
+        built.model,
+        run.strategy,
+        train_data,
+        checkpointer=checkpointer,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+        global_batch_size=cfg.batch_size,
+        log_dir=run.write_dir,
+        chief=run.chief,
+        initial_epoch=initial_epoch,
+        val_dist_dataset_fn=val_data_fn,
+        max_steps=cfg.max_steps,
+        jit_compile=cfg.jit_compile,
+        verbose=cfg.verbose,
+        label_smoothing=cfg.label_smoothing,
+    )
+
+
+def evaluate(cfg, run, built, val_data_fn):
+    """`{"loss", "top1", "top5"}` of the trained model on `val_data_fn()`."""
+    if run.loop == "fit":
+        result = built.model.evaluate(val_data_fn(), verbose=0, return_dict=True)
+        return {k.replace("compile_metrics_", ""): float(v) for k, v in result.items()}
+    from training import custom_loop
+
+    return custom_loop.evaluate(
+        built.model, run.strategy, val_data_fn(), label_smoothing=cfg.label_smoothing
+    )
+
+
+def finish(cfg, run, built, *, history, initial_epoch, start, **results):
+    """Saves `final.weights.h5` (the model alone) and writes `summary.json` (chief only).
+
+    The summary holds `results` and what every run reports; it is returned.
+    """
+    os.makedirs(run.write_dir, exist_ok=True)
+    checkpoints.save_model_weights_atomic(
+        built.model, os.path.join(run.write_dir, "final.weights.h5")
+    )
+    summary = {
+        "model": cfg.model,
+        **results,
+        "epochs_run": len(history.get("loss", [])),
+        "resumed_from_epoch": initial_epoch,
+        "steps": int(metrics.scalar(built.optimizer.iterations)),
+        "final_lr": metrics.learning_rate(built.optimizer),
+        "wall_time_s": round(time.time() - start, 1),
+        "backend": keras.backend.backend(),
+        "replicas": run.replicas,
+        "loop": run.loop,
+        "model_dir": cfg.model_dir,
+    }
+    if run.chief:
+        checkpoints.write_summary(cfg.model_dir, summary)
+    return summary

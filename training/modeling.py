@@ -1,0 +1,208 @@
+"""The model a run trains, from its configuration: architecture, start weights, optimizer.
+
+`builder_kwargs` maps a run's options (a `Config`, or the dict of a run's `config.json`)
+to the keyword arguments of the keras_preact builders, so the trainers and
+`evaluate.py` build exactly the same architecture from the same record. With
+`--normalize_on_device` the model is built with `include_preprocessing=True`: it takes
+[0, 255] pixels (the pipelines ship uint8) and normalizes them as its first layer, which
+has no variables, so the saved weights load into a model built either way.
+"""
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import keras
+from absl import logging
+
+from training import distribution, metrics, optimization
+
+#: The architecture options of `config.json`, with the builders' defaults for records
+#: written before the option existed.
+ARCHITECTURE_DEFAULTS = {
+    "unit": "full_preact",
+    "shortcut": "identity",
+    "shortcut_scale": None,
+    "residual_scale": None,
+    "gate_bias": None,
+    "shortcut_dropout_rate": None,
+    "layout": None,
+    "width_multiplier": 1.0,
+    "zero_init_residual": False,
+    "drop_path_rate": 0.0,
+    "seed": None,
+}
+#: `--shortcut` parameter flag -> keyword of the `keras_preact.shortcuts` factory.
+_SHORTCUT_KWARGS = {
+    "shortcut_scale": "shortcut_scale",
+    "residual_scale": "residual_scale",
+    "gate_bias": "gate_bias",
+    "shortcut_dropout_rate": "rate",
+}
+
+
+def architecture(options):
+    """The architecture options of a run (a `Config` or a `config.json` dict), as a dict."""
+    values = options if isinstance(options, Mapping) else options.values
+    return {k: values.get(k, default) for k, default in ARCHITECTURE_DEFAULTS.items()}
+
+
+def builder_kwargs(options):
+    """Keyword arguments of `keras_preact.get_model` for a run's architecture options.
+
+    Example:
+
+    >>> kw = builder_kwargs({"unit": "relu_before_add", "shortcut": "exclusive_gating",
+    ...                      "gate_bias": -4.0})
+    >>> kw["unit"], kw["shortcut"]
+    ('relu_before_add', shortcuts.exclusive_gating(gate_bias=-4.0))
+    """
+    import keras_preact
+
+    arch = architecture(options)
+    params = {_SHORTCUT_KWARGS[k]: arch[k] for k in _SHORTCUT_KWARGS if arch.get(k) is not None}
+    shortcut = arch["shortcut"]
+    if params:
+        shortcut = keras_preact.shortcuts.SHORTCUTS[shortcut](**params)
+    kwargs = {
+        "unit": arch["unit"],
+        "shortcut": shortcut,
+        "width_multiplier": arch["width_multiplier"],
+        "zero_init_residual": bool(arch["zero_init_residual"]),
+        "drop_path_rate": float(arch["drop_path_rate"]),
+    }
+    if arch["seed"] is not None:
+        kwargs["seed"] = int(arch["seed"])
+    layout = arch["layout"]
+    if isinstance(layout, Mapping):  # a layout that is no preset, as `Layout.to_config()`
+        layout = keras_preact.Layout(**layout)
+    if layout is not None:
+        kwargs["layout"] = layout
+    return kwargs
+
+
+def start_record(options, model):
+    """The `keras_preact.weights` record of the run's `--weights` (None without one, or for
+    a Keras `.weights.h5` file): it fixes the layout and the input normalization."""
+    import keras_preact
+
+    values = options if isinstance(options, Mapping) else options.values
+    weights = values.get("weights")
+    if weights is None:
+        return None
+    resolved = keras_preact.weights.resolve(
+        weights,
+        model_name=model,
+        depth=keras_preact.MODELS[model]["depth"],
+        include_top=False,
+        **{k: v for k, v in builder_kwargs(options).items() if k in ("unit", "shortcut")},
+    )
+    return resolved.record
+
+
+def resolved_options(options, *, model, mean, std):
+    """What a run derives from its start weights: the layout and the input normalization.
+
+    The layout is `--layout`, else the start weights' (a record's or an upstream file's),
+    else the paper's. The normalization is the start weights' own (weights carry their
+    preprocessing), else `mean` / `std` (the data set's statistics, [0, 1] units).
+
+    Returns:
+        `{"layout": name or Layout config, "mean": [...], "std": [...]}`.
+    """
+    import keras_preact
+
+    record = start_record(options, model)
+    layout = architecture(options)["layout"]
+    if layout is None:
+        found = record.layout if record is not None and record.layout is not None else None
+        found = found or keras_preact.Layout()
+        layout = found.name or found.to_config()
+    if record is not None and record.preprocessing is not None:
+        mean, std = keras_preact.imagenet_utils.mean_std(record.preprocessing)
+        logging.info("Input normalization of %s: mean %s, std %s.", record.name, mean, std)
+    return {
+        "layout": layout,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
+
+
+def build_base(options, *, model, input_shape, classes, weights=None, mean=None, std=None):
+    """The keras_preact model of a run's options, with `weights` loaded.
+
+    With `mean` and `std` the model normalizes [0, 255] pixels itself
+    (`include_preprocessing=True`). `weights` (a record name or a file) with another number
+    of classes than `classes` loads every layer but the classifier (fine-tuning).
+    """
+    import keras_preact
+
+    kwargs = dict(input_shape=input_shape, classifier_activation=None, **builder_kwargs(options))
+    if mean is not None:
+        kwargs.update(include_preprocessing=True, preprocessing=(tuple(mean), tuple(std)))
+    if weights is None:
+        return keras_preact.get_model(model, classes=classes, weights=None, **kwargs)
+    try:
+        return keras_preact.get_model(model, classes=classes, weights=weights, **kwargs)
+    except ValueError as error:
+        if "classes" not in str(error):
+            raise
+        # Another number of classes: everything but the classifier comes from `weights`.
+        logging.info("%s; loading every layer but the classifier.", error)
+    source = keras_preact.get_model(model, include_top=False, weights=weights, **kwargs)
+    target = keras_preact.get_model(model, classes=classes, weights=None, **kwargs)
+    for layer in source.layers:
+        if layer.weights:
+            target.get_layer(layer.name).set_weights(layer.get_weights())
+    return target
+
+
+class Built(NamedTuple):
+    """What `build` returns."""
+
+    model: keras.Model  # the keras_preact model that trains; its weights are the run's
+    optimizer: keras.optimizers.Optimizer
+    decayed: int  # the number of weight-decayed variables
+
+
+def build(cfg, run, schedule, *, input_shape, classes):
+    """`--model` with weight decay and its SGD optimizer, under the run's strategy.
+
+    Args:
+        cfg: the run's `Config`, with `mean` and `std` derived (`resolved_options`).
+        run: the `distribution.Run`.
+        schedule: the learning-rate schedule.
+        input_shape: input shape of the keras_preact model.
+        classes: number of classes (logits out, no softmax).
+
+    Returns:
+        A `Built`. The model is compiled in both loops: for `fit` with the loss and
+        metrics, for the custom loop with the optimizer alone, so that in both the
+        checkpoint (`model.save_weights`) holds the optimizer's iterations and momentum.
+    """
+    on_device = cfg.normalize_on_device
+    with distribution.scope(run.strategy):
+        model = build_base(
+            cfg,
+            model=cfg.model,
+            input_shape=input_shape,
+            classes=classes,
+            weights=cfg.weights,
+            mean=cfg.mean if on_device else None,
+            std=cfg.std if on_device else None,
+        )
+        decayed = optimization.add_weight_decay(model, cfg.weight_decay, cfg.weight_decay_on)
+        optimizer = optimization.make_optimizer(
+            cfg, schedule, loss_scale=run.loop == "custom" and run.policy == "mixed_float16"
+        )
+        if run.loop == "fit":
+            model.compile(
+                optimizer=optimizer,
+                loss=optimization.SparseCrossentropy(cfg.label_smoothing),
+                metrics=metrics.top_k_metrics(classes),
+                jit_compile=cfg.jit_compile,
+            )
+        else:
+            model.compile(optimizer=optimizer)
+        optimizer = model.optimizer  # compile wraps it for loss scaling under mixed_float16
+        optimizer.build(model.trainable_variables)
+    return Built(model, optimizer, decayed)

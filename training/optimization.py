@@ -1,0 +1,187 @@
+"""The paper's optimization: learning-rate schedules, coupled L2 weight decay, SGD, the loss.
+
+Everything here is built from a `Config` and plain Keras objects, the same for both
+training loops (`model.fit` and the `strategy.run` loop of `custom_loop.py`).
+"""
+
+import math
+
+import keras
+
+_PACKAGE = "keras_preact_training"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Step or cosine decay after a linear or constant warm-up.
+
+    Args:
+        base_lr: the learning rate after warm-up.
+        total_steps: length of the run; cosine decays to 0 at this step.
+        decay: `"step"`, `"cosine"` or `"constant"`.
+        boundaries: for `"step"`, the steps at which the rate is divided by 10.
+        warmup_steps: length of the warm-up.
+        warmup: `"linear"` (0 to `base_lr`) or `"constant"` (`warmup_lr`).
+        warmup_lr: the rate during a constant warm-up.
+
+    Example:
+
+    >>> s = WarmupSchedule(0.1, 64000, decay="step", boundaries=[32000, 48000],
+    ...                    warmup_steps=400, warmup="constant", warmup_lr=0.01)
+    >>> [round(float(s(i)), 4) for i in (0, 400, 32000, 48000)]
+    [0.01, 0.1, 0.01, 0.001]
+    """
+
+    def __init__(
+        self,
+        base_lr,
+        total_steps,
+        *,
+        decay="step",
+        boundaries=(),
+        warmup_steps=0,
+        warmup="linear",
+        warmup_lr=0.0,
+    ):
+        if decay not in ("step", "cosine", "constant"):
+            raise ValueError(f"decay must be step, cosine or constant; got {decay!r}.")
+        if warmup not in ("linear", "constant"):
+            raise ValueError(f"warmup must be linear or constant; got {warmup!r}.")
+        self.base_lr, self.total_steps = float(base_lr), int(total_steps)
+        self.decay, self.boundaries = decay, [int(b) for b in boundaries]
+        self.warmup_steps, self.warmup, self.warmup_lr = int(warmup_steps), warmup, float(warmup_lr)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        if self.decay == "step":
+            lr = keras.ops.convert_to_tensor(self.base_lr, "float32")
+            for b in self.boundaries:
+                lr = keras.ops.where(step >= b, lr * 0.1, lr)
+        elif self.decay == "cosine":
+            span = max(self.total_steps - self.warmup_steps, 1)
+            frac = keras.ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+            lr = 0.5 * self.base_lr * (1.0 + keras.ops.cos(math.pi * frac))
+        else:
+            lr = keras.ops.convert_to_tensor(self.base_lr, "float32")
+        if self.warmup_steps > 0:
+            if self.warmup == "linear":
+                warm = self.base_lr * (step + 1.0) / self.warmup_steps
+            else:
+                warm = keras.ops.convert_to_tensor(self.warmup_lr, "float32")
+            lr = keras.ops.where(step < self.warmup_steps, warm, lr)
+        return lr
+
+    def get_config(self):
+        return dict(
+            base_lr=self.base_lr,
+            total_steps=self.total_steps,
+            decay=self.decay,
+            boundaries=self.boundaries,
+            warmup_steps=self.warmup_steps,
+            warmup=self.warmup,
+            warmup_lr=self.warmup_lr,
+        )
+
+
+def lr_schedule(cfg, *, base_lr, total_steps, boundaries):
+    """The `WarmupSchedule` of `cfg`; `boundaries` in steps."""
+    return WarmupSchedule(
+        base_lr,
+        total_steps,
+        decay=cfg.lr_schedule,
+        boundaries=boundaries,
+        warmup_steps=cfg.warmup_steps,
+        warmup=cfg.warmup,
+        warmup_lr=cfg.warmup_lr,
+    )
+
+
+#: Layers whose `kernel` is decayed by `weight_decay_on="kernels"`.
+KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D)
+
+
+def _layers(model):
+    """Every layer of `model`, descending into nested models (public `.layers` only)."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+
+
+def decayed_variables(model, on="kernels"):
+    """The trainable variables `add_weight_decay` decays: kernels, or all of them."""
+    if on not in ("kernels", "all"):
+        raise ValueError(f"on must be 'kernels' or 'all'; got {on!r}.")
+    if on == "all":
+        candidates = model.trainable_weights
+    else:
+        candidates = [layer.kernel for layer in _layers(model) if isinstance(layer, KERNEL_LAYERS)]
+    seen, out = set(), []
+    for v in candidates:
+        if v.trainable and id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def add_weight_decay(model, weight_decay, on="kernels"):
+    """Adds an L2 penalty `wd / 2 * ||w||^2` to the loss (gradient `+= wd * w`).
+
+    This is the coupled L2 decay of SGD in the paper's Torch code (its
+    `weightDecay` passes through momentum). By default only conv and dense
+    kernels are decayed, not BatchNormalization gamma/beta nor biases; `on="all"`
+    decays every trainable weight as the Torch code does. The penalty is each
+    variable's `regularizer`, which Keras adds to `model.losses`.
+
+    Returns:
+        The number of decayed variables.
+    """
+    variables = decayed_variables(model, on)
+    if weight_decay <= 0:
+        return 0
+    for v in variables:
+        v.regularizer = keras.regularizers.L2(weight_decay / 2.0)
+    return len(variables)
+
+
+def make_optimizer(cfg, schedule, *, loss_scale=False):
+    """SGD with momentum on `schedule`; wrapped for dynamic loss scaling if `loss_scale`."""
+    optimizer = keras.optimizers.SGD(
+        learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov
+    )
+    if loss_scale:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy of logits against integer labels, with optional label smoothing.
+
+    The pipelines always yield integer labels; with `label_smoothing > 0` they are
+    one-hot encoded here (`(1 - s) * onehot + s / classes`, as Keras'
+    `CategoricalCrossentropy` does), so both loops and every pipeline share one loss.
+
+    Example:
+
+    >>> import numpy as np
+    >>> loss = SparseCrossentropy(label_smoothing=0.1)
+    >>> round(float(loss(np.array([0]), np.array([[2.0, 0.0]]))), 4)
+    0.2269
+    """
+
+    def __init__(self, label_smoothing=0.0, name="sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,))
+        if not self.label_smoothing:
+            return keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
+        one_hot = keras.ops.one_hot(labels, keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(
+            one_hot, y_pred, from_logits=True, label_smoothing=self.label_smoothing
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
