@@ -39,6 +39,7 @@ import time
 
 START = time.time()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training import xla_env  # noqa: E402  (sets no JAX state until called)
 
 EXPORT_NAME = "fashion_mnist_wrn.h5"
 #: Seconds kept at the end of a call for the final evaluations, the export and their checks.
@@ -106,22 +107,13 @@ def parse_args(argv=None):
     return args
 
 
-def _smoke_environment():
-    # Before JAX is imported: a smoke run's cost is compilation, so compile with little
-    # optimization, on the CPU.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_backend_optimization_level" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
 def main():
     args = parse_args()
     backend = os.environ.setdefault("KERAS_BACKEND", "jax")
     if backend != "jax":
         raise SystemExit(f"fashion_mnist_recipe.py runs on JAX; KERAS_BACKEND={backend!r}.")
     if args.smoke:
-        _smoke_environment()
+        xla_env.smoke_environment()
     import jax
     import keras
     import numpy as np

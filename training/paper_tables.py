@@ -48,6 +48,7 @@ import time
 
 START = time.time()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training import xla_env  # noqa: E402  (sets no JAX state until called)
 
 #: name -> (table, depth, unit, shortcut label, shortcut factory args, paper CIFAR-10 error).
 #: The paper's numbers: Table 1 (ResNet-110, original unit) and Table 2 (ResNet-110/164).
@@ -572,15 +573,6 @@ def write_outputs(args, status):
 # -- Main -------------------------------------------------------------------------------
 
 
-def _smoke_environment():
-    # Before JAX is imported: a smoke run's cost is compilation, so compile with little
-    # optimization, on the CPU.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_backend_optimization_level" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
 def main():
     args = parse_args()
     backend = os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -590,7 +582,7 @@ def main():
             "or set KERAS_BACKEND=jax."
         )
     if args.smoke:
-        _smoke_environment()
+        xla_env.smoke_environment()
     if args.worker_variants is not None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         _jax_cache(args)
