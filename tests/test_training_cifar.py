@@ -329,6 +329,12 @@ def test_cifar_trainer_runs_without_tensorflow(tmp_path):
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # JAX keeps the run's compiled programs for a resume (--compilation_cache, default on).
+    cache = tmp_path / "run" / "jax_cache"
+    if keras.backend.backend() == "jax":
+        assert len(os.listdir(cache)) > 0
+    else:
+        assert not cache.exists()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["backend"] == keras.backend.backend()
     config = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -332,6 +332,12 @@ def define_train_flags(*, model, batch_size, epochs, lr_schedule, presets):
     flags.register_validator("label_smoothing", _fraction, message="must be in [0, 1).")
     flags.DEFINE_bool("mixed_precision", False, "float16 compute on GPU, bfloat16 on TPU/CPU.")
     flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+    flags.DEFINE_bool(
+        "compilation_cache",
+        True,
+        "JAX backend: keep XLA's compiled programs in MODEL_DIR/jax_cache, so a resumed "
+        "or repeated run skips the compile (JAX's persistent compilation cache).",
+    )
     flags.DEFINE_integer("seed", 0, "Seed for initialization and the input pipeline.")
     flags.DEFINE_bool("deterministic", False, "Deterministic input order and ops (slower).")
     flags.DEFINE_enum(
