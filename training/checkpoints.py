@@ -48,6 +48,9 @@ FOLDER = "checkpoints"
 WEIGHTS = "model.weights.h5"
 STATE = "state.json"
 _EPOCH = re.compile(r"^epoch-(\d+)$")
+#: The temporary names of this module's writers: `NAME.tmp-PID`, `NAME.tmp-PID.weights.h5`
+#: and the checkpoint folders `.tmp-epoch-NNNN-PID`.
+_TEMP = re.compile(r"(\.tmp-\d+(\.weights\.h5)?|^\.tmp-epoch-\d+-\d+)$")
 #: Version of `state.json`; the single-file checkpoints of earlier versions
 #: (`checkpoints/latest.weights.h5` + `latest.json`) are still read.
 FORMAT = 2
@@ -104,8 +107,7 @@ def _close_h5(path):
             with contextlib.suppress(OSError):
                 os.truncate(path, 0)
             with contextlib.suppress(Exception):
-                while fid.valid:
-                    fid.close()
+                h5py.File(fid).close()  # closes its groups and datasets too
 
 
 def write_json_atomic(path, obj):
@@ -296,6 +298,18 @@ class Checkpointer:
 
     # -- restore -----------------------------------------------------------------------
 
+    def _remove_stale_temps(self):
+        """Removes what a killed process's writers left in `write_dir` and `checkpoints/`.
+
+        Called before this run writes anything there (one process writes a folder).
+        """
+        for folder in (self.write_dir, self._folder(self.write_dir)):
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                if _TEMP.search(name):
+                    _remove(os.path.join(folder, name))
+
     def _load_folder(self, model, path):
         """Loads one epoch folder into `model`; returns its state. Raises on any defect."""
         state_path, weights = os.path.join(path, STATE), os.path.join(path, WEIGHTS)
@@ -362,6 +376,7 @@ class Checkpointer:
         optimizer = self._optimizer(model)
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
+        self._remove_stale_temps()
         candidates = [(path, self._load_folder) for _, path in self._epoch_folders(self.model_dir)]
         candidates.append((os.path.join(self._folder(self.model_dir), "latest.*"), None))
         problems, state, source = [], None, None
@@ -447,14 +462,11 @@ class Checkpointer:
     def _prune(self, epoch):
         """Before writing `epoch`: keeps only the newest complete checkpoint older than it.
 
-        Removes leftover temporary folders (a killed save), folders of `epoch` or later
+        Removes leftover temporary files and folders (a killed save), folders of `epoch` or later
         (skipped as unreadable at restore) and older ones, so a save needs room for two
         checkpoints at most.
         """
-        folder = self._folder(self.write_dir)
-        for name in os.listdir(folder):
-            if name.startswith(".tmp-"):
-                _remove(os.path.join(folder, name))
+        self._remove_stale_temps()
         older = [p for e, p in self._epoch_folders(self.write_dir) if e < epoch]
         for e, path in self._epoch_folders(self.write_dir):
             if e >= epoch or path in older[1:]:
