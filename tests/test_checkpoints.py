@@ -148,8 +148,8 @@ def test_a_kill_between_the_writes_leaves_one_whole_checkpoint(tmp_path, monkeyp
 def test_a_truncated_or_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     model_dir = str(tmp_path / "run")
     after, _ = _two_epochs(model_dir)
-    latest = os.path.join(model_dir, "checkpoints", "epoch-0002")
-    weights = os.path.join(latest, checkpoints.WEIGHTS)
+    saved = glob.glob(os.path.join(model_dir, "checkpoints", "**", "*.weights.h5"), recursive=True)
+    weights = max(saved, key=os.path.getmtime)  # the latest checkpoint's
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
     model = _model()
