@@ -265,8 +265,10 @@ def test_a_rerun_after_deleting_checkpoints_keeps_the_better_best(tmp_path):
         np.testing.assert_array_equal(a, b)
     with open(os.path.join(model_dir, "best.json")) as f:
         assert json.load(f) == {"monitor": "val_top1", "value": 0.681, "epoch": 1}
-    # The rerun's log starts over (its epochs are new), with one row per epoch.
+    # The rerun's log starts over (its epochs are new); the earlier one is kept aside.
     assert _rows(model_dir) == [0]
+    (kept,) = glob.glob(os.path.join(model_dir, "log.replaced-*.csv"))
+    assert open(kept).read().splitlines()[1].startswith("0,")
 
 
 def test_the_previous_format_still_resumes(tmp_path):

@@ -399,6 +399,7 @@ class Checkpointer:
                     + "; ".join(problems)
                     + ". Delete that folder to start the run again from scratch."
                 )
+            self._set_aside_log()
             return Restored(0, 0, self.best)
         epoch = int(state["epoch"])
         steps = int(metrics.scalar(optimizer.iterations))
@@ -427,6 +428,20 @@ class Checkpointer:
         logging.info(message)
         print(message, flush=True)
         return Restored(epoch, steps, self.best)
+
+    def _set_aside_log(self):
+        """A fresh run keeps the `log.csv` of an earlier one (its checkpoints deleted)."""
+        path = os.path.join(self.write_dir, "log.csv")
+        if os.path.exists(path):
+            stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+            kept = os.path.join(self.write_dir, f"log.replaced-{stamp}.csv")
+            while os.path.exists(kept):
+                n += 1
+                kept = os.path.join(self.write_dir, f"log.replaced-{stamp}-{n}.csv")
+            os.rename(path, kept)
+            logging.warning(
+                "No checkpoint to resume from: the earlier %s is kept as %s.", path, kept
+            )
 
     def _restore_input(self, saved, epoch):
         if self.data is None:
