@@ -265,6 +265,9 @@ def test_a_rerun_after_deleting_checkpoints_keeps_the_better_best(tmp_path):
         np.testing.assert_array_equal(a, b)
     with open(os.path.join(model_dir, "best.json")) as f:
         assert json.load(f) == {"monitor": "val_top1", "value": 0.681, "epoch": 1}
+    # The file carries its own record too: best.json lost (a kill between the two) is fine.
+    os.remove(os.path.join(model_dir, "best.json"))
+    assert checkpoints.Checkpointer(model_dir).best == 0.681
     # The rerun's log starts over (its epochs are new); the earlier one is kept aside.
     assert _rows(model_dir) == [0]
     (kept,) = glob.glob(os.path.join(model_dir, "log.replaced-*.csv"))

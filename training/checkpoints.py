@@ -16,7 +16,8 @@ temporary folder, flushed to disk, and the folder is renamed into place in one
     checkpoints/epoch-NNNN/state.json        epoch, steps, best, every epoch's logs so far,
                                              the input position, the weights' size and SHA-256
     log.csv                                  rewritten from state.json at every save
-    best.weights.h5, best.json               the model alone at its best epoch, and that value
+    best.weights.h5, best.json               the model alone at its best epoch; that value (also
+                                             recorded in the file itself)
     final.weights.h5                         the model alone, at the end
     config.json, summary.json                the run's options, and its results
 
@@ -140,13 +141,19 @@ def _write_text_atomic(path, text):
         raise _write_failed(e, path) from None
 
 
-def _save_weights(model, path, name=None):
+def _save_weights(model, path, name=None, attrs=None):
     """`model.save_weights(path)` and fsync; on failure nothing is left at `path`.
 
     The error names `name` (default `path`): the file the temporary one stands for.
+    `attrs` are stored as attributes of the file's root (Keras ignores them when loading).
     """
     try:
         model.save_weights(path, overwrite=True)
+        if attrs:
+            import h5py
+
+            with h5py.File(path, "a") as f:
+                f.attrs.update(attrs)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     except BaseException as e:
@@ -157,13 +164,14 @@ def _save_weights(model, path, name=None):
         raise
 
 
-def save_weights_atomic(model, path):
+def save_weights_atomic(model, path, attrs=None):
     """`model.save_weights`, written to a temporary file and renamed into place.
 
     On failure (a full disk) the temporary file is removed and one `OSError` names `path`.
+    `attrs`: attributes stored in the file's root.
     """
     tmp = path[: -len(".weights.h5")] + f".tmp-{os.getpid()}.weights.h5"
-    _save_weights(model, tmp, path)
+    _save_weights(model, tmp, path, attrs)
     try:
         os.replace(tmp, path)
     except OSError as e:
@@ -171,13 +179,13 @@ def save_weights_atomic(model, path):
         raise _write_failed(e, path) from None
 
 
-def save_model_weights_atomic(model, path):
+def save_model_weights_atomic(model, path, attrs=None):
     """Like `save_weights_atomic`, without the optimizer variables (the shippable file)."""
     if getattr(model, "optimizer", None) is None:
-        return save_weights_atomic(model, path)
+        return save_weights_atomic(model, path, attrs)
     clone = model.__class__.from_config(model.get_config())
     clone.set_weights(model.get_weights())
-    save_weights_atomic(clone, path)
+    save_weights_atomic(clone, path, attrs)
 
 
 def _sha256(path):
@@ -197,6 +205,18 @@ def _csv_text(rows):
     for row in rows:
         writer.writerow([row["epoch"], *(row.get(k, "") for k in keys)])
     return out.getvalue()
+
+
+def _best_record(path):
+    """The `{"monitor", "value", "epoch"}` stored in a `best.weights.h5`, or None."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get("keras_preact_best")
+    except OSError:
+        return None
+    return None if text is None else json.loads(text)
 
 
 class Restored(NamedTuple):
@@ -277,8 +297,10 @@ class Checkpointer:
         if not os.path.exists(weights):
             return
         try:
-            with open(record) as f:
-                best = json.load(f)
+            best = _best_record(weights)  # the file's own record: written with it, atomically
+            if best is None:
+                with open(record) as f:
+                    best = json.load(f)
             if best.get("monitor", self.monitor) == self.monitor:
                 self.best = max(self.best, float(best["value"]))
                 return
@@ -509,11 +531,13 @@ class Checkpointer:
         if value is not None and value > self.best:
             # Before the commit: a kill in between replays the epoch, which cannot beat
             # the value recorded here, so the best model is never lost.
-            save_model_weights_atomic(model, os.path.join(self.write_dir, "best.weights.h5"))
-            write_json_atomic(
-                os.path.join(self.write_dir, "best.json"),
-                {"monitor": self.monitor, "value": value, "epoch": int(epoch)},
+            record = {"monitor": self.monitor, "value": value, "epoch": int(epoch)}
+            save_model_weights_atomic(
+                model,
+                os.path.join(self.write_dir, "best.weights.h5"),
+                {"keras_preact_best": json.dumps(record)},
             )
+            write_json_atomic(os.path.join(self.write_dir, "best.json"), record)
             self.best = value
         final = os.path.join(folder, f"epoch-{epoch:04d}")
         tmp = os.path.join(folder, f".tmp-epoch-{epoch:04d}-{os.getpid()}")
