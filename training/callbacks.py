@@ -36,7 +36,7 @@ class MaxSteps(keras.callbacks.Callback):
 class LearningRate(keras.callbacks.Callback):
     """Adds `lr`, the learning rate at the end of the epoch, to the epoch's logs.
 
-    Listed before the loggers so `log.csv` and TensorBoard see it (the custom loop logs
+    Listed before the checkpoint and TensorBoard so `log.csv` and TensorBoard see it (the custom loop logs
     the same value).
     """
 
@@ -46,7 +46,11 @@ class LearningRate(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the run's state through a `checkpoints.Checkpointer` at every epoch end."""
+    """Saves the run's state through a `checkpoints.Checkpointer` at every epoch end.
+
+    The checkpointer also writes `log.csv` (from the checkpoint, so a kill can neither lose
+    nor repeat a row).
+    """
 
     def __init__(self, checkpointer):
         super().__init__()
@@ -57,16 +61,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 def fit_callbacks(run, checkpointer, *, model_dir, max_steps=None):
-    """NaN guard, learning rate, checkpoint, CSV and TensorBoard logs under `model_dir`."""
+    """NaN guard, learning rate, checkpoint (with `log.csv`), TensorBoard logs in `model_dir`."""
     cbs = [NaNGuard(), LearningRate(), EpochCheckpoint(checkpointer)]
-    if run.chief:
-        cbs.append(keras.callbacks.CSVLogger(os.path.join(model_dir, "log.csv"), append=True))
-        if _has_tensorboard():
-            cbs.append(
-                keras.callbacks.TensorBoard(
-                    os.path.join(model_dir, "tensorboard"), update_freq="epoch"
-                )
-            )
+    if run.chief and _has_tensorboard():
+        cbs.append(
+            keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"), update_freq="epoch")
+        )
     if max_steps:
         cbs.append(MaxSteps(max_steps))
     return cbs

@@ -1,24 +1,40 @@
 """Everything a run writes to disk and reads back to resume, behind one small API.
 
-`Checkpointer` is the only reader and writer of a run's resumable state; both training
-loops (`model.fit` through `callbacks.EpochCheckpoint`, and `custom_loop.fit`) call its
-`save` at the end of every epoch, and the trainers call its `restore` once before training.
-A checkpoint holds the model's variables **and its optimizer's** (iteration counter,
-which drives the learning-rate schedule, and momentum): the trainers compile the model
-with its optimizer in both loops, so `model.save_weights` writes both.
+`Checkpointer` is the only reader and writer of a run's resumable state and of `log.csv`;
+both training loops (`model.fit` through `callbacks.EpochCheckpoint`, and
+`custom_loop.fit`) call its `save` at the end of every epoch, and the trainers call its
+`restore` once before training. A checkpoint holds the model's variables **and its
+optimizer's** (iteration counter, which drives the learning-rate schedule, and momentum):
+the trainers compile the model with its optimizer in both loops, so `model.save_weights`
+writes both.
 
-Files under `model_dir` (see docs/training.md):
+One epoch's checkpoint is one folder, complete or absent: its files are written into a
+temporary folder, flushed to disk, and the folder is renamed into place in one
+`os.rename` (atomic on POSIX file systems). Files under `model_dir` (see docs/training.md):
 
-    checkpoints/latest.weights.h5   model + optimizer variables after the last epoch
-    checkpoints/latest.json         {"epoch", "steps", "best", "logs", "time"}
-    best.weights.h5                 the model alone, when the monitored metric improves
-    final.weights.h5                the model alone, at the end (`save_model_weights_atomic`)
-    config.json                     the run's options and their origins (`write_config`)
-    summary.json                    the run's results (`write_summary`)
+    checkpoints/epoch-NNNN/model.weights.h5  model + optimizer variables after epoch NNNN
+    checkpoints/epoch-NNNN/state.json        epoch, steps, best, every epoch's logs so far,
+                                             the input position, the weights' size and SHA-256
+    log.csv                                  rewritten from state.json at every save
+    best.weights.h5, best.json               the model alone at its best epoch; that value (also
+                                             recorded in the file itself)
+    final.weights.h5                         the model alone, at the end
+    config.json, summary.json                the run's options, and its results
+
+The newest complete checkpoint and the one before it are kept: a checkpoint whose
+`state.json` does not parse or whose weights do not match their recorded size and hash
+is skipped with a warning naming the file, and the run resumes from the one before.
 """
 
+import contextlib
+import csv
+import errno
+import hashlib
+import io
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from typing import NamedTuple
@@ -29,31 +45,178 @@ from absl import logging
 
 from training import metrics
 
+FOLDER = "checkpoints"
+WEIGHTS = "model.weights.h5"
+STATE = "state.json"
+_EPOCH = re.compile(r"^epoch-(\d+)$")
+#: The temporary names of this module's writers: `NAME.tmp-PID`, `NAME.tmp-PID.weights.h5`
+#: and the checkpoint folders `.tmp-epoch-NNNN-PID`.
+_TEMP = re.compile(r"(\.tmp-\d+(\.weights\.h5)?|^\.tmp-epoch-\d+-\d+)$")
+#: Version of `state.json`; the single-file checkpoints of earlier versions
+#: (`checkpoints/latest.weights.h5` + `latest.json`) are still read.
+FORMAT = 2
+
+
+class WriteError(OSError):
+    """A file of the run could not be written; nothing half-written was left behind."""
+
+
+def _write_failed(e, path):
+    """One error naming the file that could not be written and why (e.g. a full disk)."""
+    code = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
+    reason = os.strerror(e.errno) if code else str(e)
+    hint = " Free some space and rerun the same command." if e.errno == errno.ENOSPC else ""
+    return WriteError(
+        e.errno,
+        f"Could not write {path}: {reason} ({code or type(e).__name__}). Its temporary "
+        f"file was removed and the previous file or checkpoint is unchanged.{hint}",
+    )
+
+
+def _fsync_folder(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _close_h5(path):
+    """Closes HDF5 handles a failed write left open on `path`.
+
+    Keras does not close its file when a write fails; h5py would flush it when the
+    object is collected or at exit, fail again on a full disk, and crash the interpreter.
+    Truncating the file first gives the final flush room to succeed.
+    """
+    import h5py
+
+    target = os.path.abspath(path)
+    for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        try:
+            name = os.path.abspath(fid.name.decode())
+        except Exception:  # noqa: BLE001 - an id already closed
+            continue
+        if name == target:
+            with contextlib.suppress(OSError):
+                os.truncate(path, 0)
+            with contextlib.suppress(Exception):
+                h5py.File(fid).close()  # closes its groups and datasets too
+
 
 def write_json_atomic(path, obj):
-    """Writes `obj` as JSON to a temporary file, then renames it into place."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes `obj` as JSON to a temporary file, flushes it to disk and renames it into place.
+
+    On failure (a full disk) the temporary file is removed and one `OSError` names `path`.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise _write_failed(e, path) from None
 
 
-def save_weights_atomic(model, path):
-    """`model.save_weights`, written to a temporary file and renamed into place."""
-    tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
-    model.save_weights(tmp, overwrite=True)
-    os.replace(tmp, path)
+def _write_text_atomic(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise _write_failed(e, path) from None
 
 
-def save_model_weights_atomic(model, path):
+def _save_weights(model, path, name=None, attrs=None):
+    """`model.save_weights(path)` and fsync; on failure nothing is left at `path`.
+
+    The error names `name` (default `path`): the file the temporary one stands for.
+    `attrs` are stored as attributes of the file's root (Keras ignores them when loading).
+    """
+    try:
+        model.save_weights(path, overwrite=True)
+        if attrs:
+            import h5py
+
+            with h5py.File(path, "a") as f:
+                f.attrs.update(attrs)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException as e:
+        _close_h5(path)
+        _remove(path)
+        if isinstance(e, OSError):
+            raise _write_failed(e, name or path) from None
+        raise
+
+
+def save_weights_atomic(model, path, attrs=None):
+    """`model.save_weights`, written to a temporary file and renamed into place.
+
+    On failure (a full disk) the temporary file is removed and one `OSError` names `path`.
+    `attrs`: attributes stored in the file's root.
+    """
+    tmp = path[: -len(".weights.h5")] + f".tmp-{os.getpid()}.weights.h5"
+    _save_weights(model, tmp, path, attrs)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise _write_failed(e, path) from None
+
+
+def save_model_weights_atomic(model, path, attrs=None):
     """Like `save_weights_atomic`, without the optimizer variables (the shippable file)."""
     if getattr(model, "optimizer", None) is None:
-        return save_weights_atomic(model, path)
+        return save_weights_atomic(model, path, attrs)
     clone = model.__class__.from_config(model.get_config())
     clone.set_weights(model.get_weights())
-    save_weights_atomic(clone, path)
+    save_weights_atomic(clone, path, attrs)
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _csv_text(rows):
+    """`log.csv` of `rows` (dicts with `epoch` first, 0-based as Keras' CSVLogger writes)."""
+    keys = sorted({k for row in rows for k in row if k != "epoch"})
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["epoch", *keys])
+    for row in rows:
+        writer.writerow([row["epoch"], *(row.get(k, "") for k in keys)])
+    return out.getvalue()
+
+
+def _best_record(path):
+    """The `{"monitor", "value", "epoch"}` stored in a `best.weights.h5`, or None."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get("keras_preact_best")
+    except OSError:
+        return None
+    return None if text is None else json.loads(text)
 
 
 class Restored(NamedTuple):
@@ -65,14 +228,17 @@ class Restored(NamedTuple):
 
 
 class Checkpointer:
-    """Reads and writes a run's resumable state; one instance per run, used by both loops.
+    """Reads and writes a run's resumable state and `log.csv`; one per run, used by both loops.
 
     Args:
         model_dir: the run's folder; `restore` reads the chief's checkpoint from here.
         write_dir: where `save` writes (`model_dir` on the chief, a scratch folder on
             other workers, which must save too because reading variables may be
             collective). Default: `model_dir`.
-        monitor: the log key whose improvement writes `best.weights.h5`.
+        monitor: the log key whose improvement (higher is better) writes `best.weights.h5`.
+        data: the training input if it can resume its order (an object with integer
+            `seed` and `epoch` attributes, like `numpy_pipeline.ArrayDataset`): `restore`
+            sets its `epoch`, so its batches continue where the run stopped.
 
     Example (resume, train, save after each epoch):
 
@@ -81,16 +247,35 @@ class Checkpointer:
         for epoch in range(start, epochs):
             logs = train_one_epoch()
             checkpointer.save(model, epoch=epoch + 1, logs=logs)
+        history = checkpointer.history()  # every epoch of the run, resumed or not
     """
 
-    def __init__(self, model_dir, write_dir=None, *, monitor="val_top1"):
+    def __init__(self, model_dir, write_dir=None, *, monitor="val_top1", data=None):
         self.model_dir, self.write_dir = model_dir, write_dir or model_dir
         self.monitor = monitor
+        self.data = data
+        self.rows = []  # one dict per completed epoch: the CSV rows
         self.best = -np.inf
+        self.resumed_from = 0
+        self._best_unrecorded = False
+        self._read_best()
 
-    def _paths(self, root):
-        folder = os.path.join(root, "checkpoints")
-        return os.path.join(folder, "latest.weights.h5"), os.path.join(folder, "latest.json")
+    # -- paths -------------------------------------------------------------------------
+
+    def _folder(self, root):
+        return os.path.join(root, FOLDER)
+
+    def _epoch_folders(self, root):
+        """`[(epoch, path)]` of the complete checkpoint folders under `root`, newest first."""
+        folder = self._folder(root)
+        if not os.path.isdir(folder):
+            return []
+        found = []
+        for name in os.listdir(folder):
+            m = _EPOCH.match(name)
+            if m and os.path.isdir(os.path.join(folder, name)):
+                found.append((int(m.group(1)), os.path.join(folder, name)))
+        return sorted(found, reverse=True)
 
     @staticmethod
     def _optimizer(model):
@@ -102,68 +287,311 @@ class Checkpointer:
             )
         return optimizer
 
+    def _read_best(self):
+        """The best value recorded next to `best.weights.h5` by this or an earlier run.
+
+        A rerun whose `checkpoints/` was deleted must not replace a better model there.
+        """
+        weights = os.path.join(self.write_dir, "best.weights.h5")
+        record = os.path.join(self.write_dir, "best.json")
+        if not os.path.exists(weights):
+            return
+        try:
+            best = _best_record(weights)  # the file's own record: written with it, atomically
+            if best is None:
+                with open(record) as f:
+                    best = json.load(f)
+            if best.get("monitor", self.monitor) == self.monitor:
+                self.best = max(self.best, float(best["value"]))
+                return
+            reason = f"it records {best.get('monitor')!r}, not {self.monitor!r}"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            reason = f"{record} is missing or unreadable ({type(e).__name__})"
+        # Its value is unknown: keep it rather than replace it with a possibly worse model
+        # (unless a restored checkpoint says which value it holds).
+        self.best = np.inf
+        self._best_unrecorded = True
+        logging.warning(
+            "%s is kept and will not be replaced in this run: %s. Move or delete it to let "
+            "this run write its best model there.",
+            weights,
+            reason,
+        )
+
+    # -- restore -----------------------------------------------------------------------
+
+    def _remove_stale_temps(self):
+        """Removes what a killed process's writers left in `write_dir` and `checkpoints/`.
+
+        Called before this run writes anything there (one process writes a folder).
+        """
+        for folder in (self.write_dir, self._folder(self.write_dir)):
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                if _TEMP.search(name):
+                    _remove(os.path.join(folder, name))
+
+    def _load_folder(self, model, path):
+        """Loads one epoch folder into `model`; returns its state. Raises on any defect."""
+        state_path, weights = os.path.join(path, STATE), os.path.join(path, WEIGHTS)
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{state_path}: {type(e).__name__}: {e}") from None
+        record = state.get("weights", {})
+        if not os.path.exists(weights):
+            raise ValueError(f"{weights} is missing")
+        size = os.path.getsize(weights)
+        if size != record.get("bytes"):
+            raise ValueError(f"{weights} has {size} bytes, {state_path} says {record.get('bytes')}")
+        if _sha256(weights) != record.get("sha256"):
+            raise ValueError(f"{weights} does not match the SHA-256 in {state_path}")
+        from keras_preact.weights import load_weights_file
+
+        load_weights_file(model, weights)
+        return state
+
+    def _load_legacy(self, model):
+        """The single-file checkpoint of earlier versions, or None if there is none."""
+        folder = self._folder(self.model_dir)
+        weights, state_path = (
+            os.path.join(folder, n) for n in ("latest.weights.h5", "latest.json")
+        )
+        if not (os.path.exists(weights) and os.path.exists(state_path)):
+            return None
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{state_path}: {type(e).__name__}: {e}") from None
+        from keras_preact.weights import load_weights_file
+
+        load_weights_file(model, weights)
+        # Its log.csv rows up to the checkpoint are the run's history.
+        rows = []
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with open(os.path.join(self.write_dir, "log.csv"), newline="") as f:
+                for row in csv.DictReader(f):
+                    if int(row["epoch"]) < int(state["epoch"]):
+                        rows.append(
+                            {"epoch": int(row["epoch"])}
+                            | {k: float(v) for k, v in row.items() if k != "epoch" and v != ""}
+                        )
+        state["rows"] = rows
+        return state
+
     def restore(self, model):
-        """Loads the last epoch checkpoint into `model` and its optimizer, if there is one.
+        """Loads the newest usable checkpoint into `model` and its optimizer, if any.
+
+        A checkpoint that is truncated or corrupt is skipped with a warning naming the
+        file; the one before it is used. `log.csv` is rewritten to the restored epochs (a
+        row written after the restored checkpoint is dropped, a lost one restored).
 
         Returns:
             `Restored(epoch, steps, best)`; epoch 0 when there is no checkpoint.
+
+        Raises:
+            RuntimeError: checkpoints exist but none can be read (names each and why).
         """
         optimizer = self._optimizer(model)
-        weights, state_path = self._paths(self.model_dir)
-        if not (os.path.exists(weights) and os.path.exists(state_path)):
-            return Restored(0, 0, -np.inf)
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
-        model.load_weights(weights)
-        with open(state_path) as f:
-            state = json.load(f)
-        self.best = state.get("best", -np.inf)
+        self._remove_stale_temps()
+        candidates = [(path, self._load_folder) for _, path in self._epoch_folders(self.model_dir)]
+        candidates.append((os.path.join(self._folder(self.model_dir), "latest.*"), None))
+        problems, state, source = [], None, None
+        for path, load in candidates:
+            try:
+                state = load(model, path) if load else self._load_legacy(model)
+            except ValueError as e:
+                problems.append(str(e))
+                logging.warning("Skipping checkpoint %s: %s", path, e)
+                state = None
+                continue
+            if state is not None:
+                source = path
+                break
+        if state is None:
+            if problems:
+                raise RuntimeError(
+                    "No usable checkpoint under "
+                    f"{self._folder(self.model_dir)}: "
+                    + "; ".join(problems)
+                    + ". Delete that folder to start the run again from scratch."
+                )
+            self._set_aside_log()
+            return Restored(0, 0, self.best)
+        epoch = int(state["epoch"])
         steps = int(metrics.scalar(optimizer.iterations))
         if "steps" in state and state["steps"] != steps:
             logging.warning(
-                "%s holds optimizer step %d but %s says %d: the run was stopped between "
-                "the two writes; resuming from the weights' step.",
-                weights,
+                "%s holds optimizer step %d but its state says %d; resuming from the "
+                "weights' step.",
+                source,
                 steps,
-                state_path,
                 state["steps"],
             )
+        if self._best_unrecorded and "best" in state:
+            self.best = float(state["best"])  # the value best.weights.h5 was written at
+        else:
+            self.best = max(self.best, float(state.get("best", -np.inf)))
+        self.rows = list(state.get("rows", []))
+        self.resumed_from = epoch
+        self._restore_input(state.get("input"), epoch)
+        self._write_log()
         message = (
-            f"Resuming from {weights}: {state['epoch']} epoch(s) done, optimizer step "
+            f"Resuming from {source}: {epoch} epoch(s) done, optimizer step "
             f"{steps}, learning rate {metrics.learning_rate(optimizer):.6g}."
         )
+        if problems:
+            message += f" Skipped: {'; '.join(problems)}."
         logging.info(message)
         print(message, flush=True)
-        return Restored(int(state["epoch"]), steps, self.best)
+        return Restored(epoch, steps, self.best)
+
+    def _set_aside_log(self):
+        """A fresh run keeps the `log.csv` of an earlier one (its checkpoints deleted)."""
+        path = os.path.join(self.write_dir, "log.csv")
+        if os.path.exists(path):
+            stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+            kept = os.path.join(self.write_dir, f"log.replaced-{stamp}.csv")
+            while os.path.exists(kept):
+                n += 1
+                kept = os.path.join(self.write_dir, f"log.replaced-{stamp}-{n}.csv")
+            os.rename(path, kept)
+            logging.warning(
+                "No checkpoint to resume from: the earlier %s is kept as %s.", path, kept
+            )
+
+    def _restore_input(self, saved, epoch):
+        if self.data is None:
+            return
+        self.data.epoch = epoch  # the batches continue where the run stopped
+        if saved and saved.get("seed") != self.data.seed:
+            logging.warning(
+                "The checkpoint's input order was drawn with seed %s, this run's with %s: "
+                "the batches after the resume differ from an uninterrupted run's.",
+                saved.get("seed"),
+                self.data.seed,
+            )
+
+    # -- save --------------------------------------------------------------------------
+
+    def history(self):
+        """Every completed epoch's logs, resumed epochs included, as `{key: [values]}`.
+
+        Keys are those of `model.fit`'s `History`, without Keras' `compile_metrics_` prefix.
+        """
+        out = {}
+        for row in self.rows:
+            for k, v in row.items():
+                if k != "epoch":
+                    out.setdefault(k.replace("compile_metrics_", ""), []).append(v)
+        return out
+
+    def _write_log(self):
+        if self.rows or os.path.exists(os.path.join(self.write_dir, "log.csv")):
+            os.makedirs(self.write_dir, exist_ok=True)
+            _write_text_atomic(os.path.join(self.write_dir, "log.csv"), _csv_text(self.rows))
+
+    def _prune(self, epoch):
+        """Before writing `epoch`: keeps only the newest complete checkpoint older than it.
+
+        Removes leftover temporary files and folders (a killed save), folders of `epoch` or later
+        (skipped as unreadable at restore) and older ones, so a save needs room for two
+        checkpoints at most.
+        """
+        self._remove_stale_temps()
+        older = [p for e, p in self._epoch_folders(self.write_dir) if e < epoch]
+        for e, path in self._epoch_folders(self.write_dir):
+            if e >= epoch or path in older[1:]:
+                _remove(path)
 
     def save(self, model, *, epoch, logs):
-        """Writes the state after `epoch` completed epochs (and the best weights).
+        """Writes the checkpoint after `epoch` completed epochs, then `log.csv` and the best.
 
         Args:
             model: the model that trains, compiled with its optimizer.
             epoch: the number of completed epochs.
             logs: the epoch's metrics (floats).
+
+        Raises:
+            OSError: a file could not be written (a full disk): the message names it; no
+                temporary file is left and the previous checkpoint is intact.
         """
         optimizer = self._optimizer(model)
-        weights, state_path = self._paths(self.write_dir)
-        os.makedirs(os.path.dirname(weights), exist_ok=True)
+        folder = self._folder(self.write_dir)
+        os.makedirs(folder, exist_ok=True)
+        self._prune(epoch)
+        logs = {k: float(v) for k, v in logs.items()}
+        rows = [r for r in self.rows if r["epoch"] < epoch - 1] + [{"epoch": epoch - 1, **logs}]
         value = logs.get(self.monitor)
         if value is not None and value > self.best:
-            self.best = float(value)
-            save_model_weights_atomic(model, os.path.join(self.write_dir, "best.weights.h5"))
-        # Weights first, then the state that points at them: a kill in between
-        # replays one epoch at most from the previous state.
-        save_weights_atomic(model, weights)
-        write_json_atomic(
-            state_path,
-            {
+            # Before the commit: a kill in between replays the epoch, which cannot beat
+            # the value recorded here, so the best model is never lost.
+            record = {"monitor": self.monitor, "value": value, "epoch": int(epoch)}
+            save_model_weights_atomic(
+                model,
+                os.path.join(self.write_dir, "best.weights.h5"),
+                {"keras_preact_best": json.dumps(record)},
+            )
+            write_json_atomic(os.path.join(self.write_dir, "best.json"), record)
+            self.best = value
+        final = os.path.join(folder, f"epoch-{epoch:04d}")
+        tmp = os.path.join(folder, f".tmp-epoch-{epoch:04d}-{os.getpid()}")
+        try:
+            os.makedirs(tmp)
+            weights = os.path.join(tmp, WEIGHTS)
+            _save_weights(model, weights, os.path.join(final, WEIGHTS))
+            state = {
+                "format": FORMAT,
                 "epoch": int(epoch),
                 "steps": int(metrics.scalar(optimizer.iterations)),
                 "best": self.best,
-                "logs": {k: float(v) for k, v in logs.items()},
+                "monitor": self.monitor,
+                "logs": logs,
+                "rows": rows,
+                "input": self._input_position(epoch),
+                "weights": {
+                    "file": WEIGHTS,
+                    "bytes": os.path.getsize(weights),
+                    "sha256": _sha256(weights),
+                },
                 "time": time.time(),
-            },
-        )
+            }
+            write_json_atomic(os.path.join(tmp, STATE), state)
+            _fsync_folder(tmp)
+            # The commit: the epoch's folder appears whole, or not at all.
+            os.rename(tmp, final)
+            _fsync_folder(folder)
+        except BaseException as e:
+            _remove(tmp)
+            if isinstance(e, OSError):
+                raise _write_failed(e, final) from None
+            raise
+        self.rows = rows
+        self._prune_after()
+        self._write_log()
+
+    def _prune_after(self):
+        """After `epoch` is committed: the checkpoint before it stays as the fallback."""
+        folder = self._folder(self.write_dir)
+        for _, path in self._epoch_folders(self.write_dir)[2:]:
+            _remove(path)
+        for name in ("latest.weights.h5", "latest.json"):  # the previous format's files
+            _remove(os.path.join(folder, name))
+
+    def _input_position(self, epoch):
+        if self.data is None:
+            return None
+        steps = getattr(self.data, "steps_per_epoch", None)
+        return {
+            "seed": self.data.seed,
+            "epoch": int(epoch),
+            "next_batch": None if steps is None else int(epoch) * int(steps),
+        }
 
 
 def write_summary(model_dir, summary):

@@ -240,10 +240,11 @@ def main(argv):
     checkpoints.write_config(cfg, run)
 
     # 5. Resume from the last completed epoch, if the run was interrupted.
-    checkpointer = checkpoints.Checkpointer(cfg.model_dir, run.write_dir)
+    # The numpy pipeline's order depends only on (seed, batch): it continues where it stopped.
+    checkpointer = checkpoints.Checkpointer(
+        cfg.model_dir, run.write_dir, data=train_data if pipeline == "numpy" else None
+    )
     initial_epoch = checkpointer.restore(built.model).epoch
-    if pipeline == "numpy":
-        train_data.epoch = initial_epoch  # the batches continue where the run stopped
 
     # 6. Train.
     history = loops.train(

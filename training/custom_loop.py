@@ -145,11 +145,12 @@ def fit(
         model: the model, compiled with its optimizer (the checkpoint saves both).
         strategy: a `tf.distribute.Strategy`.
         train_dist_dataset: the distributed training dataset (repeats forever).
-        checkpointer: the run's `checkpoints.Checkpointer`; saves after every epoch.
+        checkpointer: the run's `checkpoints.Checkpointer`; saves the checkpoint and
+            `log.csv` after every epoch.
         epochs: train until this epoch.
         steps_per_epoch: steps per epoch.
         global_batch_size: the global batch size (the loss is averaged over it).
-        log_dir: where `log.csv` is appended (this worker's write folder).
+        log_dir: this worker's write folder (created here).
         chief: whether this worker prints progress.
         initial_epoch: epochs already done (resumed runs).
         val_dist_dataset_fn: returns the distributed validation dataset, or None.
@@ -164,7 +165,6 @@ def fit(
     optimizer = model.optimizer
     os.makedirs(log_dir, exist_ok=True)
     guard = callbacks.NaNGuard()
-    csv_path = os.path.join(log_dir, "log.csv")
     step = make_train_step(
         model,
         optimizer,
@@ -207,12 +207,7 @@ def fit(
                 logs["val_" + k] = v
         if verbose and chief:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
-        checkpointer.save(model, epoch=epoch + 1, logs=logs)
-        new = not os.path.exists(csv_path)
-        with open(csv_path, "a") as f:
-            if new:
-                f.write(",".join(["epoch", *logs]) + "\n")
-            f.write(",".join([str(epoch), *(f"{v:.6g}" for v in logs.values())]) + "\n")
+        checkpointer.save(model, epoch=epoch + 1, logs=logs)  # also writes log.csv
         for k, v in logs.items():
             history.setdefault(k, []).append(v)
         if max_steps and int(metrics.scalar(optimizer.iterations)) >= max_steps:

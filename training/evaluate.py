@@ -22,7 +22,7 @@ r"""Single-crop (or 10-crop) top-1 / top-5 of a trained model on ImageNet-format
 `--weights` is a `.weights.h5` file, a whole `.keras` model, or a weights record name.
 A `.weights.h5` file written by a trainer is rebuilt with exactly the architecture of
 its run (model, unit, shortcut and its parameters, layout, width, ...): the run's
-`config.json` is found next to the file (or in the folder above `checkpoints/`), or
+`config.json` is found next to the file (or above its `checkpoints/` folder), or
 given with `--config`. Without one, the architecture comes from the flags. The model
 is built at the evaluation size (the network is fully convolutional).
 """
@@ -109,7 +109,11 @@ def run_config(weights, path=None):
     """The `config.json` of the run that wrote `weights` (a dict), or None."""
     if path is None and weights.endswith(".weights.h5") and os.path.isfile(weights):
         folder = os.path.dirname(os.path.abspath(weights))
-        for candidate in (folder, os.path.dirname(folder)):
+        # Next to the file, above checkpoints/ or above checkpoints/epoch-NNNN/.
+        candidates = [folder, os.path.dirname(folder)]
+        if os.path.basename(candidates[1]) == "checkpoints":
+            candidates.append(os.path.dirname(candidates[1]))
+        for candidate in candidates:
             if os.path.isfile(os.path.join(candidate, "config.json")):
                 path = os.path.join(candidate, "config.json")
                 break

@@ -1,7 +1,8 @@
 """Training and evaluation with `model.fit` or the `strategy.run` loop, and the run's end.
 
 `train` picks the loop the run resolved (`distribution.Run.loop`); both save through the
-same `checkpoints.Checkpointer`, log the same columns and return a `History`-like dict.
+same `checkpoints.Checkpointer`, which logs the same columns and keeps the history of the
+whole run, resumed epochs included.
 """
 
 import os
@@ -23,12 +24,13 @@ def train(
     steps_per_epoch,
     initial_epoch,
 ):
-    """Trains `built.model` to `cfg.epochs`; returns the history (a dict of lists).
+    """Trains `built.model` to `cfg.epochs`; returns the whole run's history (a dict of lists).
 
-    `val_data_fn()` returns the validation data (distributed for the custom loop).
+    `val_data_fn()` returns the validation data (distributed for the custom loop). The
+    history comes from the checkpoints, so it includes the epochs of earlier processes.
     """
     if run.loop == "fit":
-        history = built.model.fit(
+        built.model.fit(
             train_data,
             epochs=cfg.epochs,
             initial_epoch=initial_epoch,
@@ -43,11 +45,11 @@ def train(
             verbose=cfg.verbose,
             # The pipelines shuffle themselves (a PyDataset or tf.data ignores `shuffle`).
             shuffle=False,
-        ).history
-        return {k.replace("compile_metrics_", ""): v for k, v in history.items()}
+        )
+        return checkpointer.history()
     from training import custom_loop
 
-    return custom_loop.fit(
+    custom_loop.fit(
         built.model,
         run.strategy,
         train_data,
@@ -64,6 +66,7 @@ def train(
         verbose=cfg.verbose,
         label_smoothing=cfg.label_smoothing,
     )
+    return checkpointer.history()
 
 
 def evaluate(cfg, run, built, val_data_fn):
@@ -81,7 +84,8 @@ def evaluate(cfg, run, built, val_data_fn):
 def finish(cfg, run, built, *, history, initial_epoch, start, **results):
     """Saves `final.weights.h5` (the model alone) and writes `summary.json` (chief only).
 
-    The summary holds `results` and what every run reports; it is returned.
+    The summary holds `results` and what every run reports, over the whole run when it
+    was resumed (`history` is `train`'s); it is returned.
     """
     os.makedirs(run.write_dir, exist_ok=True)
     checkpoints.save_model_weights_atomic(
@@ -91,6 +95,7 @@ def finish(cfg, run, built, *, history, initial_epoch, start, **results):
         "model": cfg.model,
         **results,
         "epochs_run": len(history.get("loss", [])),
+        "epochs_run_this_process": len(history.get("loss", [])) - initial_epoch,
         "resumed_from_epoch": initial_epoch,
         "steps": int(metrics.scalar(built.optimizer.iterations)),
         "final_lr": metrics.learning_rate(built.optimizer),

@@ -1,0 +1,348 @@
+"""training/checkpoints.py: one epoch's checkpoint is one unit, whatever stops the save.
+
+Unit tests use a tiny compiled model (all backends, a few seconds); one subprocess test kills
+a real `training/cifar.py` run between the checkpoint's writes (jax only: the code under
+test is backend-independent).
+"""
+
+import csv
+import errno
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from training import checkpoints  # noqa: E402
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in-process: the disk is copied as it was, then the save stops."""
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(3)])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    return model
+
+
+def _train(model, steps=3):
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    y = np.arange(8) % 3
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+
+
+def _values(model):
+    variables = list(model.weights) + list(model.optimizer.variables)
+    return [keras.ops.convert_to_numpy(v) for v in variables]
+
+
+def _steps(model):
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+def _rows(model_dir):
+    path = os.path.join(model_dir, "log.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+def _leftovers(root):
+    return [p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if ".tmp" in p]
+
+
+def _two_epochs(model_dir, monkeypatch=None, kill_at=None):
+    """Trains and saves epoch 1, then epoch 2 (optionally killed at its `kill_at`-th rename).
+
+    Returns the variables after each epoch, and where the disk image of the kill was copied.
+    """
+    model = _model()
+    saver = checkpoints.Checkpointer(model_dir)
+    _train(model)
+    saver.save(model, epoch=1, logs={"loss": 1.0, "val_top1": 0.5})
+    after = {1: _values(model)}
+    _train(model)
+    after[2] = _values(model)
+    image = model_dir + "-image"
+    if kill_at is not None:
+        calls = []
+        real_rename, real_replace = os.rename, os.replace
+
+        def renamer(real):
+            def rename(src, dst, *a, **k):
+                calls.append(dst)
+                if len(calls) == kill_at:
+                    shutil.copytree(model_dir, image)  # the disk at the moment of the kill
+                    raise Killed(dst)
+                return real(src, dst, *a, **k)
+
+            return rename
+
+        monkeypatch.setattr(os, "rename", renamer(real_rename))
+        monkeypatch.setattr(os, "replace", renamer(real_replace))
+        with pytest.raises(Killed):
+            saver.save(model, epoch=2, logs={"loss": 0.5, "val_top1": 0.75})
+        monkeypatch.undo()
+    else:
+        saver.save(model, epoch=2, logs={"loss": 0.5, "val_top1": 0.75})
+    return after, image
+
+
+def _renames_in_a_save(tmp_path, monkeypatch):
+    count = []
+    for name in ("rename", "replace"):
+        real = getattr(os, name)
+        monkeypatch.setattr(
+            os, name, lambda s, d, *a, _real=real, **k: (count.append(d), _real(s, d, *a, **k))[1]
+        )
+    model = _model()
+    _train(model)
+    checkpoints.Checkpointer(str(tmp_path / "count")).save(
+        model, epoch=1, logs={"loss": 1.0, "val_top1": 0.5}
+    )
+    monkeypatch.undo()
+    return len(count)
+
+
+def test_a_kill_between_the_writes_leaves_one_whole_checkpoint(tmp_path, monkeypatch):
+    """Killed before each rename of epoch 2's save in turn, the run resumes at epoch 1 or 2
+    with exactly that epoch's weights, optimizer step and log rows, never a mix."""
+    renames = _renames_in_a_save(tmp_path, monkeypatch)
+    assert renames >= 2
+    seen = set()
+    for kill_at in range(1, renames + 1):
+        model_dir = str(tmp_path / f"run{kill_at}")
+        after, image = _two_epochs(model_dir, monkeypatch, kill_at)
+        model = _model()
+        resumer = checkpoints.Checkpointer(image)
+        restored = resumer.restore(model)
+        seen.add(restored.epoch)
+        assert restored.epoch in (1, 2), kill_at
+        assert restored.steps == _steps(model) == 3 * restored.epoch, (kill_at, restored)
+        for a, b in zip(after[restored.epoch], _values(model)):
+            np.testing.assert_array_equal(a, b)
+        assert _rows(image) == list(range(restored.epoch)), kill_at
+        # The resumed run saves the next epochs: no row lost or repeated, no temp file left.
+        for epoch in range(restored.epoch + 1, 4):
+            _train(model)
+            resumer.save(model, epoch=epoch, logs={"loss": 1.0 / epoch, "val_top1": 0.1})
+        assert _rows(image) == [0, 1, 2]
+        assert _steps(model) == 9
+        assert resumer.history()["loss"] == [1.0, 0.5, 1 / 3]
+        assert _leftovers(image) == []
+    assert seen == {1, 2}  # both sides of the commit were hit
+
+
+def test_a_truncated_or_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+    model_dir = str(tmp_path / "run")
+    after, _ = _two_epochs(model_dir)
+    saved = glob.glob(os.path.join(model_dir, "checkpoints", "**", "*.weights.h5"), recursive=True)
+    weights = max(saved, key=os.path.getmtime)  # the latest checkpoint's
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    model = _model()
+    with caplog.at_level("WARNING"):
+        restored = checkpoints.Checkpointer(model_dir).restore(model)
+    assert weights in caplog.text
+    assert (restored.epoch, restored.steps) == (1, 3)
+    for a, b in zip(after[1], _values(model)):
+        np.testing.assert_array_equal(a, b)
+    assert _rows(model_dir) == [0]
+
+    # Same size, other bytes: the hash catches it; a state.json that does not parse too.
+    after, _ = _two_epochs(model_dir)
+    with open(weights, "r+b") as f:
+        f.seek(os.path.getsize(weights) - 8)
+        f.write(b"\xff" * 8)
+    assert checkpoints.Checkpointer(model_dir).restore(_model()).epoch == 1
+    with open(os.path.join(model_dir, "checkpoints", "epoch-0001", "state.json"), "w") as f:
+        f.write('{"epoch": ')
+    with pytest.raises(RuntimeError, match="epoch-0001/state.json.*JSONDecodeError") as e:
+        checkpoints.Checkpointer(model_dir).restore(_model())
+    assert weights in str(e.value) and "Delete that folder" in str(e.value)
+
+
+def _full_disk(monkeypatch, where):
+    """Makes the next write of `where` fail as a full disk does."""
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "weights":
+        import h5py
+
+        real = h5py.Group.create_dataset
+
+        def create_dataset(self, *a, **k):
+            real(self, *a, **k)  # a partial file stays open, as on a real full disk
+            raise full
+
+        monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    else:
+        real_dump = json.dump
+
+        def dump(obj, f, *a, **k):
+            if "epoch" in obj:
+                f.write('{"epoch"')
+                raise full
+            return real_dump(obj, f, *a, **k)
+
+        monkeypatch.setattr(json, "dump", dump)
+
+
+@pytest.mark.parametrize("where", ["weights", "state"])
+def test_a_full_disk_gives_one_clear_error_and_leaves_the_previous_checkpoint(
+    tmp_path, monkeypatch, where
+):
+    model_dir = str(tmp_path / "run")
+    model = _model()
+    saver = checkpoints.Checkpointer(model_dir)
+    _train(model)
+    saver.save(model, epoch=1, logs={"loss": 1.0})
+    epoch1 = _values(model)
+    _train(model)
+    _full_disk(monkeypatch, where)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        saver.save(model, epoch=2, logs={"loss": 0.5})
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC
+    assert os.path.join(model_dir, "checkpoints", "epoch-0002") in str(e.value)
+    assert _leftovers(model_dir) == []
+    import h5py
+
+    still_open = [fid.name for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)]
+    assert not [n for n in still_open if str(tmp_path).encode() in n], still_open
+    fresh = _model()
+    assert checkpoints.Checkpointer(model_dir).restore(fresh).epoch == 1
+    for a, b in zip(epoch1, _values(fresh)):
+        np.testing.assert_array_equal(a, b)
+    # With room again, the same save goes through.
+    saver.save(model, epoch=2, logs={"loss": 0.5})
+    assert checkpoints.Checkpointer(model_dir).restore(_model()).epoch == 2
+
+
+def test_a_full_disk_on_the_other_files(tmp_path, monkeypatch):
+    """config.json / summary.json and final / best weights: same error, no temp file."""
+    model = _model()
+    _train(model)
+    _full_disk(monkeypatch, "weights")
+    path = str(tmp_path / "final.weights.h5")
+    with pytest.raises(OSError, match=f"Could not write {path}: No space left"):
+        checkpoints.save_model_weights_atomic(model, path)
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
+    with pytest.raises(OSError, match="summary.json: No space left"):
+        checkpoints.write_summary(str(tmp_path), {"epochs_run": 1})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_rerun_after_deleting_checkpoints_keeps_the_better_best(tmp_path):
+    model_dir = str(tmp_path / "run")
+    good = _model()
+    _train(good)
+    checkpoints.Checkpointer(model_dir).save(good, epoch=1, logs={"val_top1": 0.681})
+    shutil.rmtree(os.path.join(model_dir, "checkpoints"))
+    worse = _model()
+    rerun = checkpoints.Checkpointer(model_dir)
+    assert rerun.restore(worse).epoch == 0
+    _train(worse, 1)
+    rerun.save(worse, epoch=1, logs={"val_top1": 0.1015})
+    best = _model()
+    best.load_weights(os.path.join(model_dir, "best.weights.h5"))
+    for a, b in zip(good.get_weights(), best.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with open(os.path.join(model_dir, "best.json")) as f:
+        assert json.load(f) == {"monitor": "val_top1", "value": 0.681, "epoch": 1}
+    # The file carries its own record too: best.json lost (a kill between the two) is fine.
+    os.remove(os.path.join(model_dir, "best.json"))
+    assert checkpoints.Checkpointer(model_dir).best == 0.681
+    # The rerun's log starts over (its epochs are new); the earlier one is kept aside.
+    assert _rows(model_dir) == [0]
+    (kept,) = glob.glob(os.path.join(model_dir, "log.replaced-*.csv"))
+    assert open(kept).read().splitlines()[1].startswith("0,")
+
+
+def test_the_previous_format_still_resumes(tmp_path):
+    """`checkpoints/latest.weights.h5` + `latest.json` of earlier versions."""
+    model_dir = tmp_path / "run"
+    (model_dir / "checkpoints").mkdir(parents=True)
+    model = _model()
+    _train(model)
+    model.save_weights(str(model_dir / "checkpoints" / "latest.weights.h5"))
+    state = {"epoch": 1, "steps": 3, "best": 0.5, "logs": {"loss": 1.0}}
+    (model_dir / "checkpoints" / "latest.json").write_text(json.dumps(state))
+    (model_dir / "log.csv").write_text("epoch,loss\n0,1.0\n1,0.9\n")  # a row after the checkpoint
+    fresh = _model()
+    saver = checkpoints.Checkpointer(str(model_dir))
+    assert saver.restore(fresh) == (1, 3, 0.5)
+    assert _rows(model_dir) == [0]
+    _train(fresh)
+    saver.save(fresh, epoch=2, logs={"loss": 0.5})
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch-0002"]
+    assert _rows(model_dir) == [0, 1] and saver.history()["loss"] == [1.0, 0.5]
+
+
+# Runs training/cifar.py, SIGKILLed right after the rename that puts epoch 2's weights in
+# place (the K-th rename into checkpoints/ of a weights file or an epoch folder).
+_KILLER = r"""
+import os, re, runpy, signal, sys
+pattern, nth = re.compile(os.environ["KILL_AFTER_RENAME"]), int(os.environ["KILL_NTH"])
+seen = []
+def wrap(real):
+    def rename(src, dst, *a, **k):
+        out = real(src, dst, *a, **k)
+        if pattern.search(str(dst)):
+            seen.append(dst)
+            if len(seen) == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return rename
+os.rename, os.replace = wrap(os.rename), wrap(os.replace)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # two trainer processes: 46 s on 2 busy cores, 1 epoch trained in all
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="backend-independent; run once, under jax"
+)
+def test_cifar_killed_between_the_writes_resumes_exactly(tmp_path):
+    """A real run SIGKILLed right after epoch 2's weights land, before anything else of that
+    save, resumes at epoch 2: it ends with the planned steps, one log row per epoch and a
+    summary of the whole run. (The exact batch order across a resume, and so the final
+    weights, are checked by test_training_cifar.py::test_resume_continues_momentum_exactly.)"""
+    from test_training_cifar import _cifar_cmd, _fake_cifar, _run
+
+    data = _fake_cifar(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    cmd = _cifar_cmd(data, model_dir, "--epochs=2", "--steps_per_epoch=2", "--pipeline=numpy")
+    env = dict(
+        os.environ,
+        KILL_AFTER_RENAME=r"checkpoints/(latest\.weights\.h5|epoch-\d+)$",
+        KILL_NTH="2",
+    )
+    first = subprocess.run(
+        [sys.executable, "-c", _KILLER, *cmd[1:]], cwd=REPO, env=env, capture_output=True
+    )
+    assert first.returncode == -9, first.stdout[-2000:] + first.stderr[-2000:]
+    rerun = _run(cmd)
+    assert "2 epoch(s) done, optimizer step 4," in rerun.stdout
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 4, summary  # no epoch trained twice
+    assert summary["epochs_run"] == 2 and len(summary["train_loss_per_epoch"]) == 2
+    assert summary["resumed_from_epoch"] == 2 and summary["epochs_run_this_process"] == 0
+    assert _rows(str(model_dir)) == [0, 1]
+    assert _leftovers(str(model_dir)) == []
