@@ -289,7 +289,9 @@ def main(argv):
         eval_images_scored=int(scored.numpy()),
         eval_skipped_by_cause={c: evaluated[c] for c in tfdata.SKIP_CAUSES},
         train_skipped_images=counter.skipped(),
-        train_skipped_by_cause={c: n for c, n in counter.counts().items() if c in tfdata.SKIP_CAUSES},
+        train_skipped_by_cause={
+            c: n for c, n in counter.counts().items() if c in tfdata.SKIP_CAUSES
+        },
     )
 
 
