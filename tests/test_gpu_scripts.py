@@ -22,7 +22,9 @@ import pytest
 from keras_preact.data import idx
 
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="the GPU scripts run on JAX"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("jax") is None, reason="the GPU scripts run on JAX"
+    ),
     # The scripts launch JAX themselves, whatever the suite's backend: run them once, in the
     # suite's JAX pass, not three times.
     pytest.mark.skipif(

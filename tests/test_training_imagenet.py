@@ -152,5 +152,8 @@ def test_imagenet_custom_loop_with_label_smoothing(shards, tmp_path):
     # (the per-epoch evaluation met it too; the final pass counts afresh).
     assert summary["eval_images_scored"] == 5
     assert summary["eval_skipped_by_cause"] == {
-        "corrupt_record": 0, "unparsable": 0, "bad_label": 0, "undecodable": 1
+        "corrupt_record": 0,
+        "unparsable": 0,
+        "bad_label": 0,
+        "undecodable": 1,
     }
