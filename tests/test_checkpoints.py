@@ -324,9 +324,10 @@ def test_cifar_killed_between_the_writes_resumes_exactly(tmp_path):
     save, resumes at epoch 2: it ends with the planned steps, one log row per epoch and a
     summary of the whole run. (The exact batch order across a resume, and so the final
     weights, are checked by test_training_cifar.py::test_resume_continues_momentum_exactly.)"""
-    from test_training_cifar import _cifar_cmd, _fake_cifar, _run
+    from test_training_cifar import _cifar_cmd
+    from trainer_runs import fake_cifar, run
 
-    data = _fake_cifar(tmp_path / "data")
+    data = fake_cifar(tmp_path / "data")
     model_dir = tmp_path / "run"
     cmd = _cifar_cmd(data, model_dir, "--epochs=2", "--steps_per_epoch=2", "--pipeline=numpy")
     env = dict(
@@ -338,7 +339,7 @@ def test_cifar_killed_between_the_writes_resumes_exactly(tmp_path):
         [sys.executable, "-c", _KILLER, *cmd[1:]], cwd=REPO, env=env, capture_output=True
     )
     assert first.returncode == -9, first.stdout[-2000:] + first.stderr[-2000:]
-    rerun = _run(cmd)
+    rerun = run(cmd)
     assert "2 epoch(s) done, optimizer step 4," in rerun.stdout
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["steps"] == 4, summary  # no epoch trained twice

@@ -12,8 +12,9 @@ import keras
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer_runs import REPO, cifar_cmd, fake_cifar, run  # noqa: E402
 
 from training import callbacks, checkpoints, optimization  # noqa: E402
 
@@ -29,36 +30,9 @@ LOOPS = [
 ]
 
 
-def _fake_cifar(root):
-    from keras_preact.data import cifar_files
-
-    rng = np.random.default_rng(0)
-    train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
-    test = (rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 16))
-    cifar_files.write_cifar("cifar10", str(root), train, test)
-    return str(root)
-
-
 def _cifar_cmd(data_dir, model_dir, *extra):
-    return [
-        sys.executable,
-        "training/cifar.py",
-        "--dataset=cifar10",
-        "--source=files",
-        f"--data_dir={data_dir}",
-        f"--model_dir={model_dir}",
-        "--batch_size=16",
-        "--lr_schedule=constant",
-        "--base_lr=0.02",
-        "--verbose=2",
-        *extra,
-    ]
-
-
-def _run(cmd, timeout=600):
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    """A run at a constant learning rate (the flags in `extra` override it)."""
+    return cifar_cmd(data_dir, model_dir, "--lr_schedule=constant", "--base_lr=0.02", *extra)
 
 
 def _log_rows(model_dir):
@@ -203,7 +177,7 @@ def test_checkpointer_refuses_a_model_without_optimizer(tmp_path):
 def test_resume_after_sigkill(tmp_path, loop):
     """A run killed with SIGKILL resumes at its last epoch with the optimizer's step, so the
     learning-rate schedule and the step count continue exactly."""
-    data = _fake_cifar(tmp_path / "data")
+    data = fake_cifar(tmp_path / "data")
     model_dir = tmp_path / "run"
     epochs, steps = 6, 2
     cmd = _cifar_cmd(
@@ -232,7 +206,7 @@ def test_resume_after_sigkill(tmp_path, loop):
         proc.wait()
     killed_at = saved_epoch()
     assert 2 <= killed_at < epochs
-    rerun = _run(cmd)
+    rerun = run(cmd)
     # The optimizer comes back at the step the checkpoint was written at (not 0).
     resumed_step = killed_at * steps
     assert f"{killed_at} epoch(s) done, optimizer step {resumed_step}," in rerun.stdout
@@ -262,12 +236,12 @@ def test_resume_continues_momentum_exactly(tmp_path):
     uninterrupted 4-epoch run: the numpy pipeline replays the same batches and the
     optimizer resumes its step and momentum (a constant rate, so --epochs does not change
     the schedule)."""
-    data = _fake_cifar(tmp_path / "data")
+    data = fake_cifar(tmp_path / "data")
     common = ["--steps_per_epoch=2", "--pipeline=numpy", "--loop=fit"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run(_cifar_cmd(data, straight, "--epochs=4", *common))
-    _run(_cifar_cmd(data, resumed, "--epochs=2", *common))
-    _run(_cifar_cmd(data, resumed, "--epochs=4", *common))
+    run(_cifar_cmd(data, straight, "--epochs=4", *common))
+    run(_cifar_cmd(data, resumed, "--epochs=2", *common))
+    run(_cifar_cmd(data, resumed, "--epochs=4", *common))
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["resumed_from_epoch"] == 2 and summary["steps"] == 8
     a = _h5_arrays(straight / "final.weights.h5")
@@ -321,7 +295,7 @@ def test_smoke_real_fashion_mnist(tmp_path):
 )
 def test_cifar_trainer_runs_without_tensorflow(tmp_path):
     """jax and torch train in-memory data with TensorFlow made unimportable."""
-    data = _fake_cifar(tmp_path / "data")
+    data = fake_cifar(tmp_path / "data")
     argv = _cifar_cmd(data, tmp_path / "run", "--epochs=2", "--steps_per_epoch=2")[1:]
     code = (
         "import runpy, sys\n"
@@ -350,7 +324,7 @@ def test_cifar_trainer_runs_without_tensorflow(tmp_path):
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution is JAX's")
 def test_jax_data_parallel_two_host_devices(tmp_path):
     """--strategy=mirrored under jax: DataParallel over two (forced) CPU devices."""
-    data = _fake_cifar(tmp_path / "data")
+    data = fake_cifar(tmp_path / "data")
     cmd = _cifar_cmd(
         data, tmp_path / "run", "--epochs=1", "--steps_per_epoch=2", "--strategy=mirrored"
     )

@@ -12,42 +12,13 @@ import keras
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer_runs import REPO, cifar_cmd, fake_cifar, run  # noqa: E402
 
 from training import config  # noqa: E402
 
 TF = keras.backend.backend() == "tensorflow"
-
-
-def _fake_cifar(root):
-    from keras_preact.data import cifar_files
-
-    rng = np.random.default_rng(0)
-    train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
-    test = (rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 16))
-    cifar_files.write_cifar("cifar10", str(root), train, test)
-    return str(root)
-
-
-def _cifar(data_dir, model_dir, *extra):
-    return [
-        sys.executable,
-        "training/cifar.py",
-        "--dataset=cifar10",
-        "--source=files",
-        f"--data_dir={data_dir}",
-        f"--model_dir={model_dir}",
-        "--batch_size=16",
-        "--verbose=2",
-        *extra,
-    ]
-
-
-def _run(cmd, timeout=600):
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -295,10 +266,10 @@ def test_training_modules_import_without_cycles():
 def test_preset_overridden_by_a_flag(tmp_path):
     """`--preset=paper --epochs=1` runs one epoch; config.json says where each value came from
     and holds only the trainer's own flags."""
-    data = _fake_cifar(tmp_path / "data")
+    data = fake_cifar(tmp_path / "data")
     model_dir = tmp_path / "run"
-    out = _run(
-        _cifar(data, model_dir, "--preset=paper", "--epochs=1", "--steps_per_epoch=2"),
+    out = run(
+        cifar_cmd(data, model_dir, "--preset=paper", "--epochs=1", "--steps_per_epoch=2"),
         timeout=300,
     )
     summary = json.loads((model_dir / "summary.json").read_text())
@@ -327,10 +298,10 @@ def test_ablation_from_the_command_line_then_evaluate(tmp_path):
     """The paper's Fig. 4(c) unit with Fig. 2(c) shortcuts, trained for a few steps; then
     evaluate.py rebuilds that architecture from the run's config.json and gets the
     trainer's own test loss and accuracy from final.weights.h5."""
-    data = _fake_cifar(tmp_path / "data")
+    data = fake_cifar(tmp_path / "data")
     model_dir = tmp_path / "run"
-    _run(
-        _cifar(
+    run(
+        cifar_cmd(
             data,
             model_dir,
             "--unit=relu_before_add",
@@ -361,7 +332,7 @@ def test_ablation_from_the_command_line_then_evaluate(tmp_path):
     assert "conv2_block2_gate_conv" in names  # the gates exist (block1 projects 16 -> 8)
     assert model.get_layer("conv2_block1_1_conv").filters == 8  # width 0.5
     out_json = tmp_path / "eval.json"
-    _run(
+    run(
         [
             sys.executable,
             "training/evaluate.py",
@@ -404,12 +375,12 @@ def test_ablation_from_the_command_line_then_evaluate(tmp_path):
 def test_label_smoothing_on_both_loops(tmp_path):
     """`--label_smoothing` trains and evaluates under `fit` and the custom loop alike: from the
     same seed and deterministic input, both end with the same smoothed test loss."""
-    data = _fake_cifar(tmp_path / "data")
+    data = fake_cifar(tmp_path / "data")
     summaries = {}
     for loop in ("fit", "custom"):
         model_dir = tmp_path / loop
-        _run(
-            _cifar(
+        run(
+            cifar_cmd(
                 data,
                 model_dir,
                 f"--loop={loop}",
@@ -432,9 +403,11 @@ def test_label_smoothing_on_both_loops(tmp_path):
 
 @pytest.mark.skipif(TF, reason="label smoothing under fit; the TF case runs both loops above")
 def test_label_smoothing_under_fit(tmp_path):
-    data = _fake_cifar(tmp_path / "data")
-    _run(
-        _cifar(data, tmp_path / "run", "--label_smoothing=0.2", "--epochs=1", "--steps_per_epoch=2")
+    data = fake_cifar(tmp_path / "data")
+    run(
+        cifar_cmd(
+            data, tmp_path / "run", "--label_smoothing=0.2", "--epochs=1", "--steps_per_epoch=2"
+        )
     )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -484,9 +457,9 @@ def test_fine_tuning_from_the_command_line(tmp_path):
             data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8)
         )
     model_dir = tmp_path / "run"
-    cmd = _cifar(data, model_dir, "--weights=fashion_mnist", "--epochs=1", "--steps_per_epoch=1")
+    cmd = cifar_cmd(data, model_dir, "--weights=fashion_mnist", "--epochs=1", "--steps_per_epoch=1")
     cmd[2] = "--dataset=fashion_mnist"
-    _run(cmd + ["--base_lr=1e-9", "--lr_schedule=constant"])
+    run(cmd + ["--base_lr=1e-9", "--lr_schedule=constant"])
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["weights"] == "fashion_mnist" and cfg["origins"]["layout"] == "derived"
     np.testing.assert_allclose(cfg["mean"], [0.2860406])
@@ -511,7 +484,7 @@ def test_evaluate_a_weights_record(tmp_path):
     """`evaluate.py --weights=fashion_mnist` builds the record's model with the record's own
     normalization and scores like the record says (92.38 % on all 10,000 test images)."""
     out_json = tmp_path / "eval.json"
-    _run(
+    run(
         [
             sys.executable,
             "training/evaluate.py",
