@@ -4,7 +4,9 @@
 # backend.
 #   Python: the active virtual environment, or ./.venv (created here).
 #   Extra arguments go to pytest, e.g. `bash tests/run_all_backends.sh -m "not slow"`;
-#   BACKENDS="jax" limits the backends.
+#   BACKENDS="jax" limits the backends; WORKERS=1 runs the tests in one process.
+#   The tests run in WORKERS (default: one per CPU core, at most 4) pytest-xdist processes,
+#   a test module's tests in one process (--dist loadfile: module fixtures are built once).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
@@ -17,7 +19,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
 fi
-if ! python -c "import keras_preact, tensorflow, tensorflow_datasets, jax, torch, pytest, h5py, safetensors, torchfile, skimage" 2>/dev/null; then
+if ! python -c "import keras_preact, tensorflow, tensorflow_datasets, jax, torch, pytest, xdist, h5py, safetensors, torchfile, skimage" 2>/dev/null; then
   quiet() { grep -v "^WARNING: Location" || true; }
   python -m pip install -q --upgrade pip 2>&1 | quiet
   # torch pinned first: 2.13.0 is the CPU build here; an unpinned torch pulls CUDA wheels.
@@ -26,11 +28,16 @@ if ! python -c "import keras_preact, tensorflow, tensorflow_datasets, jax, torch
 fi
 python -c "import keras, tensorflow, jax, torch; print('keras', keras.__version__, '| tensorflow', tensorflow.__version__, '| jax', jax.__version__, '| torch', torch.__version__)"
 
+workers=${WORKERS:-$(python -c "import os; print(min(4, max(1, len(os.sched_getaffinity(0)))))")}
 status=0
 for backend in ${BACKENDS:-tensorflow jax torch}; do
-  echo "=== KERAS_BACKEND=$backend"
+  echo "=== KERAS_BACKEND=$backend ($workers test processes)"
+  # PyTorch's OpenMP threads spin-wait for each other: with several test processes on few
+  # cores, one thread each (a torch step otherwise stalls while another process holds a core).
+  threads=()
+  [ "$backend" = torch ] && [ "$workers" -gt 1 ] && threads=(OMP_NUM_THREADS=1)
   # The suite, and the examples in the package's docstrings (doctests).
-  KERAS_BACKEND=$backend python -m pytest -q -rs -p no:cacheprovider --doctest-modules \
-    tests keras_preact "$@" || status=1
+  env "${threads[@]}" KERAS_BACKEND=$backend python -m pytest -q -rs -p no:cacheprovider \
+    -n "$workers" --dist loadfile --doctest-modules tests keras_preact "$@" || status=1
 done
 exit $status
