@@ -103,7 +103,7 @@ OPTIONS = {
     "workers": int,
     "spe": int,
 }
-#: The issue's table, most important first: the last case gets what is left of the budget.
+#: The peers' table, most important first: the last case gets what is left of the budget.
 DEFAULT_CASES = [
     "matmul",
     "preact50:jit",
