@@ -18,7 +18,6 @@ from trainer_runs import REPO, cifar_cmd, fake_cifar, run  # noqa: E402
 
 from training import callbacks, checkpoints, optimization  # noqa: E402
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
 LOOPS = [
     "fit",
     pytest.param(
@@ -258,35 +257,6 @@ def _h5_arrays(path):
     with h5py.File(path) as f:
         f.visititems(lambda k, v: out.__setitem__(k, v[()]) if hasattr(v, "shape") else None)
     return out
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")
-def test_smoke_real_fashion_mnist(tmp_path):
-    """A few hundred steps on the real Fashion-MNIST: the loss falls."""
-    cmd = [
-        sys.executable,
-        "training/cifar.py",
-        "--dataset=fashion_mnist",
-        "--source=files",
-        f"--data_dir={FMNIST}",
-        f"--model_dir={tmp_path}",
-        "--batch_size=64",
-        "--epochs=3",
-        "--steps_per_epoch=100",
-        "--lr_schedule=cosine",
-        "--warmup_steps=30",
-        "--eval_examples=2000",
-        "--verbose=2",
-    ]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    losses = summary["train_loss_per_epoch"]
-    assert summary["steps"] == 300
-    assert losses[-1] < losses[0] * 0.6, losses
-    assert summary["test_top1"] > 0.7, summary
-    assert os.path.exists(tmp_path / "log.csv")
 
 
 @pytest.mark.skipif(
