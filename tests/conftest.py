@@ -36,3 +36,14 @@ def channels_first_supported(backend):
         pytest.skip("TensorFlow's CPU Conv2D does not support NCHW (channels_first)")
     if backend not in ("jax", "torch"):
         pytest.skip(f"channels_first not checked on backend {backend!r}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules that hold slow tests first, each module's tests kept together and in order.
+
+    With pytest-xdist's `--dist loadfile` (tests/run_all_backends.sh) modules are handed to
+    the test processes in collection order: the long ones then start early, and the short
+    ones fill in at the end instead of leaving one process running a long module alone.
+    """
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable
