@@ -324,8 +324,16 @@ def test_reader_resumes_after_unreadable_records(tmp_path, damage):
     expected = [i for i in range(10) if i not in lost]
 
     def labels(**kwargs):
-        records = tfdata._encoded_records(
-            "tfrecord", "validation", str(tmp_path), False, None, 0, True, 1, 4, **kwargs
+        records = tfdata.encoded_records(
+            source="tfrecord",
+            split="validation",
+            data_dir=str(tmp_path),
+            training=False,
+            seed=0,
+            deterministic=True,
+            label_offset=1,
+            cycle_length=4,
+            **kwargs,
         )
         return [int(y) for _, y in records]
 

@@ -628,35 +628,6 @@ def encoded_records(
     return ds.filter(label_ok)
 
 
-def _encoded_records(
-    source,
-    split,
-    data_dir,
-    training,
-    input_context,
-    seed,
-    deterministic,
-    label_offset,
-    cycle_length,
-    counter=None,
-    num_classes=None,
-):
-    """Positional form of `encoded_records`, for callers written against it."""
-    return encoded_records(
-        source=source,
-        split=split,
-        data_dir=data_dir,
-        training=training,
-        input_context=input_context,
-        seed=seed,
-        deterministic=deterministic,
-        label_offset=label_offset,
-        cycle_length=cycle_length,
-        num_classes=num_classes,
-        counter=counter,
-    )
-
-
 def imagenet_dataset(
     *,
     source,
