@@ -8,13 +8,16 @@ to the keyword arguments of the keras_preact builders, so the trainers and
 has no variables, so the saved weights load into a model built either way.
 """
 
+import dataclasses
+import functools
+import logging
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import keras
-from absl import logging
 
-from training import distribution, metrics, optimization
+from keras_preact.train import distribution, metrics, optimization
+
+log = logging.getLogger(__name__)
 
 #: The architecture options of `config.json`, with the builders' defaults for records
 #: written before the option existed.
@@ -29,6 +32,7 @@ ARCHITECTURE_DEFAULTS = {
     "width_multiplier": 1.0,
     "zero_init_residual": False,
     "drop_path_rate": 0.0,
+    "scan_units": False,
     "seed": None,
 }
 #: `--shortcut` parameter flag -> keyword of the `keras_preact.shortcuts` factory.
@@ -69,6 +73,7 @@ def builder_kwargs(options):
         "width_multiplier": arch["width_multiplier"],
         "zero_init_residual": bool(arch["zero_init_residual"]),
         "drop_path_rate": float(arch["drop_path_rate"]),
+        "scan_units": bool(arch["scan_units"]),
     }
     if arch["seed"] is not None:
         kwargs["seed"] = int(arch["seed"])
@@ -119,7 +124,7 @@ def resolved_options(options, *, model, mean, std):
         layout = found.name or found.to_config()
     if record is not None and record.preprocessing is not None:
         mean, std = keras_preact.imagenet_utils.mean_std(record.preprocessing)
-        logging.info("Input normalization of %s: mean %s, std %s.", record.name, mean, std)
+        log.info("Input normalization of %s: mean %s, std %s.", record.name, mean, std)
     return {
         "layout": layout,
         "mean": [float(m) for m in mean],
@@ -131,23 +136,25 @@ def build_base(options, *, model, input_shape, classes, weights=None, mean=None,
     """The keras_preact model of a run's options, with `weights` loaded.
 
     With `mean` and `std` the model normalizes [0, 255] pixels itself
-    (`include_preprocessing=True`). `weights` (a record name or a file) with another number
-    of classes than `classes` loads every layer but the classifier (fine-tuning).
+    (`include_preprocessing=True`). `weights` (a record name or a file) whose record has
+    another number of classes than `classes` loads every layer but the classifier
+    (fine-tuning).
     """
     import keras_preact
 
     kwargs = dict(input_shape=input_shape, classifier_activation=None, **builder_kwargs(options))
     if mean is not None:
         kwargs.update(include_preprocessing=True, preprocessing=(tuple(mean), tuple(std)))
-    if weights is None:
-        return keras_preact.get_model(model, classes=classes, weights=None, **kwargs)
-    try:
+    record = start_record({**architecture(options), "weights": weights}, model)
+    if weights is None or record is None or record.classes in (None, classes):
         return keras_preact.get_model(model, classes=classes, weights=weights, **kwargs)
-    except ValueError as error:
-        if "classes" not in str(error):
-            raise
-        # Another number of classes: everything but the classifier comes from `weights`.
-        logging.info("%s; loading every layer but the classifier.", error)
+    # Another number of classes: everything but the classifier comes from `weights`.
+    log.info(
+        "%s has %d classes, the run %d: loading every layer but the classifier.",
+        record.name,
+        record.classes,
+        classes,
+    )
     source = keras_preact.get_model(model, include_top=False, weights=weights, **kwargs)
     target = keras_preact.get_model(model, classes=classes, weights=None, **kwargs)
     for layer in source.layers:
@@ -156,12 +163,28 @@ def build_base(options, *, model, input_shape, classes, weights=None, mean=None,
     return target
 
 
-class Built(NamedTuple):
+def written_out(net, options, **build):
+    """The model to export: `net` itself, or for `--scan_units` its written-out twin
+    (`scan_units=False`, built by `build_base(**build)`) holding the same weights, which
+    any keras_preact net loads."""
+    if not architecture(options)["scan_units"]:
+        return net
+    import keras_preact
+
+    twin = build_base({**architecture(options), "scan_units": False}, **build)
+    keras_preact.scan.copy_weights(net, twin)
+    return twin
+
+
+@dataclasses.dataclass
+class Built:
     """What `build` returns."""
 
     model: keras.Model  # the keras_preact model that trains; its weights are the run's
     optimizer: keras.optimizers.Optimizer
-    decayed: int  # the number of weight-decayed variables
+    decayed: int  # the number of weight-decayed weights (scalars)
+    export: object  # model -> the model-only copy to write (`written_out`)
+    loop: object = None  # the compiled `jax_loop.Loop`, once `--loop=jax` trained
 
 
 def build(cfg, run, schedule, *, input_shape, classes):
@@ -175,9 +198,10 @@ def build(cfg, run, schedule, *, input_shape, classes):
         classes: number of classes (logits out, no softmax).
 
     Returns:
-        A `Built`. The model is compiled in both loops: for `fit` with the loss and
-        metrics, for the custom loop with the optimizer alone, so that in both the
-        checkpoint (`model.save_weights`) holds the optimizer's iterations and momentum.
+        A `Built`. The model is compiled in every loop: for `fit` with the loss and
+        metrics, for the custom and JAX loops with the optimizer alone, so that in all of
+        them the checkpoint (`model.save_weights`) holds the optimizer's iterations and
+        momentum.
     """
     on_device = cfg.normalize_on_device
     with distribution.scope(run.strategy):
@@ -191,10 +215,11 @@ def build(cfg, run, schedule, *, input_shape, classes):
             std=cfg.std if on_device else None,
         )
         decayed = optimization.add_weight_decay(model, cfg.weight_decay, cfg.weight_decay_on)
+        decayed = sum(int(keras.ops.size(v)) for v in decayed)
         optimizer = optimization.make_optimizer(
             cfg, schedule, loss_scale=run.loop == "custom" and run.policy == "mixed_float16"
         )
-        if run.loop == "fit":
+        if run.loop == "fit":  # the custom and JAX loops compute loss and metrics themselves
             model.compile(
                 optimizer=optimizer,
                 loss=optimization.SparseCrossentropy(cfg.label_smoothing),
@@ -205,4 +230,13 @@ def build(cfg, run, schedule, *, input_shape, classes):
             model.compile(optimizer=optimizer)
         optimizer = model.optimizer  # compile wraps it for loss scaling under mixed_float16
         optimizer.build(model.trainable_variables)
-    return Built(model, optimizer, decayed)
+    export = functools.partial(
+        written_out,
+        options=cfg,
+        model=cfg.model,
+        input_shape=input_shape,
+        classes=classes,
+        mean=cfg.mean if on_device else None,
+        std=cfg.std if on_device else None,
+    )
+    return Built(model, optimizer, decayed, export)

@@ -1,12 +1,15 @@
 """Callbacks of the `model.fit` loop; `NaNGuard` is also called by the custom loop."""
 
+import logging
 import math
 import os
+import time
 
 import keras
-from absl import logging
 
-from training import metrics
+from keras_preact.train import metrics
+
+log = logging.getLogger(__name__)
 
 
 class NaNGuard(keras.callbacks.Callback):
@@ -60,9 +63,50 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.checkpointer.save(self.model, epoch=epoch + 1, logs=logs or {})
 
 
-def fit_callbacks(run, checkpointer, *, model_dir, max_steps=None):
-    """NaN guard, learning rate, checkpoint (with `log.csv`), TensorBoard logs in `model_dir`."""
-    cbs = [NaNGuard(), LearningRate(), EpochCheckpoint(checkpointer)]
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training at an epoch end when the next epoch would overrun a wall-clock budget.
+
+    The epoch just finished is checkpointed first (list this callback after the
+    checkpoint's), so the run stops at a step boundary with nothing lost, and
+    `stopped` tells the trainer to exit 0 with a resume hint instead of its final
+    evaluation. The next epoch's cost is the longest epoch so far, with a 10 % margin.
+
+    Args:
+        budget_s: seconds, counted from `start`.
+        start: the process's start time (`time.time()`), default now.
+    """
+
+    def __init__(self, budget_s, *, start=None):
+        super().__init__()
+        self.budget_s = float(budget_s)
+        self.start = time.time() if start is None else start
+        self.longest = 0.0
+        self.stopped = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
+        self.longest = max(self.longest, now - self._epoch_start)
+        if now - self.start + 1.1 * self.longest > self.budget_s:
+            self.stopped = True
+            if self.model is not None:
+                self.model.stop_training = True
+
+
+def epoch_callbacks(checkpointer):
+    """What every loop does at an epoch end: log the learning rate, then save the checkpoint
+    (which writes `log.csv`)."""
+    return [LearningRate(), EpochCheckpoint(checkpointer)]
+
+
+def fit_callbacks(run, checkpointer, *, model_dir, max_steps=None, budget=None):
+    """NaN guard, learning rate, checkpoint (with `log.csv`), the time budget, TensorBoard
+    logs in `model_dir`, max steps."""
+    cbs = [NaNGuard(), *epoch_callbacks(checkpointer)]
+    if budget is not None:
+        cbs.append(budget)
     if run.chief and _has_tensorboard():
         cbs.append(
             keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"), update_freq="epoch")
@@ -78,6 +122,6 @@ def _has_tensorboard():
         import tensorboard  # noqa: F401
         import tensorflow  # noqa: F401
     except ImportError:
-        logging.warning("tensorflow or tensorboard not installed: no TensorBoard logs.")
+        log.warning("tensorflow or tensorboard not installed: no TensorBoard logs.")
         return False
     return True

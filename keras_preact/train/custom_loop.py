@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import callbacks, metrics, optimization
+from keras_preact.train import callbacks, metrics, optimization
 
 
 def _counts(labels, logits):
@@ -138,6 +138,7 @@ def fit(
     jit_compile=False,
     verbose=1,
     label_smoothing=0.0,
+    budget=None,
 ):
     """Trains with `strategy.run`, checkpointing and logging like `model.fit`.
 
@@ -158,9 +159,7 @@ def fit(
         jit_compile: XLA-compile the step (single replica only).
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
         label_smoothing: of the loss.
-
-    Returns:
-        A dict of lists, like `History.history`.
+        budget: a `callbacks.TimeBudget` (checked after each epoch's checkpoint), or None.
     """
     optimizer = model.optimizer
     os.makedirs(log_dir, exist_ok=True)
@@ -175,8 +174,9 @@ def fit(
     )
     sync = make_sync_step(model, strategy)
     iterator = iter(train_dist_dataset)
-    history = {}
     for epoch in range(initial_epoch, epochs):
+        if budget is not None:
+            budget.on_epoch_begin(epoch)
         if verbose and chief:
             print(f"Epoch {epoch + 1}/{epochs}", flush=True)
         bar = keras.utils.Progbar(
@@ -208,8 +208,9 @@ def fit(
         if verbose and chief:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
         checkpointer.save(model, epoch=epoch + 1, logs=logs)  # also writes log.csv
-        for k, v in logs.items():
-            history.setdefault(k, []).append(v)
+        if budget is not None:
+            budget.on_epoch_end(epoch)
         if max_steps and int(metrics.scalar(optimizer.iterations)) >= max_steps:
             break
-    return history
+        if budget is not None and budget.stopped:
+            break

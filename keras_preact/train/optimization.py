@@ -83,65 +83,63 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         )
 
 
-def lr_schedule(cfg, *, base_lr, total_steps, boundaries):
-    """The `WarmupSchedule` of `cfg`; `boundaries` in steps."""
+def lr_schedule(cfg):
+    """The `WarmupSchedule` of a derived config (`lr_boundaries` in epochs -> steps)."""
     return WarmupSchedule(
-        base_lr,
-        total_steps,
+        cfg.base_lr,
+        cfg.total_steps,
         decay=cfg.lr_schedule,
-        boundaries=boundaries,
+        boundaries=cfg.boundary_steps(),
         warmup_steps=cfg.warmup_steps,
         warmup=cfg.warmup,
         warmup_lr=cfg.warmup_lr,
     )
 
 
-#: Layers whose `kernel` is decayed by `weight_decay_on="kernels"`.
-KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D)
-
-
-def _layers(model):
-    """Every layer of `model`, descending into nested models (public `.layers` only)."""
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _layers(layer)
+def _is_kernel(variable):
+    """Conv and dense kernels, also stacked in a scanned stage (`.../unit_1_conv_kernel`)."""
+    name = variable.path.rsplit("/", 1)[-1]
+    return name == "kernel" or name.endswith("_kernel")
 
 
 def decayed_variables(model, on="kernels"):
-    """The trainable variables `add_weight_decay` decays: kernels, or all of them."""
+    """The trainable variables weight decay applies to, chosen by variable path.
+
+    `on="kernels"` (the default): every conv and dense kernel, i.e. each variable whose
+    path ends in `kernel` (a written-out layer's `.../kernel`, or a scanned stage's stacked
+    `.../unit_1_conv_kernel`), so a scanned net and its written-out twin decay the same
+    weights; BatchNorm gamma/beta and biases are not decayed. `on="all"`: every trainable
+    variable, as the paper's Torch code does.
+
+    Example:
+
+    >>> import keras_preact
+    >>> m = keras_preact.PreActResNet20(input_shape=(8, 8, 1), classes=2)
+    >>> sum(int(keras.ops.size(v)) for v in decayed_variables(m))
+    270096
+    """
     if on not in ("kernels", "all"):
         raise ValueError(f"on must be 'kernels' or 'all'; got {on!r}.")
-    if on == "all":
-        candidates = model.trainable_weights
-    else:
-        candidates = [layer.kernel for layer in _layers(model) if isinstance(layer, KERNEL_LAYERS)]
-    seen, out = set(), []
-    for v in candidates:
-        if v.trainable and id(v) not in seen:
-            seen.add(id(v))
-            out.append(v)
-    return out
+    return [v for v in model.trainable_variables if on == "all" or _is_kernel(v)]
 
 
 def add_weight_decay(model, weight_decay, on="kernels"):
     """Adds an L2 penalty `wd / 2 * ||w||^2` to the loss (gradient `+= wd * w`).
 
-    This is the coupled L2 decay of SGD in the paper's Torch code (its
-    `weightDecay` passes through momentum). By default only conv and dense
-    kernels are decayed, not BatchNormalization gamma/beta nor biases; `on="all"`
-    decays every trainable weight as the Torch code does. The penalty is each
-    variable's `regularizer`, which Keras adds to `model.losses`.
+    This is the coupled L2 decay of SGD in the paper's Torch code (its `weightDecay`
+    passes through momentum), on `decayed_variables(model, on)`. The penalty is each
+    variable's `regularizer`, which Keras adds to `model.losses` (and the JAX loop to its
+    loss).
 
     Returns:
-        The number of decayed variables.
+        The decayed variables (none when `weight_decay` is 0).
     """
     variables = decayed_variables(model, on)
     if weight_decay <= 0:
-        return 0
+        return []
     for v in variables:
         v.regularizer = keras.regularizers.L2(weight_decay / 2.0)
-    return len(variables)
+    return variables
 
 
 def make_optimizer(cfg, schedule, *, loss_scale=False):

@@ -5,11 +5,13 @@ sets the precision policy and resolves `--loop=auto`; it returns a `Run`.
 """
 
 import contextlib
+import logging
 import os
 from typing import NamedTuple
 
 import keras
-from absl import logging
+
+log = logging.getLogger(__name__)
 
 
 class Run(NamedTuple):
@@ -64,6 +66,15 @@ def enable_compilation_cache(path):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def smoke_environment():
+    """A smoke run's XLA set-up (call before `import jax`): the CPU, and little XLA
+    optimization, since a smoke run's cost is compilation, not steps."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def make_strategy(name, tpu=""):
     """Returns the distribution strategy for `--strategy`, or None outside TF.
 
@@ -81,7 +92,7 @@ def make_strategy(name, tpu=""):
         devices = jax.devices()
         if name in ("default", "mirrored") and len(devices) > 1:
             keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-            logging.info("JAX DataParallel over %d devices.", len(devices))
+            log.info("JAX DataParallel over %d devices.", len(devices))
         return None
     if backend != "tensorflow":
         if name not in ("default", "one_device"):

@@ -32,6 +32,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -41,9 +42,10 @@ from typing import NamedTuple
 
 import keras
 import numpy as np
-from absl import logging
 
-from training import metrics
+from keras_preact.train import metrics
+
+log = logging.getLogger(__name__)
 
 FOLDER = "checkpoints"
 WEIGHTS = "model.weights.h5"
@@ -239,6 +241,8 @@ class Checkpointer:
         data: the training input if it can resume its order (an object with integer
             `seed` and `epoch` attributes, like `numpy_pipeline.ArrayDataset`): `restore`
             sets its `epoch`, so its batches continue where the run stopped.
+        export: `model -> model` whose weights `best.weights.h5` holds (default: the model;
+            a scanned net's written-out twin, `modeling.written_out`).
 
     Example (resume, train, save after each epoch):
 
@@ -250,8 +254,9 @@ class Checkpointer:
         history = checkpointer.history()  # every epoch of the run, resumed or not
     """
 
-    def __init__(self, model_dir, write_dir=None, *, monitor="val_top1", data=None):
+    def __init__(self, model_dir, write_dir=None, *, monitor="val_top1", data=None, export=None):
         self.model_dir, self.write_dir = model_dir, write_dir or model_dir
+        self.export = export or (lambda model: model)
         self.monitor = monitor
         self.data = data
         self.rows = []  # one dict per completed epoch: the CSV rows
@@ -311,7 +316,7 @@ class Checkpointer:
         # (unless a restored checkpoint says which value it holds).
         self.best = np.inf
         self._best_unrecorded = True
-        logging.warning(
+        log.warning(
             "%s is kept and will not be replaced in this run: %s. Move or delete it to let "
             "this run write its best model there.",
             weights,
@@ -407,7 +412,7 @@ class Checkpointer:
                 state = load(model, path) if load else self._load_legacy(model)
             except ValueError as e:
                 problems.append(str(e))
-                logging.warning("Skipping checkpoint %s: %s", path, e)
+                log.warning("Skipping checkpoint %s: %s", path, e)
                 state = None
                 continue
             if state is not None:
@@ -426,7 +431,7 @@ class Checkpointer:
         epoch = int(state["epoch"])
         steps = int(metrics.scalar(optimizer.iterations))
         if "steps" in state and state["steps"] != steps:
-            logging.warning(
+            log.warning(
                 "%s holds optimizer step %d but its state says %d; resuming from the "
                 "weights' step.",
                 source,
@@ -447,7 +452,7 @@ class Checkpointer:
         )
         if problems:
             message += f" Skipped: {'; '.join(problems)}."
-        logging.info(message)
+        log.info(message)
         print(message, flush=True)
         return Restored(epoch, steps, self.best)
 
@@ -461,16 +466,14 @@ class Checkpointer:
                 n += 1
                 kept = os.path.join(self.write_dir, f"log.replaced-{stamp}-{n}.csv")
             os.rename(path, kept)
-            logging.warning(
-                "No checkpoint to resume from: the earlier %s is kept as %s.", path, kept
-            )
+            log.warning("No checkpoint to resume from: the earlier %s is kept as %s.", path, kept)
 
     def _restore_input(self, saved, epoch):
         if self.data is None:
             return
         self.data.epoch = epoch  # the batches continue where the run stopped
         if saved and saved.get("seed") != self.data.seed:
-            logging.warning(
+            log.warning(
                 "The checkpoint's input order was drawn with seed %s, this run's with %s: "
                 "the batches after the resume differ from an uninterrupted run's.",
                 saved.get("seed"),
@@ -533,7 +536,7 @@ class Checkpointer:
             # the value recorded here, so the best model is never lost.
             record = {"monitor": self.monitor, "value": value, "epoch": int(epoch)}
             save_model_weights_atomic(
-                model,
+                self.export(model),
                 os.path.join(self.write_dir, "best.weights.h5"),
                 {"keras_preact_best": json.dumps(record)},
             )

@@ -1,0 +1,323 @@
+"""The trainers' command-line flags (absl), with their checks, for `cifar.py`, `imagenet.py`
+and `evaluate.py`.
+
+Each flag's name is the name of a field of the run's config (`config.TrainConfig` and its
+subclasses); `define_train_flags` returns the names it defined. Bad values fail while the
+flags are parsed, before any data or model work: each flag carries its own check (absl
+validators), and checks across flags are multi-flag validators registered next to the
+flags they read.
+"""
+
+import os
+
+from absl import flags
+
+from keras_preact.train.config import LOOPS, SHORTCUT_PARAMS, STRATEGIES
+
+
+def _positive(value):
+    return value is None or value > 0
+
+
+def _non_negative(value):
+    return value is None or value >= 0
+
+
+def _fraction(value):
+    return value is None or 0.0 <= value < 1.0
+
+
+def _numbers(values):
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def define_model_flags(*, model, weights_help):
+    """The architecture flags: everything the keras_preact builders take.
+
+    Used by both trainers and by `evaluate.py` (which reads them from a run's
+    `config.json` when it has one).
+    """
+    import keras_preact
+
+    flags.DEFINE_enum("model", model, keras_preact.list_models(), "Builder name.")
+    flags.DEFINE_enum(
+        "unit",
+        "full_preact",
+        list(keras_preact.units.UNITS),
+        "Residual unit of the paper's Fig. 4: original (a), bn_after_add (b), "
+        "relu_before_add (c), relu_preact (d), full_preact (e, the paper's choice).",
+    )
+    flags.DEFINE_enum(
+        "shortcut",
+        "identity",
+        list(SHORTCUT_PARAMS),
+        "Shortcut of the paper's Fig. 2 (Table 1), replacing the identity shortcuts.",
+    )
+    flags.DEFINE_float(
+        "shortcut_scale", None, "constant_scaling: lambda, the factor on the shortcut (0.5)."
+    )
+    flags.DEFINE_float(
+        "residual_scale",
+        None,
+        "constant_scaling: the factor on the residual branch (0.5; 1.0 is Table 1's 'F unscaled').",
+    )
+    flags.DEFINE_float(
+        "gate_bias", None, "exclusive_gating / shortcut_only_gating: initial gate bias (-6)."
+    )
+    flags.DEFINE_float("shortcut_dropout_rate", None, "dropout shortcut: drop rate (0.5).")
+    flags.register_validator("shortcut_dropout_rate", _fraction, message="must be in [0, 1).")
+    flags.DEFINE_string(
+        "layout",
+        None,
+        "Checkpoint layout preset (keras_preact.LAYOUTS: paper, timm, keras, fb, "
+        "fb_legacy). Default: the weights record's, else the paper's.",
+    )
+    flags.register_validator(
+        "layout",
+        lambda v: v is None or v in layout_names(),
+        message=f"must be one of {layout_names()}.",
+    )
+    flags.DEFINE_float("width_multiplier", 1.0, "Multiplies every stage width (wide ResNets).")
+    flags.register_validator("width_multiplier", _positive, message="must be > 0.")
+    flags.DEFINE_bool(
+        "zero_init_residual", False, "Start every residual branch at zero (beyond the paper)."
+    )
+    flags.DEFINE_bool(
+        "scan_units",
+        False,
+        "Apply each stage's repeated units with keras.ops.scan (much faster compiles of "
+        "deep nets under JAX/XLA); the exported weights load into the written-out net.",
+    )
+    flags.DEFINE_string("weights", None, weights_help)
+
+    def known_weights(value):
+        if value is None or os.path.isfile(value):
+            return True
+        records = sorted({r.name for r in keras_preact.weights.RECORDS})
+        datasets = sorted({r.dataset for r in keras_preact.weights.RECORDS})
+        if value in records or value in datasets:
+            return True
+        raise flags.ValidationError(
+            f"is neither a file nor a weights record; records: {datasets + records}."
+        )
+
+    flags.register_validator("weights", known_weights)
+
+    def shortcut_params_match(values):
+        wanted = SHORTCUT_PARAMS[values["shortcut"]]
+        given = [p for p in _all_shortcut_params() if values[p] is not None]
+        stray = [p for p in given if p not in wanted]
+        if stray:
+            raise flags.ValidationError(
+                f"--{stray[0]} is a parameter of --shortcut="
+                f"{[s for s, ps in SHORTCUT_PARAMS.items() if stray[0] in ps]}, not of "
+                f"--shortcut={values['shortcut']} (which takes {list(wanted) or 'none'})."
+            )
+        return True
+
+    flags.register_multi_flags_validator(
+        ["shortcut", *_all_shortcut_params()], shortcut_params_match
+    )
+
+
+def _all_shortcut_params():
+    return sorted({p for ps in SHORTCUT_PARAMS.values() for p in ps})
+
+
+def layout_names():
+    """The layout presets of the model library."""
+    import keras_preact
+
+    return list(getattr(keras_preact, "LAYOUTS", ("paper", "timm", "keras", "fb", "fb_legacy")))
+
+
+def define_train_flags(config_class):
+    """The flags every trainer shares, with the defaults and presets of `config_class`.
+
+    Returns:
+        The names of the flags defined (the config's options that come from the command
+        line).
+    """
+    from keras_preact.train.config import PRESETS
+
+    before = set(flags.FLAGS)
+    defaults = config_class()
+    presets = PRESETS[config_class.trainer]
+    flags.DEFINE_enum(
+        "preset",
+        None,
+        list(presets),
+        "Recipe whose values fill every flag not given on the command line: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
+            for name, values in presets.items()
+        ),
+    )
+    define_model_flags(
+        model=defaults.model,
+        weights_help="Start from these weights (fine-tuning): a keras_preact weights record "
+        "(imagenet, imagenet:fb_torch, fashion_mnist, ...) or a weights file. With another "
+        "number of classes, every layer but the classifier is loaded.",
+    )
+    flags.DEFINE_float("drop_path_rate", 0.0, "Stochastic depth rate (0 in the paper).")
+    flags.register_validator("drop_path_rate", _fraction, message="must be in [0, 1).")
+    _define_run_flags(defaults)
+    _define_optimizer_flags(defaults)
+    _define_execution_flags()
+    return sorted(set(flags.FLAGS) - before)
+
+
+def _define_run_flags(defaults):
+    flags.DEFINE_string("model_dir", None, "Where the run writes everything.", required=True)
+    flags.DEFINE_enum("strategy", "default", STRATEGIES, "Distribution strategy.")
+    flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for --strategy=tpu.")
+    flags.DEFINE_integer(
+        "batch_size", defaults.batch_size, "Global batch size (all replicas).", lower_bound=1
+    )
+    flags.DEFINE_integer("epochs", defaults.epochs, "Number of epochs.", lower_bound=1)
+    flags.DEFINE_integer(
+        "steps_per_epoch",
+        None,
+        "Steps per epoch (default: one pass over the data).",
+        lower_bound=1,
+    )
+    flags.DEFINE_integer(
+        "max_steps", None, "Stop after this many steps in total (smoke tests).", lower_bound=1
+    )
+    flags.DEFINE_enum(
+        "loop",
+        "auto",
+        list(LOOPS),
+        "fit: model.fit; custom: the tf.distribute strategy.run loop (TensorFlow backend; "
+        "multi-worker and TPU); jax: a jitted JAX step loop (JAX backend, numpy pipeline); "
+        "auto: custom under multi_worker_mirrored (Keras 3 fit fails there), else fit.",
+    )
+    flags.DEFINE_float(
+        "time_budget",
+        None,
+        "Wall-clock seconds for this process: when the next epoch would not end within it, "
+        "the run saves a checkpoint at the step boundary, prints the command that resumes "
+        "it, and exits 0 (preemptible and time-limited jobs).",
+    )
+    flags.register_validator("time_budget", _positive, message="must be > 0 seconds.")
+
+    def tpu_named(values):
+        if values["strategy"] == "tpu" and not values["tpu"]:
+            raise flags.ValidationError(
+                "--strategy=tpu needs --tpu=NAME (a Cloud TPU name or grpc://host:8470)."
+            )
+        return True
+
+    flags.register_multi_flags_validator(["strategy", "tpu"], tpu_named)
+    flags.register_multi_flags_validator(["loop", "strategy"], _loop_has_backend)
+    flags.register_validator("strategy", _strategy_has_backend)
+
+
+def _loop_has_backend(values):
+    import keras
+
+    backend = keras.backend.backend()
+    custom = values["loop"] == "custom" or (
+        values["loop"] == "auto" and values["strategy"] == "multi_worker_mirrored"
+    )
+    if custom and backend != "tensorflow":
+        raise flags.ValidationError(
+            f"--loop=custom (the strategy.run loop, also chosen by --loop=auto with "
+            f"--strategy=multi_worker_mirrored) needs tf.distribute, i.e. "
+            f"KERAS_BACKEND=tensorflow; got KERAS_BACKEND={backend}. Use --loop=fit."
+        )
+    if values["loop"] == "jax" and backend != "jax":
+        raise flags.ValidationError(
+            f"--loop=jax (the jitted JAX step loop) needs KERAS_BACKEND=jax; got "
+            f"KERAS_BACKEND={backend}. Use --loop=fit."
+        )
+    return True
+
+
+def _strategy_has_backend(strategy):
+    import keras
+
+    backend = keras.backend.backend()
+    allowed = {"tensorflow": STRATEGIES, "jax": ("default", "one_device", "mirrored")}
+    allowed = allowed.get(backend, ("default", "one_device"))
+    if strategy not in allowed:
+        raise flags.ValidationError(
+            f"--strategy={strategy} is not available with KERAS_BACKEND={backend}; "
+            f"allowed: {list(allowed)} (every strategy runs under tensorflow)."
+        )
+    return True
+
+
+def _define_optimizer_flags(defaults):
+    flags.DEFINE_enum(
+        "lr_schedule",
+        defaults.lr_schedule,
+        ["step", "cosine", "constant"],
+        "step: divide by 10 at --lr_boundaries; cosine: cosine decay to 0.",
+    )
+    flags.DEFINE_float(
+        "base_lr",
+        None,
+        "Peak learning rate (default: 0.1 * batch / 256 for ImageNet, 0.1 for CIFAR).",
+    )
+    flags.register_validator("base_lr", _positive, message="must be > 0.")
+    flags.DEFINE_list(
+        "lr_boundaries",
+        [],
+        "Epochs (may be fractional) at which the step schedule divides the learning "
+        "rate by 10 (the paper's CIFAR 32k/48k iterations at 400 steps per epoch: 80,120).",
+    )
+    flags.register_validator(
+        "lr_boundaries",
+        lambda v: _numbers(v) is not None and all(b >= 0 for b in _numbers(v)),
+        message="must be a comma-separated list of non-negative numbers.",
+    )
+    flags.DEFINE_integer("warmup_steps", 0, "Warm-up steps.", lower_bound=0)
+    flags.DEFINE_enum(
+        "warmup",
+        "linear",
+        ["linear", "constant"],
+        "linear: ramp from 0 to base_lr; constant: hold --warmup_lr "
+        "(the paper's 0.01 for the first 400 iterations).",
+    )
+    flags.DEFINE_float("warmup_lr", 0.01, "Learning rate of a constant warm-up.")
+    flags.register_validator("warmup_lr", _non_negative, message="must be >= 0.")
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+    flags.register_validator("momentum", _fraction, message="must be in [0, 1).")
+    flags.DEFINE_bool("nesterov", False, "Nesterov momentum.")
+    flags.DEFINE_float("weight_decay", 1e-4, "L2 coefficient (gradient += wd * w).")
+    flags.register_validator("weight_decay", _non_negative, message="must be >= 0.")
+    flags.DEFINE_enum(
+        "weight_decay_on",
+        "kernels",
+        ["kernels", "all"],
+        "kernels: conv and dense kernels only; all: every trainable "
+        "weight, as the paper's Torch code does.",
+    )
+    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing (0 in the paper).")
+    flags.register_validator("label_smoothing", _fraction, message="must be in [0, 1).")
+
+
+def _define_execution_flags():
+    flags.DEFINE_bool("mixed_precision", False, "float16 compute on GPU, bfloat16 on TPU/CPU.")
+    flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+    flags.DEFINE_bool(
+        "compilation_cache",
+        True,
+        "JAX backend: keep XLA's compiled programs in MODEL_DIR/jax_cache, so a resumed "
+        "or repeated run skips the compile (JAX's persistent compilation cache).",
+    )
+    flags.DEFINE_integer("seed", 0, "Seed for initialization and the input pipeline.")
+    flags.DEFINE_bool("deterministic", False, "Deterministic input order and ops (slower).")
+    flags.DEFINE_bool(
+        "normalize_on_device",
+        True,
+        "Ship uint8 batches; the model normalizes them as its first layer "
+        "(include_preprocessing=True), on the accelerator: 4x less host-to-device traffic.",
+    )
+    flags.DEFINE_integer(
+        "verbose", 1, "Progress: 0 silent, 1 progress bar, 2 one line per epoch.", lower_bound=0
+    )

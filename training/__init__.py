@@ -1,1 +1,0 @@
-"""Trainers and evaluation scripts for keras-preact (run as scripts)."""
