@@ -1,194 +1,161 @@
-"""training/jax_loop.py: checkpoints in files <= 16 MiB, exact resume, the schedule.
+"""`--loop=jax` (keras_preact/train/jax_loop.py) against `model.fit`, and the trainer options
+that every loop shares: `--time_budget`, `--scan_units`, resume from the same checkpoint files.
 
-The loop runs on JAX only; under the other backends these tests are skipped (CI runs them
-in its JAX pass).
+The JAX loop needs KERAS_BACKEND=jax; the runs here are `training/cifar.py` processes on a
+tiny CIFAR-format data set (tests/trainer_runs.py), so they run in the suite's JAX pass.
 """
 
-import glob
+import csv
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
+from trainer_runs import REPO, cifar_cmd, fake_cifar, run
 
 pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "jax", reason="training/jax_loop.py runs on the JAX backend"
+    keras.backend.backend() != "jax", reason="--loop=jax runs on the JAX backend"
 )
 
-
-@pytest.fixture(scope="module")
-def jl():
-    from training import jax_loop
-
-    return jax_loop
+#: 64 training images at batch 16: 4 steps per epoch; the 16 test images score every epoch.
+SHORT = ["--lr_schedule=cosine", "--warmup_steps=2", "--base_lr=0.05", "--pipeline=numpy"]
 
 
-def _arrays(seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "trainable/0000": rng.standard_normal((40, 30)).astype(np.float32),  # 4800 bytes
-        "trainable/0001": rng.standard_normal(7).astype(np.float32),
-        "optimizer/0000": np.asarray(12, np.int64),
-        "optimizer/0001": rng.standard_normal((40, 30)).astype(np.float32),
-    }
+def _log(model_dir):
+    with open(os.path.join(model_dir, "log.csv"), newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-def test_checkpoint_files_stay_under_the_limit_and_round_trip(jl, tmp_path):
-    arrays = _arrays()
-    path = jl.save_checkpoint(tmp_path, arrays, {"step": 3}, max_file_bytes=64 * 1024 + 2000)
-    shards = sorted(glob.glob(os.path.join(path, "shard-*.npz")))
-    assert len(shards) >= 4  # the 4800-byte arrays are split; groups never share a file
-    assert all(os.path.getsize(s) <= 64 * 1024 + 2000 for s in shards)
-    loaded, meta = jl.load_checkpoint(tmp_path)
-    assert meta["step"] == 3 and set(loaded) == set(arrays)
-    for k, v in arrays.items():
-        np.testing.assert_array_equal(loaded[k], v)
-        assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape
-
-
-def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(jl, tmp_path, capsys):
-    jl.save_checkpoint(tmp_path, _arrays(0), {"step": 1})
-    newest = jl.save_checkpoint(tmp_path, _arrays(1), {"step": 2})
-    shard = sorted(glob.glob(os.path.join(newest, "shard-*.npz")))[0]
-    with open(shard, "r+b") as f:
-        f.seek(100)
-        f.write(b"\x00\x01\x02")
-    loaded, meta = jl.load_checkpoint(tmp_path)
-    assert meta["step"] == 1
-    np.testing.assert_array_equal(loaded["trainable/0000"], _arrays(0)["trainable/0000"])
-    assert "does not match its SHA-256" in capsys.readouterr().out
-    os.remove(shard)  # truncated/missing weights: not loadable even as weights only
-    jl.save_checkpoint(tmp_path, _arrays(2), {"step": 3}, keep=1)
-    assert jl.load_checkpoint(tmp_path)[1]["step"] == 3
-    assert len(glob.glob(os.path.join(tmp_path, "ckpt-*"))) == 1
-
-
-def test_weights_travel_without_the_optimizer_files(jl, tmp_path):
-    path = jl.save_checkpoint(tmp_path, _arrays(), {"step": 5})
-    optimizer_files = glob.glob(os.path.join(path, "*-optimizer.npz"))  # as docs/gpu.md says
-    assert optimizer_files and glob.glob(os.path.join(path, "*-trainable.npz"))
-    for name in optimizer_files:
-        os.remove(name)
-    assert jl.load_checkpoint(tmp_path) is None  # strict: the optimizer is missing
-    loaded, _ = jl.load_checkpoint(tmp_path, allow_missing=("optimizer",))
-    assert sorted(loaded) == ["trainable/0000", "trainable/0001"]
-
-
-def test_schedule(jl):
-    s = jl.Schedule(
-        0.1,
-        decay="step",
-        boundaries=(0.5, 0.75),
-        warmup_steps=400,
-        warmup="constant",
-        warmup_lr=0.01,
-    )
-    got = [round(float(s(i, 64000)), 5) for i in (0, 399, 400, 31999, 32000, 48000, 63999)]
-    assert got == [0.01, 0.01, 0.1, 0.1, 0.01, 0.001, 0.001]
-    c = jl.Schedule(0.2, decay="cosine", warmup_steps=10)
-    assert float(c(4, 110)) == pytest.approx(0.1)
-    assert float(c(60, 110)) == pytest.approx(0.1)
-    assert float(c(110, 110)) == pytest.approx(0.0, abs=1e-9)
-    with pytest.raises(ValueError, match="decay='linear'"):
-        jl.Schedule(0.1, decay="linear")
+def _summary(model_dir):
+    with open(os.path.join(model_dir, "summary.json")) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="module")
-def setup(jl):
-    """One tiny network (with dropout shortcuts: their seeds are state too), compiled once."""
+def data(tmp_path_factory):
+    return fake_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.mark.slow
+def test_jax_loop_matches_fit_and_each_resumes_the_others_checkpoint(data, tmp_path):
+    """Same seed, same data order and schedule: the two loops' first epoch agrees, and a
+    checkpoint written by one loop resumes under the other to the same step count."""
+    dirs = {loop: str(tmp_path / loop) for loop in ("fit", "jax")}
+    for loop, d in dirs.items():
+        run(cifar_cmd(data, d, *SHORT, "--epochs=1", f"--loop={loop}"))
+    fit, jax = _log(dirs["fit"])[0], _log(dirs["jax"])[0]
+    for key in ("loss", "val_loss", "lr"):
+        np.testing.assert_allclose(jax[key], fit[key], rtol=2e-3, err_msg=key)
+    for key in ("top1", "val_top1"):
+        assert abs(jax[key] - fit[key]) <= 1 / 16 + 1e-9, key  # at most one image apart
+    # Each loop resumes the other's checkpoint: epoch 2 under the other loop.
+    other = {"fit": "jax", "jax": "fit"}
+    for loop, d in dirs.items():
+        out = run(cifar_cmd(data, d, *SHORT, "--epochs=2", f"--loop={other[loop]}"))
+        assert "1 epoch(s) done, optimizer step 4" in out.stdout + out.stderr
+        assert _summary(d)["steps"] == 8 and _summary(d)["loop"] == other[loop]
+        assert [r["epoch"] for r in _log(d)] == [0, 1]
+    a, b = _log(dirs["fit"])[1], _log(dirs["jax"])[1]
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=5e-3)
+
+
+@pytest.mark.slow
+def test_jax_resume_ends_at_two_epochs_of_steps(data, tmp_path):
+    """`--epochs=1`, then the same command with `--epochs=2`: the step count of two
+    epochs, from the epoch-1 checkpoint (the same files `model.fit` writes)."""
+    d = str(tmp_path / "run")
+    run(cifar_cmd(data, d, *SHORT, "--epochs=1", "--loop=jax"))
+    assert sorted(os.listdir(os.path.join(d, "checkpoints", "epoch-0001"))) == [
+        "model.weights.h5",
+        "state.json",
+    ]
+    out = run(cifar_cmd(data, d, *SHORT, "--epochs=2", "--loop=jax"))
+    assert "Resuming from" in out.stdout + out.stderr
+    summary = _summary(d)
+    assert (summary["steps"], summary["epochs_run"], summary["resumed_from_epoch"]) == (8, 2, 1)
+    with open(os.path.join(d, "config.json")) as f:
+        assert json.load(f)["loop"] == "jax"
+
+
+@pytest.mark.slow
+def test_time_budget_stops_at_an_epoch_end_and_the_same_command_resumes(data, tmp_path):
+    d = str(tmp_path / "run")
+    cmd = cifar_cmd(data, d, *SHORT, "--epochs=40", "--loop=jax", "--time_budget=1")
+    out = run(cmd)
+    text = out.stdout + out.stderr
+    assert "Stopped by --time_budget=1 s after epoch 1/40" in text
+    assert "Resume with the same command:" in text and "--time_budget=1" in text
+    assert os.path.isdir(os.path.join(d, "checkpoints", "epoch-0001"))
+    assert not os.path.exists(os.path.join(d, "summary.json"))  # not finished
+    out = run(cmd)
+    assert "1 epoch(s) done, optimizer step 4" in out.stdout + out.stderr
+    assert [r["epoch"] for r in _log(d)] == [0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["jax"])
+def test_scanned_net_trains_resumes_and_exports_a_written_out_net(data, tmp_path, loop):
     import keras_preact
+    from keras_preact.train import optimization
 
-    keras.utils.set_random_seed(0)
-    model = keras_preact.PreActResNet(
-        depth=8,
-        block="basic",
-        width_multiplier=0.25,
-        shortcut="dropout",
-        input_shape=(28, 28, 1),
+    d = str(tmp_path / "scan")
+    base = [*SHORT, "--scan_units", f"--loop={loop}"]
+    run(cifar_cmd(data, d, *base, "--epochs=1"))
+    out = run(cifar_cmd(data, d, *base, "--epochs=2"))
+    assert "1 epoch(s) done, optimizer step 4" in out.stdout + out.stderr
+    with open(os.path.join(d, "config.json")) as f:
+        config = json.load(f)
+    assert config["scan_units"] is True
+    # The same weights are decayed as in the written-out net.
+    plain = keras_preact.PreActResNet20(input_shape=(32, 32, 3), classes=10)
+    decayed = optimization.decayed_variables(plain)
+    assert config["decayed_weights"] == sum(int(keras.ops.size(v)) for v in decayed)
+    # final.weights.h5 loads into a written-out PreActResNet20 (scan_units=False).
+    net = keras_preact.PreActResNet20(
+        input_shape=(32, 32, 3),
         classes=10,
         classifier_activation=None,
-        seed=3,
+        include_preprocessing=True,
+        preprocessing=(tuple(config["mean"]), tuple(config["std"])),
     )
-    schedule = jl.Schedule(0.1, decay="cosine", warmup_steps=1)
-    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-    normalize = jl.device_normalizer([0.3], [0.3])
-    step = jl.make_train_step(
-        model, optimizer, schedule=schedule, weight_decay=1e-4, normalize=normalize
+    net.load_weights(os.path.join(d, "final.weights.h5"))
+    # evaluate.py rebuilds the run from config.json and scores its final weights exactly
+    # as the trainer's last evaluation did.
+    result = tmp_path / "eval.json"
+    run(
+        [
+            sys.executable,
+            "training/evaluate.py",
+            f"--weights={d}/final.weights.h5",
+            "--dataset=cifar10",
+            "--source=files",
+            f"--data_dir={data}",
+            f"--output={result}",
+        ]
     )
-    eval_step = jl.make_eval_step(model, normalize=normalize)
-    return model, schedule, optimizer, step, eval_step
+    scored = json.loads(result.read_text())
+    summary = _summary(d)
+    assert scored["examples"] == 16
+    assert scored["top1"] == pytest.approx(summary["test_top1"], abs=1e-6)
 
 
-def _run(jl, setup, run_dir, guard=None):
-    model, schedule, optimizer, step, eval_step = setup
-    rng = np.random.default_rng(0)
-    data = (
-        (rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 32)),
-        (rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 12)),
-    )
-    spec = jl.RunSpec(batch_size=8, epochs=3, steps_per_epoch=2, eval_batch_size=8)
-    return jl.fit(
-        state=jl.init_state(model, optimizer, total_steps=6),
-        train_step=step,
-        eval_step=eval_step,
-        data=data,
-        spec=spec,
-        augment=jl.Augment(erasing=0.5),
-        run_dir=str(run_dir),
-        guard=guard,
-        schedule=schedule,
-        iteration_index=jl.iteration_index(optimizer),
-        verbose=False,
-    )
+def test_jax_loop_is_refused_on_another_backend_at_parsing(data, tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    cmd = cifar_cmd(data, str(tmp_path / "x"), "--loop=jax", "--epochs=1")
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "--loop=jax (the jitted JAX step loop) needs KERAS_BACKEND=jax" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
-class _StopAfterFirstEpoch:
-    def fits(self, cost_s):
-        return False
-
-
-def test_a_stopped_run_resumes_exactly(jl, setup, tmp_path):
-    whole = _run(jl, setup, tmp_path / "whole")
-    assert whole["status"] == "done" and whole["epoch"] == 3
-    first = _run(jl, setup, tmp_path / "cut", guard=_StopAfterFirstEpoch())
-    assert first["status"] == "stopped" and first["epoch"] == 1
-    second = _run(jl, setup, tmp_path / "cut")
-    assert second["status"] == "done" and second["epoch"] == 3
-    # Same batches, augmentation, dropout masks and optimizer state: the same weights.
-    for a, b in zip(
-        jl.state_arrays(whole["state"]).values(), jl.state_arrays(second["state"]).values()
-    ):
-        np.testing.assert_array_equal(a, b)
-    assert [r["train_loss"] for r in whole["rows"]] == [r["train_loss"] for r in second["rows"]]
-    # A finished run is not trained again.
-    again = _run(jl, setup, tmp_path / "cut")
-    assert again["status"] == "done" and len(again["rows"]) == len(second["rows"])
-    # Another run's folder is refused with the differences named.
-    other = tmp_path / "other"
-    _run(jl, setup, other, guard=_StopAfterFirstEpoch())
-    import json
-
-    latest = json.load(open(other / "latest.json"))["checkpoint"]
-    manifest_path = other / latest / "manifest.json"
-    manifest = json.load(open(manifest_path))
-    manifest["meta"]["spec"]["batch_size"] = 16
-    json.dump(manifest, open(manifest_path, "w"))
-    with pytest.raises(ValueError, match="batch_size: checkpoint 16 vs now 8"):
-        _run(jl, setup, other)
-
-
-def test_resume_from_weights_alone_keeps_the_step_count(jl, setup, tmp_path):
-    _run(jl, setup, tmp_path, guard=_StopAfterFirstEpoch())
-    import json
-    import shutil
-
-    latest = json.load(open(tmp_path / "latest.json"))["checkpoint"]
-    for path in glob.glob(str(tmp_path / latest / "*-optimizer.npz")):
-        os.remove(path)
-    for old in glob.glob(str(tmp_path / "ckpt-*")):
-        if not old.endswith(latest):
-            shutil.rmtree(old)
-    resumed = _run(jl, setup, tmp_path)
-    assert resumed["status"] == "done" and resumed["epoch"] == 3
-    # The step counter (hence the learning rate) continued from step 2, not from 0.
-    assert int(resumed["state"].optimizer[0]) == 6
+def test_the_wheel_entry_point_runs_the_same_trainer(data, tmp_path):
+    """`python -m keras_preact.train.cifar` is the trainer `training/cifar.py` runs."""
+    cmd = cifar_cmd(data, str(tmp_path / "m"), *SHORT, "--epochs=1", "--max_steps=1")
+    cmd[1:2] = ["-m", "keras_preact.train.cifar"]
+    shutil.rmtree(tmp_path / "m", ignore_errors=True)
+    out = run(cmd)
+    assert _summary(str(tmp_path / "m"))["steps"] == 1, out.stdout[-2000:]

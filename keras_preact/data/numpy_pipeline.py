@@ -139,6 +139,9 @@ class ArrayDataset(keras.utils.PyDataset):
     index, so a resumed run (`epoch` set to the epoch it restarts at) sees the
     same batches as an uninterrupted one, and `steps_per_epoch` need not divide
     the dataset: the stream of shuffled passes over the data simply continues.
+    The trainer sets `epoch` at the start of every epoch (`callbacks.InputEpoch`);
+    the dataset does not count epochs itself, because Keras calls a PyDataset's
+    `on_epoch_end` also when it resets its iterator, not only at an epoch's end.
 
     Args:
         images: uint8 array `(N, H, W, C)`.
@@ -237,5 +240,3 @@ class ArrayDataset(keras.utils.PyDataset):
     def _finish(self, images):
         return normalize(images, self.mean, self.std) if self.normalize else images
 
-    def on_epoch_end(self):
-        self.epoch += 1

@@ -63,6 +63,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.checkpointer.save(self.model, epoch=epoch + 1, logs=logs or {})
 
 
+class InputEpoch(keras.callbacks.Callback):
+    """Sets the training input's `epoch` as each epoch begins, so the batches of epoch `e`
+    are those of the stream's epoch `e` (`numpy_pipeline.ArrayDataset`), in every loop."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.data = data
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.data.epoch = epoch
+
+
 class TimeBudget(keras.callbacks.Callback):
     """Stops training at an epoch end when the next epoch would overrun a wall-clock budget.
 
@@ -101,10 +113,12 @@ def epoch_callbacks(checkpointer):
     return [LearningRate(), EpochCheckpoint(checkpointer)]
 
 
-def fit_callbacks(run, checkpointer, *, model_dir, max_steps=None, budget=None):
-    """NaN guard, learning rate, checkpoint (with `log.csv`), the time budget, TensorBoard
-    logs in `model_dir`, max steps."""
+def fit_callbacks(run, checkpointer, *, model_dir, max_steps=None, budget=None, data=None):
+    """The input's epoch, NaN guard, learning rate, checkpoint (with `log.csv`), the time
+    budget, TensorBoard logs in `model_dir`, max steps."""
     cbs = [NaNGuard(), *epoch_callbacks(checkpointer)]
+    if hasattr(data, "epoch"):
+        cbs.insert(0, InputEpoch(data))
     if budget is not None:
         cbs.append(budget)
     if run.chief and _has_tensorboard():

@@ -143,6 +143,10 @@ def _write_text_atomic(path, text):
         raise _write_failed(e, path) from None
 
 
+#: `_write_text_atomic` for the scripts' own reports: like `write_json_atomic`, for text.
+write_text_atomic = _write_text_atomic
+
+
 def _save_weights(model, path, name=None, attrs=None):
     """`model.save_weights(path)` and fsync; on failure nothing is left at `path`.
 

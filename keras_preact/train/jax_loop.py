@@ -245,7 +245,12 @@ def fit(cfg, built, train_data, val_data, *, checkpointer, initial_epoch, extra_
     model = built.model
     loop = Loop(model, label_smoothing=cfg.label_smoothing)
     cbs = keras.callbacks.CallbackList(
-        [*callbacks_lib.epoch_callbacks(checkpointer), *extra_callbacks], model=model
+        [
+            callbacks_lib.InputEpoch(train_data),
+            *callbacks_lib.epoch_callbacks(checkpointer),
+            *extra_callbacks,
+        ],
+        model=model,
     )
     guard = callbacks_lib.NaNGuard()
     state = init_state(model, loop.optimizer)
@@ -254,7 +259,6 @@ def fit(cfg, built, train_data, val_data, *, checkpointer, initial_epoch, extra_
         if cfg.verbose:
             print(f"Epoch {epoch + 1}/{cfg.epochs}", flush=True)
         cbs.on_epoch_begin(epoch)
-        train_data.epoch = epoch
         bar = keras.utils.Progbar(cfg.steps_per_epoch, verbose=int(cfg.verbose == 1))
         start = time.time()
         state, logs = loop.train_epoch(

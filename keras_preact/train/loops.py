@@ -30,7 +30,12 @@ def train(cfg, run, built, train_data, val_data_fn, *, checkpointer, initial_epo
             steps_per_epoch=cfg.steps_per_epoch,
             validation_data=val_data_fn(),
             callbacks=callbacks.fit_callbacks(
-                run, checkpointer, model_dir=cfg.model_dir, max_steps=cfg.max_steps, budget=budget
+                run,
+                checkpointer,
+                model_dir=cfg.model_dir,
+                max_steps=cfg.max_steps,
+                budget=budget,
+                data=train_data,
             ),
             verbose=cfg.verbose,
             # The pipelines shuffle themselves (a PyDataset or tf.data ignores `shuffle`).
