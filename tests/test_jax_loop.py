@@ -159,3 +159,12 @@ def test_the_wheel_entry_point_runs_the_same_trainer(data, tmp_path):
     shutil.rmtree(tmp_path / "m", ignore_errors=True)
     out = run(cmd)
     assert _summary(str(tmp_path / "m"))["steps"] == 1, out.stdout[-2000:]
+
+
+def test_eval_batches_divide_over_the_replicas():
+    """The evaluation batch was a fixed 500, which 8 replicas cannot share evenly
+    (`tfdata.per_replica_batch` raised under `--loop=custom` on 8 replicas)."""
+    from keras_preact.train import distribution
+
+    assert [distribution.eval_batch_size(None, r) for r in (1, 2, 3, 8)] == [500, 500, 498, 496]
+    assert distribution.eval_batch_size(64, 8) == 64

@@ -1,7 +1,8 @@
 """Prints the markdown table of every flag of the trainers and `evaluate.py` (docs/training.md).
 
-Each script's flags are read in a subprocess of its own (they define flags of the same
-names), as absl's key flags of the script: the ones `--help` lists, without TensorFlow's.
+Each trainer module's flags are read in a subprocess of its own (they define flags of the
+same names), as absl's key flags of the module: the ones `--help` lists, without
+TensorFlow's.
 
     python training/flags_table.py > /tmp/flags.md
 """
@@ -12,28 +13,25 @@ import subprocess
 import sys
 
 SCRIPTS = {
-    "cifar": "training/cifar.py",
-    "imagenet": "training/imagenet.py",
-    "evaluate": "training/evaluate.py",
+    "cifar": "keras_preact.train.cifar",
+    "imagenet": "keras_preact.train.imagenet",
+    "evaluate": "keras_preact.train.evaluate",
 }
 _READ = """
-import json, runpy, sys
+import importlib, json, sys
 from absl import flags
-script = sys.argv[1]
-sys.argv = [script]
-runpy.run_path(script, run_name="flags_table")
-module = [m for m in flags.FLAGS.flags_by_module_dict() if m.endswith(script)] or ["flags_table"]
+module = importlib.import_module(sys.argv[1])
 rows = {}
-for f in flags.FLAGS.get_key_flags_for_module(module[0]):
+for f in flags.FLAGS.get_key_flags_for_module(module):
     rows[f.name] = {"default": f.default, "help": f.help}
 print("FLAGS " + json.dumps(rows, default=str))
 """
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def read_flags(script):
+def read_flags(module):
     out = subprocess.run(
-        [sys.executable, "-c", _READ, script], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-c", _READ, module], cwd=REPO, capture_output=True, text=True
     )
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("FLAGS ")]
     if not line:

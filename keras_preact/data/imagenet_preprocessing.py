@@ -47,11 +47,12 @@ def image_shape(image_bytes):
     return tf.cond(
         tf.io.is_jpeg(image_bytes),
         lambda: tf.image.extract_jpeg_shape(image_bytes)[:2],
-        lambda: tf.shape(_decode_full(image_bytes))[:2],
+        lambda: tf.shape(decode_full(image_bytes))[:2],
     )
 
 
-def _decode_full(image_bytes):
+def decode_full(image_bytes):
+    """Decodes a whole JPEG, PNG, GIF or BMP image to uint8 RGB `(H, W, 3)`."""
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
@@ -69,7 +70,7 @@ def decode_crop(image_bytes, window):
         return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
 
     def full():
-        image = _decode_full(image_bytes)
+        image = decode_full(image_bytes)
         return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
 
     image = tf.cond(tf.io.is_jpeg(image_bytes), fused, full)
@@ -80,7 +81,7 @@ def decode_crop(image_bytes, window):
 def decode_then_crop(image_bytes, window):
     """Like `decode_crop` but always decodes the whole image (benchmark baseline)."""
     window = tf.cast(window, tf.int32)
-    image = _decode_full(image_bytes)
+    image = decode_full(image_bytes)
     return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
 
 
@@ -273,7 +274,7 @@ def preprocess_eval(image_bytes, *, resize=256, crop=224):
 
 def ten_crop(image_bytes, *, resize=256, crop=224):
     """The four corner and centre crops and their mirror images: `(10, crop, crop, 3)`."""
-    image = tf.cast(_decode_full(image_bytes), tf.float32)
+    image = tf.cast(decode_full(image_bytes), tf.float32)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = resize / tf.minimum(shape[0], shape[1])
     new = tf.cast(tf.round(shape * scale), tf.int32)

@@ -43,6 +43,7 @@ from keras_preact.train import (
 from keras_preact.train import flags as train_flags
 
 train_flags.define_train_flags(config.CifarConfig)
+flags.adopt_module_key_flags(train_flags)  # `--help` lists the shared flags too
 flags.DEFINE_enum("dataset", "cifar10", list(sources.MEMORY_DATASETS), "Dataset.")
 flags.DEFINE_enum(
     "source",
@@ -124,11 +125,6 @@ def resolve_pipeline(pipeline, loop):
         return pipeline
     tf_backend = keras.backend.backend() == "tensorflow"
     return "tfdata" if tf_backend and loop != "jax" else "numpy"
-
-
-def eval_batch_size(cfg, replicas):
-    """`--eval_batch_size`, or 500 rounded down to a multiple of the replicas."""
-    return cfg.eval_batch_size or max(replicas, 500 // replicas * replicas)
 
 
 def datasets(cfg, run, arrays):
@@ -213,7 +209,7 @@ def main(argv):
     cfg = cfg.derive(
         **modeling.resolved_options(cfg, model=cfg.model, mean=mean, std=std),
         steps_per_epoch=cfg.steps_per_epoch or len(x_train) // cfg.batch_size,
-        eval_batch_size=eval_batch_size(cfg, run.replicas),
+        eval_batch_size=distribution.eval_batch_size(cfg.eval_batch_size, run.replicas),
         num_train=len(x_train),
         num_test=len(x_test),
     )

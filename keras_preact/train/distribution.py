@@ -29,17 +29,19 @@ def setup(cfg):
     """Seeds, determinism, strategy and precision from `cfg`; returns a `Run`."""
     keras.utils.set_random_seed(cfg.seed)
     if cfg.compilation_cache and keras.backend.backend() == "jax":
-        enable_compilation_cache(os.path.join(cfg.model_dir, "jax_cache"))
+        # JAX's own JAX_COMPILATION_CACHE_DIR wins: runs of one experiment can share one.
+        cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        enable_compilation_cache(cache or os.path.join(cfg.model_dir, "jax_cache"))
     if cfg.deterministic and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
     # Strategy and precision come first: variables are created under them.
     strategy = make_strategy(cfg.strategy, cfg.tpu)
-    policy = set_precision(cfg.mixed_precision, cfg.strategy)
     loop = cfg.loop
     if loop == "auto":
         loop = "custom" if cfg.strategy == "multi_worker_mirrored" else "fit"
+    policy = set_precision(cfg.mixed_precision, cfg.strategy, loop)
     return Run(
         strategy=strategy,
         policy=policy,
@@ -64,6 +66,12 @@ def enable_compilation_cache(path):
     # are most of its build time.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def eval_batch_size(requested, replicas):
+    """`requested`, or 500 rounded down to a multiple of the replicas (every replica gets
+    an equal share of an evaluation batch: 496 on 8 replicas)."""
+    return requested or max(replicas, 500 // replicas * replicas)
 
 
 def smoke_environment():
@@ -154,8 +162,12 @@ def write_dir(strategy, model_dir):
     return os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
 
 
-def set_precision(mixed, strategy_name):
-    """Sets and returns the Keras dtype policy: float32, or the mixed one of the device."""
+def set_precision(mixed, strategy_name, loop="fit"):
+    """Sets and returns the Keras dtype policy: float32, or the mixed one of the device.
+
+    float16 (with loss scaling) on GPUs, bfloat16 on TPUs and CPUs, and bfloat16 for the
+    JAX loop everywhere (its step does no loss scaling; bfloat16 needs none).
+    """
     if not mixed:
         return "float32"
     gpu = False
@@ -171,6 +183,7 @@ def set_precision(mixed, strategy_name):
         import torch
 
         gpu = torch.cuda.is_available()
-    policy = "mixed_float16" if gpu and strategy_name != "tpu" else "mixed_bfloat16"
+    float16 = gpu and strategy_name != "tpu" and loop != "jax"
+    policy = "mixed_float16" if float16 else "mixed_bfloat16"
     keras.mixed_precision.set_global_policy(policy)
     return policy

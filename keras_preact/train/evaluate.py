@@ -45,6 +45,7 @@ train_flags.define_model_flags(
     "(fashion_mnist, imagenet, imagenet:fb_torch, ...).",
 )
 flags.mark_flag_as_required("weights")
+flags.adopt_module_key_flags(train_flags)  # `--help` lists the shared flags too
 flags.DEFINE_string(
     "config",
     None,

@@ -43,6 +43,7 @@ from keras_preact.train import (
 from keras_preact.train import flags as train_flags
 
 train_flags.define_train_flags(config.ImagenetConfig)
+flags.adopt_module_key_flags(train_flags)  # `--help` lists the shared flags too
 flags.DEFINE_string(
     "source",
     "tfrecord",

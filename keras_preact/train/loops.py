@@ -109,7 +109,7 @@ def stopped_by_budget(cfg, budget, history):
     print(
         f"Stopped by --time_budget={cfg.time_budget:g} s after epoch {done}/{cfg.epochs} "
         f"({time.time() - budget.start:.0f} s), checkpoint saved in {cfg.model_dir}. "
-        f"Resume with the same command: {' '.join(map(shlex.quote, sys.argv))}",
+        f"Resume with the same command: {' '.join(map(shlex.quote, sys.orig_argv))}",
         flush=True,
     )
     return True

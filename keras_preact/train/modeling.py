@@ -226,8 +226,8 @@ def build(cfg, run, schedule, *, input_shape, classes):
                 metrics=metrics.top_k_metrics(classes),
                 jit_compile=cfg.jit_compile,
             )
-        else:
-            model.compile(optimizer=optimizer)
+        else:  # the custom loop scales its loss itself; the JAX loop runs in bfloat16
+            model.compile(optimizer=optimizer, auto_scale_loss=run.loop == "custom")
         optimizer = model.optimizer  # compile wraps it for loss scaling under mixed_float16
         optimizer.build(model.trainable_variables)
     export = functools.partial(
