@@ -1,16 +1,19 @@
 """The GPU experiments' smoke modes: each script end to end on CPU, with TensorFlow hidden.
 
 `benchmarks/gpu_throughput.py`, `training/paper_tables.py` and
-`training/fashion_mnist_recipe.py` run on a GPU machine that has JAX but no TensorFlow. Here
-each runs `--smoke` in its own process under KERAS_BACKEND=jax with TensorFlow made
-unimportable, and the tests check the files it writes (CSV columns, PNG images, JSON
-fields), not only its exit code. The three processes run at the same time (two cores);
-they launch JAX themselves, so they run once, in the suite's KERAS_BACKEND=jax pass.
+`training/fashion_mnist_recipe.py` run on GPU machines that may have JAX but no TensorFlow
+(the two training scripts run the package's trainer with `--loop=jax --pipeline=numpy`).
+Here each runs `--smoke` in its own process under KERAS_BACKEND=jax with TensorFlow made
+unimportable (also in the trainer processes they start), and the tests check the files it
+writes (CSV columns and rows, PNG images, JSON fields, the export), not only its exit code.
+The three processes run at the same time (two cores); they launch JAX themselves, so they
+run once, in the suite's KERAS_BACKEND=jax pass.
 """
 
 import csv
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -148,63 +151,140 @@ def test_throughput_smoke(runs):
     assert "| preact50:jit |" in table
 
 
-def test_paper_tables_smoke(runs):
-    root, text = _check_ran(runs["tables"])
-    assert "COMPLETE" in text
-    out = root / "tables_out"
-    with open(out / "paper_tables.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    from training import paper_tables
+def _script(name):
+    """A script of `training/` imported by its path (the scripts are no package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO, "training", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    assert list(rows[0]) == paper_tables.RESULT_FIELDS
-    assert {r["variant"] for r in rows} == set(paper_tables.SMOKE_VARIANTS)
+
+def _csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_paper_tables_smoke(runs, capsys):
+    root, text = _check_ran(runs["tables"])
+    pt = _script("paper_tables")
+    assert "COMPLETE" in text and "INCOMPLETE" not in text
+    out, model_dir = root / "tables_out", root / "tables"
+    assert sorted(os.listdir(out)) == sorted(pt.OUTPUTS)
+    fields, rows = _csv(out / "paper_tables.csv")
+    assert fields == pt.RESULT_FIELDS
+    assert sorted(r["variant"] for r in rows) == sorted(pt.SMOKE_VARIANTS)
     for r in rows:
-        assert r["status"] == "done" and int(r["epochs"]) == 2 and r["seed"] == "0"
-        assert 0.0 <= float(r["final_test_error"]) <= 1.0
-    with open(out / "paper_tables_curves.csv", newline="") as f:
-        curves = list(csv.DictReader(f))
-    assert list(curves[0]) == paper_tables.CURVE_FIELDS
-    tests = [c for c in curves if c["kind"] == "epoch"]
-    assert len(tests) == 2 * len(rows) and all(c["test_error"] for c in tests)
-    assert any(c["kind"] == "train" and float(c["train_loss"]) > 0 for c in curves)
+        variant = pt.VARIANTS[r["variant"]]
+        assert (r["status"], r["epochs"], r["seed"]) == ("done", "2", "0")
+        assert r["model"] == "PreActResNet20" and r["unit"] == variant.unit
+        assert r["paper_cifar10_error"] == variant.paper and float(r["wall_time_s"]) > 0
+        assert 0.0 <= float(r["best_test_error"]) <= float(r["final_test_error"]) <= 1.0
+        assert float(r["final_train_loss"]) > 0
+        # One run of the trainer, with the variant's flags and the paper's schedule in epochs.
+        run = model_dir / "runs" / r["variant"] / "seed0"
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["loop"] == "jax" and cfg["pipeline"] == "numpy" and cfg["unit"] == variant.unit
+        assert {k: cfg[k] for k in variant.shortcut} == variant.shortcut
+        assert cfg["lr_boundaries"] == [1.0, 1.5] and cfg["warmup_lr"] == 0.01
+        summary = json.loads((run / "summary.json").read_text())
+        assert float(r["final_test_error"]) == pytest.approx(1.0 - summary["test_top1"])
+    fields, curves = _csv(out / "paper_tables_curves.csv")
+    assert fields == pt.CURVE_FIELDS
+    for r in rows:
+        mine = [c for c in curves if c["variant"] == r["variant"]]
+        assert [c["epoch"] for c in mine] == ["1", "2"]
+        assert all(float(c["train_loss"]) > 0 and float(c["lr"]) > 0 for c in mine)
+        assert float(mine[-1]["test_error"]) == pytest.approx(float(r["final_test_error"]))
+        assert float(mine[-1]["train_loss"]) == pytest.approx(float(r["final_train_loss"]))
     for name in ("paper_tables_table1.png", "paper_tables_table2.png"):
         _png(out / name)
     md = (out / "paper_tables.md").read_text()
     assert "| dropout 0.5 | fail |" in md and "| full pre-activation (4e) | 6.37 |" in md
-    assert len(os.listdir(out)) <= 8  # what one call of the GPU machine can bring back
-    status = json.loads((out / "status.json").read_text())
-    assert status["complete"] is True and status["results"] == len(rows)
+    # The same command again trains nothing: finished runs are recognized by summary.json.
+    argv = ["--smoke", "--part=all", f"--data_dir={root / 'fashion_mnist'}"]
+    assert pt.main([*argv, f"--model_dir={model_dir}"]) == 0
+    assert "0 run(s) to train" in capsys.readouterr().out
+    assert _csv(model_dir / "paper_tables.csv")[1] == rows
+
+
+def test_paper_tables_records_stopped_diverged_and_failed_runs(tmp_path):
+    """A run stopped by its budget resumes, a diverged one is final, a failed one retries."""
+    pt = _script("paper_tables")
+    args = pt.parse_args(
+        ["--part=r110_identity,r110_conv1x1,r110_dropout_0.5", f"--model_dir={tmp_path}"]
+    )
+    row = (
+        "epoch,epoch_time_s,loss,lr,top1,top5,val_loss,val_top1,val_top5\n"
+        "0,9.0,2.0,0.01,0.2,0.6,1.9,0.3,0.7\n"
+    )
+    outcomes = {
+        "r110_identity": (0, "Stopped by --time_budget=60 s after epoch 1/10"),
+        "r110_conv1x1": (1, "FloatingPointError: Loss became nan at batch 3 of this epoch"),
+        "r110_dropout_0.5": (1, "OSError: Could not write log.csv"),
+    }
+    for variant, (code, output) in outcomes.items():
+        folder = tmp_path / "runs" / variant / "seed0"
+        folder.mkdir(parents=True)
+        (folder / "log.csv").write_text(row)
+        (folder / "train.log").write_text(f"earlier attempt\n{output}\n")
+        for _ in range(2):
+            status = pt.record_run(str(folder), code, 30.0, len("earlier attempt\n"))
+    assert status == "failed"
+    assert pt.pending(args) == [("r110_identity", 0), ("r110_dropout_0.5", 0)]
+    results, curves = pt.collect(str(tmp_path))
+    statuses = {v: r["status"] for (v, _), r in results.items()}
+    assert statuses == {"r110_identity": "stopped", "r110_conv1x1": "diverged",
+                        "r110_dropout_0.5": "failed"}  # fmt: skip
+    stopped = results["r110_identity", 0]
+    assert stopped["final_test_error"] == pytest.approx(0.7) and stopped["wall_time_s"] == 60.0
+    assert math.isnan(results["r110_conv1x1", 0]["final_test_error"])  # diverged: none
+    assert curves["r110_identity", 0][0]["epoch"] == 1
+    md = pt.markdown(results, {})
+    assert "| 1x1 conv | 12.22 | diverged | 0 |" in md and "| identity | 6.61 |  | 0 |" in md
 
 
 def test_recipe_smoke(runs):
     root, text = _check_ran(runs["recipe"])
+    recipe_module = _script("fashion_mnist_recipe")
     out = root / "recipe_out"
-    summary = json.loads((out / "recipe.json").read_text())
+    assert sorted(os.listdir(out)) == sorted(recipe_module.OUTPUTS)
+    recipe = json.loads((out / "recipe.json").read_text())
     for key in ("float32", "float16"):
-        assert 0.0 <= summary[key]["top1"] <= 100.0
-        assert 0.0 <= summary[key]["top1_flip_tta"] <= 100.0
-    export = summary["export"]
+        assert 0.0 <= recipe[key]["top1"] <= 100.0
+        assert 0.0 <= recipe[key]["top1_flip_tta"] <= 100.0
+    assert recipe["epochs"] == 2 and recipe["test_images"] == 40 and recipe["loop"] == "jax"
+    assert recipe["erasing"] == 0.5 and recipe["weight_decay"] == 5e-4
+    # The float32 export measures what the trainer's final evaluation measured (to one image).
+    summary = json.loads((root / "recipe" / "summary.json").read_text())
+    assert abs(recipe["float32"]["top1"] - 100 * summary["test_top1"]) <= 100 / 40 + 1e-6
+    export = recipe["export"]
     assert export["dtype"] in ("float16", "float32") and export["file"] == "fashion_mnist_wrn.h5"
+    if recipe["float16"]["top1"] == recipe["float32"]["top1"]:
+        assert export["dtype"] == "float16"
     path = out / export["file"]
     assert os.path.getsize(path) == export["bytes"] <= 16 * 2**20
-    assert summary["epochs"] == 2 and summary["test_images"] == 40
-    with open(out / "log.csv", newline="") as f:
-        log = list(csv.DictReader(f))
-    assert [r["epoch"] for r in log if r["kind"] == "epoch"] == ["1", "2"]
+    from keras_preact import weights
+
+    assert weights.file_digest(path) == export["sha256"]
+    fields, log = _csv(out / "log.csv")
+    assert [r["epoch"] for r in log] == ["0", "1"] and {"loss", "val_top1", "lr"} <= set(fields)
     _png(out / "curves.png")
-    assert sorted(os.listdir(out)) == [
-        "curves.png",
-        "fashion_mnist_wrn.h5",
-        "log.csv",
-        "recipe.json",
-    ]
-    # The export loads through the package and holds float16 or float32 tensors.
+    # The export holds float16 or float32 tensors, as many as the trained network has (the
+    # recipe itself read each file back into that network to measure it).
     import h5py
 
     with h5py.File(path, "r") as f:
         dtypes = set()
         f.visititems(lambda n, o: dtypes.add(str(o.dtype)) if hasattr(o, "dtype") else None)
     assert dtypes == {export["dtype"]}
+    from keras_preact import convert
+
+    tensors = convert.read_tensors(path)
+    assert "predictions" in tensors and "post_bn" in tensors
+    assert sum(t.size for group in tensors.values() for t in group.values()) == recipe["parameters"]
 
 
 def _throughput_module():

@@ -1,92 +1,121 @@
 r"""The paper's Tables 1 and 2 on Fashion-MNIST: every shortcut and unit variant, one schedule.
 
-He et al. 2016, Table 1 (ResNet-110 with the original unit, Fig. 2's shortcuts) and Table 2
-(ResNet-110 and ResNet-164, Fig. 4's units), trained on Fashion-MNIST with one schedule for
-all, on the JAX backend and the numpy input pipeline (no TensorFlow). Results go beside the
-paper's CIFAR-10 numbers. The work is cut into parts that each fit one command of a GPU
-machine lent for short sessions (at most 9 minutes of an H100, by the estimate in
-docs/gpu.md); a part that is cut off resumes where it stopped when run again.
+He et al. 2016, Table 1 (ResNet-110 with the original unit, the shortcuts of Fig. 2) and
+Table 2 (ResNet-110 and ResNet-164, the units of Fig. 4), trained on Fashion-MNIST and set
+beside the paper's CIFAR-10 numbers. Each (variant, seed) is one run of the package's
+trainer, `python -m keras_preact.train.cifar --loop=jax --pipeline=numpy` (JAX; no
+TensorFlow needed), in its own folder `MODEL_DIR/runs/VARIANT/seedN`; this script starts
+the runs, `--procs` at a time, and reports on them.
 
-    KERAS_BACKEND=jax python training/paper_tables.py --part=1 \
+On a GPU box, a cloud VM or in a cluster job:
+
+    pip install -e . "jax[cuda12]" absl-py h5py matplotlib
+    sudo apt-get install dataset-fashion-mnist   # or the four IDX files in any folder
+    python training/paper_tables.py --part=all --seeds=0,1 --procs=2 \
         --data_dir=/usr/share/datasets/fashion-mnist --model_dir=runs/paper_tables
 
-Parts (18 runs per seed; Table 2's ResNet-110 "original" row is Table 1's identity run):
-1 = Table 1's first 7 shortcuts (identity, constant scaling, both gatings); 2 = Table 1's
-1x1-conv and dropout shortcuts and Table 2's four other units at ResNet-110; 3 = Table 2's
-five units at ResNet-164. `--part=2,3` runs two in one command, `--part=all` everything;
-`--part=report` only rewrites the outputs from the results already in `--model_dir`.
+Parts (`--part`, a comma list; 18 runs per seed): 1 = Table 1's nine shortcuts on
+ResNet-110; 2 = Table 2's other four units on ResNet-110 (its "original" row is Table 1's
+identity run); 3 = Table 2's five units on ResNet-164; `all`; a variant's name (`VARIANTS`)
+runs that variant alone; `report` only rewrites the outputs from the runs in `--model_dir`.
+`--model=PreActResNet56` replaces the table's network in every variant (e.g. Table 1 at a
+depth a CPU can train: `--part=1 --model=PreActResNet56`); it makes Table 2's ResNet-110
+and ResNet-164 columns the same network, so use it with one of them. Any other flag is
+passed to every trainer as given (`--scan_units` compiles deep nets much faster).
 
-Schedule (all variants): SGD momentum 0.9, batch 128, weight decay 1e-4 on conv and dense
-kernels, lr 0.01 for the first 400 steps (the paper's warm-up for ResNet-110), then 0.1,
-divided by 10 at 50 % and 75 % of `--epochs` (the paper's 32k/48k of 64k steps); 4-pixel
-padding, random 28x28 crop, horizontal flip; bf16 compute (`mixed_bfloat16`).
+Schedule (every variant, the paper's shape in `--epochs`): SGD momentum 0.9, batch 128,
+weight decay 1e-4 on conv and dense kernels, lr 0.01 for the first 400 steps (the paper's
+warm-up of ResNet-110), then 0.1, divided by 10 at 50 % and 75 % of the epochs (32k and 48k
+of 64k iterations in the paper); 4-pixel padding, random crop, horizontal flip; float32
+(`--mixed_precision` passes the trainer's mixed precision). Concurrent runs share the
+device (JAX allocates memory on demand) and one compilation cache, `MODEL_DIR/jax_cache`,
+so a second seed of a variant skips the compile.
 
-Outputs in `--model_dir` (and copied to `--out`, at most 8 files): `paper_tables.csv` (final
-test error per variant and seed), `paper_tables_curves.csv` (training loss every 50 steps,
-test error every epoch), `paper_tables.md` (both tables beside the paper's numbers),
-`paper_tables_table1.png` and `paper_tables_table2.png` (curves in the manner of the paper's
-Figs. 3 and 6), `status.json`. Results already in `paper_tables.csv` are kept: a variant and
-seed listed there is not trained again, so parts run on different machines merge when their
-`paper_tables*.csv` files are copied into one `--model_dir`.
+Time-limited jobs: `--time_budget=SECONDS` is the whole command's budget. Each run gets
+what is left of it as its own `--time_budget` and stops at an epoch end with a checkpoint;
+no run starts with less than a minute left, and the report is written before the budget
+ends. Run the same command again (in the next job) to resume: a run with a `summary.json`
+is finished and not started again, a run that diverged (a non-finite loss) is recorded as
+such, every other run resumes from its last epoch. To merge runs made on several machines,
+copy their `runs/` folders into one `--model_dir` and run `--part=report`.
 
-Several variants share the GPU at once: `--procs` worker processes take the part's
-variants in turn (compilation of one overlaps training of another; the XLA compilation
-cache in `--model_dir/jax_cache` serves later seeds of a variant). `--time_budget_s` stops
-every worker before the command limit with a checkpoint per variant (every epoch), and the
-same command resumes. `--smoke` trains tiny networks for a few steps on CPU (CI).
+Outputs in `--model_dir` (copied to `--out` when given): `paper_tables.csv` (final test
+error per variant and seed, best test error, final training loss, status, wall time, the
+paper's CIFAR-10 error), `paper_tables_curves.csv` (training loss and test error after every
+epoch), `paper_tables.md` (both tables beside the paper's numbers), `paper_tables_table1.png`
+and `paper_tables_table2.png` (training loss dashed and test error solid against epochs, as
+the paper's Fig. 6). Each run's own files (`log.csv`, `summary.json`, weights, `train.log`)
+stay in its folder. `--smoke` trains PreActResNet20 for two epochs of three steps on the CPU
+(CI): one variant of each table.
 """
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 START = time.time()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import xla_env  # noqa: E402  (sets no JAX state until called)
 
-#: name -> (table, depth, unit, shortcut label, shortcut factory args, paper CIFAR-10 error).
-#: The paper's numbers: Table 1 (ResNet-110, original unit) and Table 2 (ResNet-110/164).
+
+class Variant(NamedTuple):
+    table: int
+    model: str
+    unit: str
+    label: str
+    shortcut: dict  # the trainer's --shortcut flag and its parameters
+    paper: str  # the paper's CIFAR-10 test error (%), or "fail"
+
+
+def _v(table, depth, unit, label, shortcut, paper, **params):
+    return Variant(
+        table, f"PreActResNet{depth}", unit, label, {"shortcut": shortcut, **params}, paper
+    )
+
+
+#: The paper's Table 1 (ResNet-110, original unit) and Table 2 (ResNet-110 and -164).
 # fmt: off
 VARIANTS = {
-    "r110_identity": (1, 110, "original", "identity", ("identity",), "6.61"),
-    "r110_constant_0.5": (1, 110, "original", "constant scaling 0.5, F x0.5",
-                          ("constant_scaling", 0.5, 0.5), "12.35"),
-    "r110_constant_0.5_f1": (1, 110, "original", "constant scaling 0.5, F x1",
-                             ("constant_scaling", 0.5, 1.0), "fail"),
-    "r110_exclusive_gating_b-6": (1, 110, "original", "exclusive gating, b_g=-6",
-                                  ("exclusive_gating", -6.0), "8.70"),
-    "r110_exclusive_gating_b0": (1, 110, "original", "exclusive gating, b_g=0",
-                                 ("exclusive_gating", 0.0), "fail"),
-    "r110_shortcut_only_gating_b-6": (1, 110, "original", "shortcut-only gating, b_g=-6",
-                                      ("shortcut_only_gating", -6.0), "6.91"),
-    "r110_shortcut_only_gating_b0": (1, 110, "original", "shortcut-only gating, b_g=0",
-                                     ("shortcut_only_gating", 0.0), "12.86"),
-    "r110_conv1x1": (1, 110, "original", "1x1 conv", ("conv1x1",), "12.22"),
-    "r110_dropout_0.5": (1, 110, "original", "dropout 0.5", ("dropout", 0.5), "fail"),
-    "r110_bn_after_add": (2, 110, "bn_after_add", "identity", ("identity",), "8.17"),
-    "r110_relu_before_add": (2, 110, "relu_before_add", "identity", ("identity",), "7.84"),
-    "r110_relu_preact": (2, 110, "relu_preact", "identity", ("identity",), "6.71"),
-    "r110_full_preact": (2, 110, "full_preact", "identity", ("identity",), "6.37"),
-    "r164_original": (2, 164, "original", "identity", ("identity",), "5.93"),
-    "r164_bn_after_add": (2, 164, "bn_after_add", "identity", ("identity",), "6.50"),
-    "r164_relu_before_add": (2, 164, "relu_before_add", "identity", ("identity",), "6.14"),
-    "r164_relu_preact": (2, 164, "relu_preact", "identity", ("identity",), "5.91"),
-    "r164_full_preact": (2, 164, "full_preact", "identity", ("identity",), "5.46"),
-}
-#: Table 2's ResNet-110 "original" row is Table 1's identity row: one run serves both.
-TABLE2_ROWS = {
-    110: ["r110_identity", "r110_bn_after_add", "r110_relu_before_add", "r110_relu_preact",
-          "r110_full_preact"],
-    164: ["r164_original", "r164_bn_after_add", "r164_relu_before_add", "r164_relu_preact",
-          "r164_full_preact"],
+    "r110_identity": _v(1, 110, "original", "identity", "identity", "6.61"),
+    "r110_constant_0.5": _v(1, 110, "original", "constant scaling 0.5, F x0.5",
+                            "constant_scaling", "12.35", shortcut_scale=0.5, residual_scale=0.5),
+    "r110_constant_0.5_f1": _v(1, 110, "original", "constant scaling 0.5, F x1",
+                               "constant_scaling", "fail", shortcut_scale=0.5, residual_scale=1.0),
+    "r110_exclusive_gating_b-6": _v(1, 110, "original", "exclusive gating, b_g=-6",
+                                    "exclusive_gating", "8.70", gate_bias=-6.0),
+    "r110_exclusive_gating_b0": _v(1, 110, "original", "exclusive gating, b_g=0",
+                                   "exclusive_gating", "fail", gate_bias=0.0),
+    "r110_shortcut_only_gating_b-6": _v(1, 110, "original", "shortcut-only gating, b_g=-6",
+                                        "shortcut_only_gating", "6.91", gate_bias=-6.0),
+    "r110_shortcut_only_gating_b0": _v(1, 110, "original", "shortcut-only gating, b_g=0",
+                                       "shortcut_only_gating", "12.86", gate_bias=0.0),
+    "r110_conv1x1": _v(1, 110, "original", "1x1 conv", "conv1x1", "12.22"),
+    "r110_dropout_0.5": _v(1, 110, "original", "dropout 0.5", "dropout", "fail",
+                           shortcut_dropout_rate=0.5),
+    "r110_bn_after_add": _v(2, 110, "bn_after_add", "identity", "identity", "8.17"),
+    "r110_relu_before_add": _v(2, 110, "relu_before_add", "identity", "identity", "7.84"),
+    "r110_relu_preact": _v(2, 110, "relu_preact", "identity", "identity", "6.71"),
+    "r110_full_preact": _v(2, 110, "full_preact", "identity", "identity", "6.37"),
+    "r164_original": _v(2, 164, "original", "identity", "identity", "5.93"),
+    "r164_bn_after_add": _v(2, 164, "bn_after_add", "identity", "identity", "6.50"),
+    "r164_relu_before_add": _v(2, 164, "relu_before_add", "identity", "identity", "6.14"),
+    "r164_relu_preact": _v(2, 164, "relu_preact", "identity", "identity", "5.91"),
+    "r164_full_preact": _v(2, 164, "full_preact", "identity", "identity", "5.46"),
 }
 # fmt: on
+TABLE1 = [name for name, v in VARIANTS.items() if v.table == 1]
+#: Table 2's rows per column; its ResNet-110 "original" row is Table 1's identity run.
+TABLE2 = {
+    "ResNet-110": ["r110_identity"]
+    + [n for n, v in VARIANTS.items() if n.startswith("r110_") and v.table == 2],
+    "ResNet-164": [n for n in VARIANTS if n.startswith("r164_")],
+}
+PARTS = {"1": TABLE1, "2": TABLE2["ResNet-110"][1:], "3": TABLE2["ResNet-164"]}
 UNIT_LABELS = {
     "original": "original (Fig. 4a)",
     "bn_after_add": "BN after addition (4b)",
@@ -94,371 +123,315 @@ UNIT_LABELS = {
     "relu_preact": "ReLU-only pre-activation (4d)",
     "full_preact": "full pre-activation (4e)",
 }
-#: The parts, each sized for one 9-minute command on an H100 by the estimate in docs/gpu.md:
-#: 7 and 6 ResNet-110 runs, then the 5 ResNet-164 runs (about 1.6x a ResNet-110 run each).
-TABLE1 = [v for v, spec in VARIANTS.items() if spec[0] == 1]
-PARTS = {
-    "1": TABLE1[:7],
-    "2": TABLE1[7:] + [v for v, spec in VARIANTS.items() if spec[0] == 2 and spec[1] == 110],
-    "3": [v for v, spec in VARIANTS.items() if spec[0] == 2 and spec[1] == 164],
-}
-#: Smoke runs replace the depths by the smallest of each block kind (CPU, seconds).
-SMOKE_DEPTH = {110: 8, 164: 11}
-#: Smoke runs train one variant of each table (a random layer, a bottleneck pre-activation).
+#: `--smoke` trains one variant of each table (a random shortcut; a pre-activation unit).
 SMOKE_VARIANTS = ["r110_dropout_0.5", "r164_full_preact"]
-RESULT_FIELDS = [
-    "table",
-    "variant",
-    "depth",
-    "unit",
-    "shortcut",
-    "seed",
-    "epochs",
-    "steps",
-    "final_test_error",
-    "best_test_error",
-    "final_train_loss",
-    "status",
-    "train_seconds",
-    "paper_cifar10_error",
-]
-CURVE_FIELDS = ["variant", "seed", "kind", "epoch", "step", "lr", "train_loss", "test_error"]
+SMOKE_MODEL = "PreActResNet20"  # the smallest named builder
+#: No run starts with less than this left of `--time_budget` (start-up, compile, one epoch);
+#: the report's time is kept at the end.
+START_MARGIN_S, REPORT_RESERVE_S = 60.0, 20.0
+RESULT_FIELDS = (
+    "table variant model unit shortcut seed epochs final_test_error best_test_error "
+    "final_train_loss status wall_time_s paper_cifar10_error"
+).split()
+CURVE_FIELDS = ["variant", "seed", "epoch", "lr", "train_loss", "test_error", "epoch_time_s"]
+OUTPUTS = [f"paper_tables{s}" for s in (".csv", "_curves.csv", ".md", "_table1.png", "_table2.png")]
+RUN_RECORD = "paper_tables_run.json"  # this script's record of a run: status, wall time
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", default="1", help="1, 2, 3, a comma list, all, or report")
-    p.add_argument(
-        "--data_dir",
-        default="/usr/share/datasets/fashion-mnist",
-        help="folder of the four Fashion-MNIST IDX files (.gz or not)",
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
     )
+    p.add_argument(
+        "--part", default="all", help="1, 2, 3, variant names, a comma list, all, report"
+    )
+    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--model_dir", default="runs/paper_tables")
-    p.add_argument("--out", default=None, help="also copy the outputs here (e.g. $OUT)")
+    p.add_argument("--out", default=None, help="also copy the outputs here")
     p.add_argument("--seeds", default="0", help="comma list of seeds per variant")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--base_lr", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=400)
-    p.add_argument("--warmup_lr", type=float, default=0.01)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--procs", type=int, default=2, help="worker processes sharing the device")
-    p.add_argument(
-        "--time_budget_s",
-        type=float,
-        default=540.0,
-        help="stop cleanly (checkpointed) before this many seconds; 0: no limit",
-    )
-    p.add_argument(
-        "--start_margin_s",
-        type=float,
-        default=90.0,
-        help="start no new run with less time left (compile + first epoch)",
-    )
-    p.add_argument("--log_every", type=int, default=50, help="training-loss log interval, steps")
-    p.add_argument("--smoke", action="store_true", help="tiny networks, few steps, CPU (CI)")
-    # Internal: a worker process trains the variants it is given.
-    p.add_argument("--worker_variants", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.part not in ("all", "report"):
-        bad = [x for x in args.part.split(",") if x not in PARTS]
-        if bad:
+    p.add_argument("--model", default=None, help="replaces every variant's network")
+    p.add_argument("--mixed_precision", action="store_true")
+    p.add_argument("--procs", type=int, default=2, help="trainer processes at once")
+    p.add_argument("--time_budget", type=float, default=None, help="seconds for the command")
+    p.add_argument("--smoke", action="store_true", help="PreActResNet20, 2 x 3 steps, CPU")
+    args, args.trainer_flags = p.parse_known_args(argv)
+    names = list(VARIANTS) if args.part in ("all", "report") else []
+    for part in args.part.split(",") if not names else []:
+        if part not in PARTS and part not in VARIANTS:
             p.error(
-                f"--part={args.part!r}: unknown part(s) {bad}; allowed: "
-                f"{sorted(PARTS)}, a comma list of them, 'all' or 'report'."
+                f"--part={args.part!r}: {part!r} is neither a part {sorted(PARTS)} nor a "
+                f"variant {list(VARIANTS)}; or use 'all' or 'report'."
             )
+        names += PARTS.get(part, [part])
+    args.variants = [n for n in VARIANTS if n in names]
+    if args.smoke:
+        args.variants = [n for n in args.variants if n in SMOKE_VARIANTS] or args.variants[:1]
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds={args.seeds!r} must be a comma list of integers.")
-    if args.procs < 1:
-        p.error(f"--procs={args.procs} must be >= 1.")
+    if args.procs < 1 or args.epochs < 1:
+        p.error(f"--procs={args.procs} and --epochs={args.epochs} must be >= 1.")
     if args.smoke:
-        # Tiny and quick: 3 variants, 2 epochs of 3 steps, small data subsets.
-        args.epochs, args.batch_size, args.warmup_steps = 2, 16, 2
-        args.log_every, args.start_margin_s = 2, 0.0
+        args.model, args.epochs = args.model or SMOKE_MODEL, 2
     return args
 
 
-def config_of(args):
-    """The settings every result in one `--model_dir` shares (checked on resume and merge)."""
-    return {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "base_lr": args.base_lr,
-        "warmup_steps": args.warmup_steps,
-        "warmup_lr": args.warmup_lr,
-        "weight_decay": args.weight_decay,
-        "precision": args.precision,
-        "smoke": bool(args.smoke),
-    }
+def settings(args):
+    """What every run in one `--model_dir` shares (checked when runs are added)."""
+    keys = ("epochs", "model", "mixed_precision", "smoke", "trainer_flags")
+    return {k: getattr(args, k) for k in keys}
 
 
-def variants_of(args):
-    if args.part == "report":
-        return []
-    names = (
-        list(VARIANTS)
-        if args.part == "all"
-        else [v for part in args.part.split(",") for v in PARTS[part]]
-    )
-    if args.smoke:
-        names = [v for v in names if v in SMOKE_VARIANTS] or SMOKE_VARIANTS[:1]
-    return names
+def check_settings(args):
+    """Records the settings in `--model_dir`, or refuses to mix runs of other settings."""
+    from keras_preact.train.checkpoints import write_json_atomic
 
-
-# -- Results files ----------------------------------------------------------------------
-
-
-def _read_csv(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_csv(path, fields, rows):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def run_dir(args, variant, seed):
-    return os.path.join(args.model_dir, "runs", variant, f"seed{seed}")
-
-
-def collect(args):
-    """Merges results and curves: the CSVs in `--model_dir` and every finished run folder.
-
-    Returns `(results, curves)`, keyed by (variant, seed); a run folder wins over a CSV row.
-    """
-    results = {
-        (r["variant"], int(r["seed"])): r
-        for r in _read_csv(os.path.join(args.model_dir, "paper_tables.csv"))
-    }
-    curves = {}
-    for r in _read_csv(os.path.join(args.model_dir, "paper_tables_curves.csv")):
-        curves.setdefault((r["variant"], int(r["seed"])), []).append(r)
-    for variant in VARIANTS:
-        for seed_dir in sorted(_glob_dirs(os.path.join(args.model_dir, "runs", variant))):
-            final = os.path.join(seed_dir, "final.json")
-            if not os.path.exists(final):
-                continue
-            with open(final) as f:
-                rec = json.load(f)
-            key = (variant, int(rec["result"]["seed"]))
-            results[key] = rec["result"]
-            curves[key] = rec["curves"]
-    return results, curves
-
-
-def _glob_dirs(path):
-    if not os.path.isdir(path):
-        return []
-    return [os.path.join(path, d) for d in os.listdir(path) if d.startswith("seed")]
-
-
-def check_config(args):
-    """Records the run's settings in `--model_dir/config.json`, or refuses a different one."""
-    path = os.path.join(args.model_dir, "config.json")
-    cfg = config_of(args)
+    path = os.path.join(args.model_dir, "paper_tables_settings.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        diff = {k: (saved.get(k), v) for k, v in cfg.items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), v) for k, v in settings(args).items() if saved.get(k) != v}
         if diff:
             raise SystemExit(
-                f"{args.model_dir} holds results of other settings "
+                f"{args.model_dir} holds runs of other settings ("
                 + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-                + ". Use another --model_dir or the same settings."
+                + "). Use another --model_dir or the same settings."
             )
-        return
     os.makedirs(args.model_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=1)
+    write_json_atomic(path, settings(args))
 
 
-# -- Training one variant (worker) ------------------------------------------------------
+def run_dir(model_dir, variant, seed):
+    return os.path.join(model_dir, "runs", variant, f"seed{seed}")
 
 
-def train_variants(args, names):
-    """Trains each (variant, seed) in turn in this process, until done or out of time."""
-    import keras
+def _read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
-    import keras_preact
-    from keras_preact import shortcuts
-    from keras_preact.data import idx
-    from training import jax_loop
 
-    guard = jax_loop.TimeGuard(None)
-    if args.deadline:
-        guard.deadline = args.deadline
-    keras.config.set_dtype_policy("mixed_bfloat16" if args.precision == "bf16" else "float32")
-    (x_train, y_train), (x_test, y_test) = idx.load_fashion_mnist(args.data_dir)
-    if args.smoke:
-        x_train, y_train, x_test, y_test = x_train[:96], y_train[:96], x_test[:40], y_test[:40]
-    steps_per_epoch = len(x_train) // args.batch_size
-    if args.smoke:
-        steps_per_epoch = 3
-    total = args.epochs * steps_per_epoch
-    augment = jax_loop.Augment(padding=4, flip=True)
-    # The paper's schedule: 0.01 warm-up, then 0.1 divided by 10 at 32k and 48k of 64k steps.
-    schedule = jax_loop.Schedule(
-        args.base_lr,
-        decay="step",
-        boundaries=(0.5, 0.75),
-        warmup_steps=args.warmup_steps,
-        warmup="constant",
-        warmup_lr=args.warmup_lr,
-    )
-    for variant in names:
-        table, depth, unit, _, factory, paper = VARIANTS[variant]
-        if args.smoke:
-            depth = SMOKE_DEPTH[depth]
-        model = step = eval_step = None
-        for seed in args.seed_list:
-            folder = run_dir(args, variant, seed)
-            if os.path.exists(os.path.join(folder, "final.json")):
+# -- Training: one trainer process per (variant, seed) ------------------------------------
+
+
+def trainer_command(args, variant, seed, budget_s):
+    """The trainer's command line of one run (it resumes by itself from its folder)."""
+    v, epochs = VARIANTS[variant], args.epochs
+    cmd = [
+        *(sys.executable, "-m", "keras_preact.train.cifar"),
+        *("--dataset=fashion_mnist", "--source=files", f"--data_dir={args.data_dir}"),
+        *("--loop=jax", "--pipeline=numpy", f"--model={args.model or v.model}"),
+        f"--unit={v.unit}",
+        *(f"--{k}={x}" for k, x in v.shortcut.items()),
+        f"--model_dir={run_dir(args.model_dir, variant, seed)}",
+        *(f"--seed={seed}", f"--epochs={epochs}", f"--batch_size={16 if args.smoke else 128}"),
+        # The paper's schedule: 0.01 for 400 steps, then 0.1 / 10 at 32k and 48k of 64k steps.
+        *("--lr_schedule=step", f"--lr_boundaries={0.5 * epochs:g},{0.75 * epochs:g}"),
+        *("--warmup_steps=400", "--warmup=constant", "--warmup_lr=0.01", "--base_lr=0.1"),
+        *("--weight_decay=1e-4", "--verbose=2", "--nocompilation_cache"),
+        "--mixed_precision" if args.mixed_precision else "",
+        *(("--steps_per_epoch=3", "--eval_examples=40") if args.smoke else ()),
+        f"--time_budget={budget_s:.0f}" if budget_s else "",
+        *args.trainer_flags,
+    ]
+    return [c for c in cmd if c]
+
+
+def trainer_env(args):
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    if args.smoke:  # a smoke run's cost is compilation: the CPU, little XLA optimization
+        flags = env.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    else:  # one cache for all runs: a variant's second seed compiles nothing
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(
+            os.path.join(args.model_dir, "jax_cache")
+        )
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+def pending(args):
+    """The (variant, seed) runs still to train: seed by seed (later seeds find their
+    programs compiled), the costliest variants first."""
+    todo = []
+    for seed in args.seed_list:
+        for variant in sorted(
+            args.variants, key=lambda n: -_depth(args.model or VARIANTS[n].model)
+        ):
+            folder = run_dir(args.model_dir, variant, seed)
+            record = _read_json(os.path.join(folder, RUN_RECORD)) or {}
+            finished = os.path.exists(os.path.join(folder, "summary.json"))
+            if not finished and record.get("status") != "diverged":
+                todo.append((variant, seed))
+    return todo
+
+
+def _depth(model):
+    return int("".join(filter(str.isdigit, model)) or 0)
+
+
+def record_run(folder, code, seconds, log_offset):
+    """Writes the run's status and accumulated wall time beside the trainer's files.
+
+    `log_offset`: where this attempt's output starts in the run's `train.log`.
+    """
+    from keras_preact.train.checkpoints import write_json_atomic
+
+    with open(os.path.join(folder, "train.log"), errors="replace") as f:
+        f.seek(log_offset)
+        tail = f.read()[-20000:]
+    if os.path.exists(os.path.join(folder, "summary.json")):
+        status = "done"
+    elif code == 0:
+        status = "stopped"  # by its time budget, checkpointed
+    else:
+        status = "diverged" if "FloatingPointError" in tail else "failed"
+    record = _read_json(os.path.join(folder, RUN_RECORD)) or {}
+    record = {
+        "status": status,
+        "returncode": code,
+        "attempts": record.get("attempts", 0) + 1,
+        "wall_time_s": round(record.get("wall_time_s", 0.0) + seconds, 1),
+    }
+    write_json_atomic(os.path.join(folder, RUN_RECORD), record)
+    if status == "failed":
+        print("\n".join(tail.splitlines()[-25:]), flush=True)
+    return status
+
+
+def train(args, todo):
+    """Runs `todo`'s trainers, `--procs` at a time; returns the runs left unstarted."""
+    deadline = START + args.time_budget - REPORT_RESERVE_S if args.time_budget else None
+    waiting, running = list(todo), {}
+    while waiting or running:
+        while waiting and len(running) < args.procs:
+            left = None if deadline is None else deadline - time.time()
+            if left is not None and left < START_MARGIN_S:
+                break
+            variant, seed = waiting.pop(0)
+            folder = run_dir(args.model_dir, variant, seed)
+            os.makedirs(folder, exist_ok=True)
+            log = open(os.path.join(folder, "train.log"), "a")  # noqa: SIM115 - closed below
+            cmd = trainer_command(args, variant, seed, left)
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            offset = log.tell()
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=trainer_env(args)
+            )
+            running[(variant, seed)] = (proc, log, time.time(), offset)
+            print(f"[{variant} seed {seed}] started; log: {log.name}", flush=True)
+        if not running:
+            break
+        time.sleep(0.5)
+        for (variant, seed), (proc, log, began, offset) in list(running.items()):
+            if proc.poll() is None:
                 continue
-            # Compilation and a first epoch must fit before a run starts.
-            if not guard.fits(args.start_margin_s):
-                print(f"[{variant} seed {seed}] not started: the time budget is spent", flush=True)
-                return False
-            keras.utils.set_random_seed(seed)
-            shortcut = getattr(shortcuts, factory[0])(*factory[1:])
-            built = keras_preact.PreActResNet(
-                depth=depth,
-                family="cifar",
-                block="basic" if VARIANTS[variant][1] == 110 else "bottleneck",
-                unit=unit,
-                shortcut=shortcut,
-                input_shape=(28, 28, 1),
-                classes=10,
-                classifier_activation=None,
-                include_preprocessing=True,  # uint8 batches; the model normalizes on the device
-                preprocessing="fashion_mnist",
-                seed=seed,
+            log.close()
+            del running[(variant, seed)]
+            folder = run_dir(args.model_dir, variant, seed)
+            status = record_run(folder, proc.returncode, time.time() - began, offset)
+            print(
+                f"[{variant} seed {seed}] {status} after {time.time() - began:.0f} s "
+                f"(exit {proc.returncode})",
+                flush=True,
             )
-            optimizer = keras.optimizers.SGD(args.base_lr, momentum=0.9)
-            state = jax_loop.init_state(built, optimizer, total_steps=total)
-            if model is None:  # later seeds reuse the compiled step (same structure)
-                model = built
-                step = jax_loop.make_train_step(
-                    model, optimizer, schedule=schedule, weight_decay=args.weight_decay
-                )
-                eval_step = jax_loop.make_eval_step(model)
-            spec = jax_loop.RunSpec(
-                batch_size=args.batch_size,
-                epochs=args.epochs,
-                steps_per_epoch=steps_per_epoch,
-                seed=seed,
-                log_every=args.log_every,
-                eval_batch_size=min(500, len(x_test)),
-            )
-            out = jax_loop.fit(
-                state=state,
-                train_step=step,
-                eval_step=eval_step,
-                data=((x_train, y_train), (x_test, y_test)),
-                spec=spec,
-                augment=augment,
-                run_dir=folder,
-                guard=guard,
-                config={"variant": variant, **config_of(args)},
-                schedule=schedule,
-                iteration_index=jax_loop.iteration_index(optimizer),
-                label=f"[{variant} seed {seed}] ",
-            )
-            if out["status"] == "stopped":
-                print(
-                    f"[{variant} seed {seed}] stopped at epoch {out['epoch']} by the time "
-                    "budget; run the same command again to continue",
-                    flush=True,
-                )
-                return False
-            epochs = [r for r in out["rows"] if r["kind"] == "epoch"]
-            errors = [r["test_error"] for r in epochs if r.get("test_error") is not None]
-            result = {
-                "table": table,
-                "variant": variant,
-                "depth": depth,
-                "unit": unit,
-                "shortcut": factory[0],
-                "seed": seed,
-                "epochs": out["epoch"],
-                "steps": out["epoch"] * steps_per_epoch,
-                "final_test_error": errors[-1] if errors else float("nan"),
-                "best_test_error": min(errors)
-                if errors and out["status"] == "done"
-                else float("nan"),
-                "final_train_loss": epochs[-1]["train_loss"] if epochs else float("nan"),
-                "status": out["status"],
-                "train_seconds": round(out["train_seconds"], 1),
-                "paper_cifar10_error": paper,
-            }
-            curves = [
-                {"variant": variant, "seed": seed, **{k: r.get(k) for k in CURVE_FIELDS[2:]}}
-                for r in out["rows"]
+    return waiting
+
+
+# -- Report -------------------------------------------------------------------------------
+
+
+def read_run(model_dir, variant, seed):
+    """`(result, curve rows)` of one run folder from its `log.csv` and `summary.json`."""
+    v, folder = VARIANTS[variant], run_dir(model_dir, variant, seed)
+    log = []
+    if os.path.exists(os.path.join(folder, "log.csv")):
+        with open(os.path.join(folder, "log.csv"), newline="") as f:
+            log = [
+                {k: float(x) if x else math.nan for k, x in r.items()} for r in csv.DictReader(f)
             ]
-            jax_loop._write_json(
-                os.path.join(folder, "final.json"), {"result": result, "curves": curves}
-            )
-            for ckpt in os.listdir(folder):  # the result is kept; the weights are not needed
-                if ckpt.startswith("ckpt-"):
-                    shutil.rmtree(os.path.join(folder, ckpt), ignore_errors=True)
-    return True
+    summary = _read_json(os.path.join(folder, "summary.json"))
+    record = _read_json(os.path.join(folder, RUN_RECORD)) or {}
+    config = _read_json(os.path.join(folder, "config.json")) or {}
+    errors = [1.0 - r["val_top1"] for r in log]
+    status = "done" if summary else record.get("status", "stopped" if log else "pending")
+    final = 1.0 - summary["test_top1"] if summary else (errors[-1] if errors else math.nan)
+    result = {
+        "table": v.table,
+        "variant": variant,
+        "model": config.get("model", v.model),
+        "unit": v.unit,
+        "shortcut": v.shortcut["shortcut"],
+        "seed": seed,
+        "epochs": len(log),
+        "final_test_error": math.nan if status == "diverged" else final,
+        "best_test_error": min(errors, default=math.nan),
+        "final_train_loss": log[-1]["loss"] if log else math.nan,
+        "status": status,
+        "wall_time_s": record.get("wall_time_s", (summary or {}).get("wall_time_s", "")),
+        "paper_cifar10_error": v.paper,
+    }
+    curves = [
+        {"variant": variant, "seed": seed, "epoch": int(r["epoch"]) + 1, "lr": r.get("lr"),
+         "train_loss": r["loss"], "test_error": 1.0 - r["val_top1"],
+         "epoch_time_s": r.get("epoch_time_s")}
+        for r in log
+    ]  # fmt: skip
+    return result, curves
 
 
-# -- Report -----------------------------------------------------------------------------
+def collect(model_dir):
+    """Every run folder under `model_dir/runs`: `({(variant, seed): result}, {...: curves})`."""
+    results, curves = {}, {}
+    for variant in VARIANTS:
+        folder = os.path.join(model_dir, "runs", variant)
+        seeds = os.listdir(folder) if os.path.isdir(folder) else []
+        for seed in sorted(int(s[4:]) for s in seeds if s.startswith("seed") and s[4:].isdigit()):
+            results[variant, seed], curves[variant, seed] = read_run(model_dir, variant, seed)
+    return results, curves
 
 
-def _fmt_err(values):
-    finite = [v for v in values if math.isfinite(v)]
-    if not values:
-        return ""
-    if not finite:
-        return "diverged"
-    mean = sum(finite) / len(finite)
+def _error_cell(rows):
+    """Mean ± standard deviation (%) over the finished seeds; diverged runs counted apart."""
+    done = [r["final_test_error"] for r in rows if r["status"] == "done"]
+    diverged = sum(r["status"] == "diverged" for r in rows)
+    if not done:
+        return "diverged" if diverged else ""
+    mean = sum(done) / len(done)
     text = f"{100 * mean:.2f}"
-    if len(finite) > 1:
-        sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+    if len(done) > 1:
+        sd = math.sqrt(sum((e - mean) ** 2 for e in done) / (len(done) - 1))
         text += f" ± {100 * sd:.2f}"
-    if len(finite) < len(values):
-        text += f" ({len(values) - len(finite)} diverged)"
-    return text
+    return text + (f" ({diverged} diverged)" if diverged else "")
 
 
-def markdown(results, args):
+def markdown(results, saved):
     by_variant = {}
     for (variant, _), r in sorted(results.items()):
         by_variant.setdefault(variant, []).append(r)
-
-    def cell(variant):
-        rows = by_variant.get(variant, [])
-        errs = [float(r["final_test_error"]) for r in rows if r["status"] in ("done", "diverged")]
-        seeds = ",".join(str(r["seed"]) for r in rows)
-        return _fmt_err(errs), seeds
-
+    cell = lambda n: _error_cell(by_variant.get(n, []))  # noqa: E731
+    seeds = lambda n: ",".join(str(r["seed"]) for r in by_variant.get(n, []))  # noqa: E731
+    models = sorted({r["model"] for r in results.values()})
     lines = [
         "Fashion-MNIST test error (%) after the last epoch, mean ± standard deviation over "
-        "seeds, beside the paper's CIFAR-10 test error (%). Settings: "
-        + ", ".join(f"{k}={v}" for k, v in config_of(args).items())
+        "the finished seeds, beside the paper's CIFAR-10 test error (%). Networks: "
+        f"{', '.join(models) or 'none yet'}. Settings: "
+        + ", ".join(f"{k}={v}" for k, v in saved.items())
         + ".",
         "",
         "Table 1 (ResNet-110, original unit; shortcuts of Fig. 2):",
         "",
         "| shortcut | paper CIFAR-10 | Fashion-MNIST | seeds |",
         "| --- | --- | --- | --- |",
-    ]
-    for variant in TABLE1:
-        err, seeds = cell(variant)
-        lines.append(f"| {VARIANTS[variant][3]} | {VARIANTS[variant][5]} | {err} | {seeds} |")
-    lines += [
+        *(
+            f"| {VARIANTS[n].label} | {VARIANTS[n].paper} | {cell(n)} | {seeds(n)} |"
+            for n in TABLE1
+        ),
         "",
         "Table 2 (units of Fig. 4; identity shortcuts):",
         "",
@@ -466,196 +439,119 @@ def markdown(results, args):
         "Fashion-MNIST ResNet-164 |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for a, b in zip(TABLE2_ROWS[110], TABLE2_ROWS[164]):
-        unit = VARIANTS[b][2]
-        paper_a = "6.61" if a == "r110_identity" else VARIANTS[a][5]
+    for a, b in zip(*TABLE2.values()):
         lines.append(
-            f"| {UNIT_LABELS[unit]} | {paper_a} | {cell(a)[0]} | {VARIANTS[b][5]} | {cell(b)[0]} |"
+            f"| {UNIT_LABELS[VARIANTS[b].unit]} | {VARIANTS[a].paper} | {cell(a)} | "
+            f"{VARIANTS[b].paper} | {cell(b)} |"
         )
-    missing = [v for v in VARIANTS if v not in by_variant]
+    missing = [n for n in VARIANTS if not any(r["status"] == "done" for r in by_variant.get(n, []))]
     if missing:
-        lines += ["", f"Not yet run: {', '.join(missing)}."]
+        lines += ["", f"Not finished: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 
-def plot(curves, variants, path, title, args):
-    """Training loss (dashed) and test error (solid) against steps, as the paper's Figs. 3/6."""
+def plot(curves, groups, path, title):
+    """Training loss (dashed) and test error (solid) against epochs, as the paper's Fig. 6:
+    one row of two panels per group of variants."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_shortcut = isinstance(variants, list)  # Table 1: one panel pair, labelled by shortcut
-    groups = [(title, variants)] if by_shortcut else list(variants.items())
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
-    for (name, names), (ax_loss, ax_err) in zip(groups, axes):
+    for (name, (names, label)), (ax_loss, ax_err) in zip(groups.items(), axes):
         for i, variant in enumerate(names):
-            color = plt.cm.tab10(i % 10)
-            label = VARIANTS[variant][3] if by_shortcut else UNIT_LABELS[VARIANTS[variant][2]]
-            for (v, seed), rows in sorted(curves.items()):
-                if v != variant:
-                    continue
-                train = [
-                    (int(r["step"]), float(r["train_loss"]))
-                    for r in rows
-                    if r["kind"] == "train" and _finite(r["train_loss"])
-                ]
-                test = [
-                    (int(r["step"]), 100 * float(r["test_error"]))
-                    for r in rows
-                    if r["kind"] == "epoch" and _finite(r.get("test_error"))
-                ]
-                lab = label if seed == min(s for vv, s in curves if vv == variant) else None
-                if train:
-                    ax_loss.plot(*zip(*train), "--", color=color, lw=1, label=lab)
-                if test:
-                    ax_err.plot(*zip(*test), "-", color=color, lw=1.5, label=lab)
-        ax_loss.set(
-            xlabel="iterations",
-            ylabel="training loss (cross-entropy)",
-            yscale="log",
-            title=f"{name}: training loss",
-        )
-        ax_err.set(xlabel="iterations", ylabel="test error (%)", title=f"{name}: test error")
+            runs = sorted((s, rows) for (v, s), rows in curves.items() if v == variant and rows)
+            for k, (_, rows) in enumerate(runs):
+                epochs = [r["epoch"] for r in rows]
+                kw = dict(color=plt.cm.tab10(i % 10), label=None if k else label(variant))
+                ax_loss.plot(epochs, [r["train_loss"] for r in rows], "--", lw=1, **kw)
+                ax_err.plot(epochs, [100 * r["test_error"] for r in rows], "-", lw=1.5, **kw)
+        ax_loss.set(xlabel="epochs", ylabel="training loss", yscale="log", title=f"{name}: loss")
+        ax_err.set(xlabel="epochs", ylabel="test error (%)", title=f"{name}: test error")
         ax_err.set_ylim(bottom=0)
         for ax in (ax_loss, ax_err):
             ax.grid(alpha=0.3)
-        ax_err.legend(fontsize=7)
-    fig.suptitle(f"Fashion-MNIST, {args.epochs} epochs, batch {args.batch_size}")
+        if ax_err.get_legend_handles_labels()[0]:
+            ax_err.legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
     plt.close(fig)
 
 
-def _finite(value):
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+def _csv_text(fields, rows):
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
-def write_outputs(args, status):
-    results, curves = collect(args)
-    d = args.model_dir
-    rows = [results[k] for k in sorted(results)]
-    _write_csv(os.path.join(d, "paper_tables.csv"), RESULT_FIELDS, rows)
-    curve_rows = [r for k in sorted(curves) for r in curves[k]]
-    _write_csv(os.path.join(d, "paper_tables_curves.csv"), CURVE_FIELDS, curve_rows)
-    with open(os.path.join(d, "paper_tables.md"), "w") as f:
-        f.write(markdown(results, args))
-    plot(curves, TABLE1, os.path.join(d, "paper_tables_table1.png"), "Table 1 (ResNet-110)", args)
-    plot(
-        curves,
-        {"Table 2, ResNet-110": TABLE2_ROWS[110], "Table 2, ResNet-164": TABLE2_ROWS[164]},
-        os.path.join(d, "paper_tables_table2.png"),
-        "Table 2",
-        args,
-    )
-    status = {**status, "results": len(rows), "elapsed_s": round(time.time() - START, 1)}
-    with open(os.path.join(d, "status.json"), "w") as f:
-        json.dump(status, f, indent=1)
-    names = [
-        "paper_tables.csv",
-        "paper_tables_curves.csv",
-        "paper_tables.md",
-        "paper_tables_table1.png",
-        "paper_tables_table2.png",
-        "status.json",
-        "config.json",
-    ]
+def write_report(args):
+    """The CSVs, tables and figures of every run in `--model_dir`; copied to `--out`."""
+    import shutil
+
+    from keras_preact.train.checkpoints import write_text_atomic
+
+    results, curves = collect(args.model_dir)
+    saved = _read_json(os.path.join(args.model_dir, "paper_tables_settings.json")) or {}
+    path = lambda name: os.path.join(args.model_dir, name)  # noqa: E731
+    write_text_atomic(path(OUTPUTS[0]), _csv_text(RESULT_FIELDS, results.values()))
+    rows = [r for k in sorted(curves) for r in curves[k]]
+    write_text_atomic(path(OUTPUTS[1]), _csv_text(CURVE_FIELDS, rows))
+    write_text_atomic(path(OUTPUTS[2]), markdown(results, saved))
+    epochs = f"Fashion-MNIST, {saved.get('epochs', '?')} epochs"
+    by_shortcut = lambda n: VARIANTS[n].label  # noqa: E731
+    by_unit = lambda n: UNIT_LABELS[VARIANTS[n].unit]  # noqa: E731
+    plot(curves, {"Table 1": (TABLE1, by_shortcut)}, path(OUTPUTS[3]), epochs)
+    table2 = {f"Table 2, {col}": (names, by_unit) for col, names in TABLE2.items()}
+    plot(curves, table2, path(OUTPUTS[4]), epochs)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        for n in names:
-            shutil.copy(os.path.join(d, n), os.path.join(args.out, n))
-    print(markdown(results, args), flush=True)
+        for name in OUTPUTS:
+            tmp = os.path.join(args.out, f".{name}.tmp-{os.getpid()}")
+            shutil.copyfile(path(name), tmp)
+            os.replace(tmp, os.path.join(args.out, name))
+    print(markdown(results, saved), flush=True)
+    return results
 
 
-# -- Main -------------------------------------------------------------------------------
-
-
-def main():
-    args = parse_args()
-    backend = os.environ.setdefault("KERAS_BACKEND", "jax")
-    if backend != "jax":
-        raise SystemExit(
-            f"paper_tables.py runs on JAX; KERAS_BACKEND={backend!r}. Unset it "
-            "or set KERAS_BACKEND=jax."
-        )
-    if args.smoke:
-        xla_env.smoke_environment()
-    if args.worker_variants is not None:
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        _jax_cache(args)
-        done = train_variants(args, args.worker_variants.split(","))
-        sys.exit(0 if done else 3)
-
-    # 1. Settings: one model_dir holds the results of one schedule.
+def main(argv=None):
+    args = parse_args(argv)
     if args.part == "report":
-        with open(os.path.join(args.model_dir, "config.json")) as f:
-            saved = json.load(f)
-        for k, v in saved.items():
-            setattr(args, k, v)
-        write_outputs(args, {"part": "report", "complete": None})
-        return
-    check_config(args)
-    names = variants_of(args)
-    results, _ = collect(args)
-    todo = [v for v in names if any((v, s) not in results for s in args.seed_list)]
-    deadline = START + args.time_budget_s - 15.0 if args.time_budget_s else None
+        write_report(args)
+        return 0
+    # 1. Settings: one --model_dir holds the runs of one schedule.
+    check_settings(args)
+    todo = pending(args)
     print(
-        f"part {args.part}: {len(names)} variants x {len(args.seed_list)} seed(s); "
-        f"{len(todo)} to train; {args.procs} worker(s)",
+        f"{len(args.variants)} variant(s) x {len(args.seed_list)} seed(s): {len(todo)} run(s) "
+        f"to train, {args.procs} at a time",
         flush=True,
     )
-
-    # 2. Workers: each trains its share of the variants in turn (costliest first).
-    todo.sort(key=lambda v: -VARIANTS[v][1])
-    shares = [todo[i :: args.procs] for i in range(args.procs)]
-    shares = [s for s in shares if s]
-    complete = True
-    if len(shares) == 1 and args.procs == 1:
-        _jax_cache(args)
-        args.deadline = deadline
-        complete = train_variants(args, shares[0])
-    elif shares:
-        env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-        base = [a for a in sys.argv[1:] if not a.startswith("--worker_variants")]
-        procs = []
-        for share in shares:
-            cmd = [
-                sys.executable,
-                os.path.abspath(__file__),
-                *base,
-                f"--worker_variants={','.join(share)}",
-            ]
-            if deadline:
-                cmd.append(f"--deadline={deadline}")
-            procs.append(subprocess.Popen(cmd, env=env))
-        codes = [p.wait() for p in procs]
-        if any(c not in (0, 3) for c in codes):
-            print(f"WARNING: worker exit codes {codes}; finished results are kept", flush=True)
-        complete = all(c == 0 for c in codes)
-
-    # 3. Outputs: every result in model_dir, finished or merged from earlier parts.
-    results, _ = collect(args)
-    missing = [f"{v}:seed{s}" for v in names for s in args.seed_list if (v, s) not in results]
-    complete = complete and not missing
-    write_outputs(args, {"part": args.part, "complete": complete, "missing": missing})
+    # 2. Training: each run resumes from its own folder.
+    unstarted = train(args, todo)
+    # 3. Report: every run in --model_dir, this command's and earlier ones'.
+    results = write_report(args)
+    wanted = [(v, s) for v in args.variants for s in args.seed_list]
+    status = {k: results[k]["status"] if k in results else "pending" for k in wanted}
+    open_runs = [
+        f"{v}:seed{s} ({st})" for (v, s), st in status.items() if st not in ("done", "diverged")
+    ]
+    if not open_runs:
+        print(f"COMPLETE: {len(wanted)} run(s), {time.time() - START:.0f} s", flush=True)
+        return 0
     print(
-        ("COMPLETE" if complete else "INCOMPLETE: run the same command again to continue")
-        + f": part {args.part}, {time.time() - START:.0f} s",
+        f"INCOMPLETE after {time.time() - START:.0f} s: {', '.join(open_runs)}"
+        + (f"; {len(unstarted)} not started for lack of time" if unstarted else "")
+        + ". Run the same command again to continue.",
         flush=True,
     )
-
-
-def _jax_cache(args):
-    if args.smoke:
-        return  # writing the cache costs a smoke run more than it saves
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", os.path.join(args.model_dir, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    return 1 if any(st == "failed" for st in status.values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
