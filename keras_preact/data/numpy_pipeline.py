@@ -30,6 +30,39 @@ def normalize(images, mean, std):
     return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
 
+def pass_order(n, seed, data_pass):
+    """The example order of pass `data_pass` over `n` training examples: the one seeding
+    rule of the in-memory streams (`ArrayDataset` and `tfdata.array_dataset`).
+
+    Example:
+
+    >>> pass_order(5, seed=0, data_pass=0).tolist() == pass_order(5, 0, 0).tolist()
+    True
+    """
+    return np.random.default_rng([seed, data_pass]).permutation(n)
+
+
+def example_order(n, batch_size, seed, start_batch=0):
+    """Yields, pass after pass, the example indices of the training stream from global
+    batch `start_batch` on: each pass is `pass_order` cut to whole batches, so global batch
+    `b` holds the same examples in every stream built with `seed`.
+
+    Example:
+
+    >>> first = next(example_order(10, 4, seed=0))
+    >>> len(first), sorted(first) == sorted(set(first))
+    (8, True)
+    >>> bool((next(example_order(10, 4, seed=0, start_batch=1)) == first[4:]).all())
+    True
+    """
+    per_pass = n // batch_size
+    data_pass, within = divmod(start_batch, per_pass)
+    while True:
+        order = pass_order(n, seed, data_pass)[: per_pass * batch_size]
+        yield order[within * batch_size :]
+        data_pass, within = data_pass + 1, 0
+
+
 def pad_crop_flip(images, rng, *, padding=4, flip=True):
     """Random crop of zero-padded images, and random horizontal flips.
 
@@ -213,11 +246,7 @@ class ArrayDataset(keras.utils.PyDataset):
 
     def _order(self, data_pass):
         if data_pass not in self._orders:
-            self._orders = {
-                data_pass: np.random.default_rng([self.seed, data_pass]).permutation(
-                    len(self.images)
-                )
-            }
+            self._orders = {data_pass: pass_order(len(self.images), self.seed, data_pass)}
         return self._orders[data_pass]
 
     def __getitem__(self, index):
@@ -239,4 +268,3 @@ class ArrayDataset(keras.utils.PyDataset):
 
     def _finish(self, images):
         return normalize(images, self.mean, self.std) if self.normalize else images
-

@@ -85,8 +85,8 @@ def array_dataset(
     flip=True,
     seed=0,
     deterministic=False,
-    shuffle_buffer=None,
     normalize=True,
+    start_batch=0,
 ):
     """Dataset of CIFAR-style batches from uint8 arrays held in memory.
 
@@ -100,9 +100,13 @@ def array_dataset(
         input_context: `tf.distribute.InputContext`, or None for one pipeline.
         padding: padding of the random crop; 0 disables it.
         flip: random horizontal flips.
-        seed: seed of the shuffle and the augmentation.
-        deterministic: fixed element order and stateless random ops.
-        shuffle_buffer: default: the whole (sharded) dataset.
+        seed: seed of the example order and the augmentation. The training order is
+            `numpy_pipeline.example_order`'s, the numpy pipeline's: global batch `b` holds
+            the same examples in both (with several input pipelines, their per-replica
+            batches together).
+        deterministic: stateless random augmentation ops.
+        start_batch: the global batch the training stream starts at (an int, or a
+            callable read when iteration starts: a resumed run's position).
         normalize: map images to float32 `(x / 255 - mean) / std`; if False, batches stay
             uint8 (4x fewer bytes to the accelerator) and the model normalizes them.
 
@@ -117,19 +121,34 @@ def array_dataset(
     >>> next(iter(ds))[0].shape
     TensorShape([8, 28, 28, 1])
     """
+    from keras_preact.data import numpy_pipeline
+
     batch = per_replica_batch(batch_size, input_context)
-    ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int64)))
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    labels = np.asarray(labels, np.int64)
+    sharded = input_context is not None and input_context.num_input_pipelines > 1
     mean = tf.constant(mean, tf.float32)
     std = tf.constant(std, tf.float32)
 
     def normalize_batch(x, y):
         return (tf.cast(x, tf.float32) / 255.0 - mean) / std, y
 
-    if training:
-        ds = ds.shuffle(shuffle_buffer or len(images), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.repeat()
+    if not training:
+        ds = tf.data.Dataset.from_tensor_slices((images, labels))
+        if sharded:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    else:
+
+        def order():
+            start = start_batch() if callable(start_batch) else start_batch
+            yield from numpy_pipeline.example_order(len(images), batch_size, seed, start)
+
+        ds = tf.data.Dataset.from_generator(
+            order, output_signature=tf.TensorSpec((None,), tf.int64)
+        ).unbatch()
+        if sharded:  # every pipeline takes its share of each global batch
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        x_all, y_all = tf.constant(images), tf.constant(labels)
+        ds = ds.map(lambda i: (tf.gather(x_all, i), tf.gather(y_all, i)))
         if deterministic:
             ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))
             ds = ds.map(
@@ -144,7 +163,8 @@ def array_dataset(
     ds = ds.batch(batch, drop_remainder=training)
     if normalize:
         ds = ds.map(normalize_batch, num_parallel_calls=AUTOTUNE)
-    return ds.with_options(_options(deterministic or not training)).prefetch(AUTOTUNE)
+    # The element order is the stream's (parallel maps must keep it).
+    return ds.with_options(_options(True)).prefetch(AUTOTUNE)
 
 
 def load_tfds_arrays(name, data_dir=None, download=True):

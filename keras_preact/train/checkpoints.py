@@ -29,7 +29,6 @@ is skipped with a warning naming the file, and the run resumes from the one befo
 import contextlib
 import csv
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -44,6 +43,7 @@ import keras
 import numpy as np
 
 from keras_preact.train import metrics
+from keras_preact.weights import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -113,38 +113,30 @@ def _close_h5(path):
                 h5py.File(fid).close()  # closes its groups and datasets too
 
 
+def write_atomic(path, write, mode="w"):
+    """The one atomic writer: `write(file)` fills a temporary file, which is flushed to disk
+    and renamed into place. On failure (a full disk, a read-only folder) the temporary file
+    is removed and one `WriteError` names `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise _write_failed(e, path) from None
+
+
 def write_json_atomic(path, obj):
-    """Writes `obj` as JSON to a temporary file, flushes it to disk and renames it into place.
-
-    On failure (a full disk) the temporary file is removed and one `OSError` names `path`.
-    """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise _write_failed(e, path) from None
+    """`obj` as JSON at `path`, atomically (`write_atomic`)."""
+    write_atomic(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str))
 
 
-def _write_text_atomic(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise _write_failed(e, path) from None
-
-
-#: `_write_text_atomic` for the scripts' own reports: like `write_json_atomic`, for text.
-write_text_atomic = _write_text_atomic
+def write_text_atomic(path, text):
+    """`text` at `path`, atomically (`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text))
 
 
 def _save_weights(model, path, name=None, attrs=None):
@@ -192,14 +184,6 @@ def save_model_weights_atomic(model, path, attrs=None):
     clone = model.__class__.from_config(model.get_config())
     clone.set_weights(model.get_weights())
     save_weights_atomic(clone, path, attrs)
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _csv_text(rows):
@@ -355,7 +339,7 @@ class Checkpointer:
         size = os.path.getsize(weights)
         if size != record.get("bytes"):
             raise ValueError(f"{weights} has {size} bytes, {state_path} says {record.get('bytes')}")
-        if _sha256(weights) != record.get("sha256"):
+        if file_digest(weights) != record.get("sha256"):
             raise ValueError(f"{weights} does not match the SHA-256 in {state_path}")
         from keras_preact.weights import load_weights_file
 
@@ -501,7 +485,7 @@ class Checkpointer:
     def _write_log(self):
         if self.rows or os.path.exists(os.path.join(self.write_dir, "log.csv")):
             os.makedirs(self.write_dir, exist_ok=True)
-            _write_text_atomic(os.path.join(self.write_dir, "log.csv"), _csv_text(self.rows))
+            write_text_atomic(os.path.join(self.write_dir, "log.csv"), _csv_text(self.rows))
 
     def _prune(self, epoch):
         """Before writing `epoch`: keeps only the newest complete checkpoint older than it.
@@ -564,7 +548,7 @@ class Checkpointer:
                 "weights": {
                     "file": WEIGHTS,
                     "bytes": os.path.getsize(weights),
-                    "sha256": _sha256(weights),
+                    "sha256": file_digest(weights),
                 },
                 "time": time.time(),
             }

@@ -27,6 +27,7 @@ runs under KERAS_BACKEND=jax or torch on machines without TF; `--pipeline=tfdata
 """
 
 import time
+import types
 
 import keras
 from absl import app, flags
@@ -128,7 +129,11 @@ def resolve_pipeline(pipeline, loop):
 
 
 def datasets(cfg, run, arrays):
-    """`(train_data, val_data_fn)` of the run's pipeline, loop and strategy."""
+    """`(train_data, val_data_fn, position)` of the run's pipeline, loop and strategy.
+
+    Both pipelines deliver the examples in the order of `numpy_pipeline.example_order`;
+    `position` (its `epoch`, set when the run resumes) is where the training stream starts.
+    """
     from keras_preact.data import numpy_pipeline
 
     (x_train, y_train), (x_test, y_test) = arrays
@@ -149,8 +154,10 @@ def datasets(cfg, run, arrays):
         val = numpy_pipeline.ArrayDataset(
             x_test, y_test, cfg.eval_batch_size, training=False, **common
         )
-        return train, lambda: val
+        return train, lambda: val, train
     from keras_preact.data import tfdata
+
+    position = types.SimpleNamespace(seed=cfg.seed, epoch=0, steps_per_epoch=cfg.steps_per_epoch)
 
     def train_fn(input_context=None):
         return tfdata.array_dataset(
@@ -160,6 +167,7 @@ def datasets(cfg, run, arrays):
             training=True,
             input_context=input_context,
             deterministic=cfg.deterministic,
+            start_batch=lambda: position.epoch * cfg.steps_per_epoch,
             **augment,
             **common,
         )
@@ -176,9 +184,9 @@ def datasets(cfg, run, arrays):
 
     if run.loop == "custom":
         distribute = run.strategy.distribute_datasets_from_function
-        return distribute(train_fn), lambda: distribute(val_fn)
+        return distribute(train_fn), lambda: distribute(val_fn), position
     val = val_fn()
-    return train_fn(), lambda: val
+    return train_fn(), lambda: val, position
 
 
 def main(argv):
@@ -213,7 +221,7 @@ def main(argv):
         num_train=len(x_train),
         num_test=len(x_test),
     )
-    train_data, val_data_fn = datasets(cfg, run, ((x_train, y_train), (x_test, y_test)))
+    train_data, val_data_fn, position = datasets(cfg, run, ((x_train, y_train), (x_test, y_test)))
 
     # 4. Model and optimizer.
     schedule = optimization.lr_schedule(cfg)
@@ -222,13 +230,10 @@ def main(argv):
     cfg = cfg.derive(decayed_weights=built.decayed)
     checkpoints.write_config(cfg, run)
 
-    # 5. Resume from the last completed epoch, if the run was interrupted.
-    # The numpy pipeline's order depends only on (seed, batch): it continues where it stopped.
+    # 5. Resume from the last completed epoch, if the run was interrupted. The input
+    # order depends only on (seed, batch): the stream continues where it stopped.
     checkpointer = checkpoints.Checkpointer(
-        cfg.model_dir,
-        run.write_dir,
-        data=train_data if cfg.pipeline == "numpy" else None,
-        export=built.export,
+        cfg.model_dir, run.write_dir, data=position, export=built.export
     )
     initial_epoch = checkpointer.restore(built.model).epoch
 
