@@ -22,11 +22,8 @@ reader does not load: use `--source=files` for it); for ImageNet use TFDS's own 
 """
 
 import os
-import sys
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_enum("dataset", "fashion_mnist", ["fashion_mnist", "cifar10"], "Dataset to prepare.")
 flags.DEFINE_string("files_dir", None, "Folder with the downloaded files.", required=True)
