@@ -242,7 +242,7 @@ def test_paper_tables_records_stopped_diverged_and_failed_runs(tmp_path):
     assert stopped["final_test_error"] == pytest.approx(0.7) and stopped["wall_time_s"] == 60.0
     assert math.isnan(results["r110_conv1x1", 0]["final_test_error"])  # diverged: none
     assert curves["r110_identity", 0][0]["epoch"] == 1
-    md = pt.markdown(results, {})
+    md = pt.markdown(results)
     assert "| 1x1 conv | 12.22 | diverged | 0 |" in md and "| identity | 6.61 |  | 0 |" in md
 
 

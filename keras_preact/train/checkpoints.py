@@ -1,29 +1,15 @@
-"""Everything a run writes to disk and reads back to resume, behind one small API.
+"""Everything a run writes to disk and reads back to resume (docs/training.md, "Run
+directory, checkpoints and resume", lists the files and their guarantees).
 
-`Checkpointer` is the only reader and writer of a run's resumable state and of `log.csv`;
-both training loops (`model.fit` through `callbacks.EpochCheckpoint`, and
-`custom_loop.fit`) call its `save` at the end of every epoch, and the trainers call its
-`restore` once before training. A checkpoint holds the model's variables **and its
-optimizer's** (iteration counter, which drives the learning-rate schedule, and momentum):
-the trainers compile the model with its optimizer in both loops, so `model.save_weights`
-writes both.
-
-One epoch's checkpoint is one folder, complete or absent: its files are written into a
-temporary folder, flushed to disk, and the folder is renamed into place in one
-`os.rename` (atomic on POSIX file systems). Files under `model_dir` (see docs/training.md):
-
-    checkpoints/epoch-NNNN/model.weights.h5  model + optimizer variables after epoch NNNN
-    checkpoints/epoch-NNNN/state.json        epoch, steps, best, every epoch's logs so far,
-                                             the input position, the weights' size and SHA-256
-    log.csv                                  rewritten from state.json at every save
-    best.weights.h5, best.json               the model alone at its best epoch; that value (also
-                                             recorded in the file itself)
-    final.weights.h5                         the model alone, at the end
-    config.json, summary.json                the run's options, and its results
-
-The newest complete checkpoint and the one before it are kept: a checkpoint whose
-`state.json` does not parse or whose weights do not match their recorded size and hash
-is skipped with a warning naming the file, and the run resumes from the one before.
+`Checkpointer` is the only reader and writer of a run's resumable state and of `log.csv`:
+every loop calls its `save` at the end of every epoch (`callbacks.EpochCheckpoint`), and
+the trainers call its `restore` once before training. A checkpoint holds the model's
+variables **and its optimizer's** (the iteration counter that drives the schedule, and
+momentum): the trainers compile the model with its optimizer in every loop. One epoch's
+checkpoint is one folder, `checkpoints/epoch-NNNN/` (`model.weights.h5`, `state.json`),
+written into a temporary folder, flushed and renamed into place in one `os.rename`; the
+newest and the one before it are kept, and a damaged newest one is skipped with a warning.
+Every other file goes through the one atomic writer, `write_atomic`.
 """
 
 import contextlib
