@@ -7,10 +7,8 @@ trainer altogether: the Keras model and optimizer are used as plain objects, the
 loss is averaged over the global batch with `tf.nn.compute_average_loss`, the
 Keras TF optimizer all-reduces (sums) the gradients across replicas in
 `apply`, and metrics are per-replica counts summed with `strategy.reduce`.
-It works under every TF strategy, which is how the tests compare it with `fit`.
-
-It needs TensorFlow (`tf.distribute`); `--loop=custom` under another backend is refused
-when the flags are parsed (`config.define_train_flags`).
+It works under every TF strategy, which is how the tests compare it with `fit`; under
+another backend `--loop=custom` is refused when the flags are parsed.
 """
 
 import os

@@ -4,7 +4,7 @@ Each trainer module's flags are read in a subprocess of its own (they define fla
 same names), as absl's key flags of the module: the ones `--help` lists, without
 TensorFlow's.
 
-    python training/flags_table.py > /tmp/flags.md
+    python tools/flags_table.py > /tmp/flags.md
 """
 
 import json
