@@ -5,7 +5,14 @@ process start to the end of the first step, and peak device memory, for every ca
 its own process (so XLA flags, memory peaks and failures stay separate), then prints one
 markdown table with ratios to each peer and model FLOP utilization, and writes JSON.
 
-    python benchmarks/gpu_throughput.py --out=$OUT      # the default cases, about 8 minutes
+On a GPU box or cloud VM with JAX for CUDA, Keras and this package installed
+(`pip install "jax[cuda12]" keras` and `pip install -e .`; torch and timm for the timm rows):
+
+    KERAS_BACKEND=jax python benchmarks/gpu_throughput.py --out=results/   # about 8 minutes
+
+`--time_budget_s` (540 s by default; 0: no limit) stops starting new cases once spent, and
+`gpu_throughput.json` is rewritten after every case, so an interrupted run keeps what it
+measured.
 
 Cases are `model:path[:option=value,...]`:
 
@@ -16,26 +23,33 @@ Cases are `model:path[:option=value,...]`:
             preact164, preact1001   CIFAR family, 32 px, batch 128
             preact110_fmnist, wrn26_4_fmnist   the Fashion-MNIST scripts' networks, 28 px
             matmul          a bf16 8192^3 matrix product: the device's reachable FLOP/s
-    paths   jit      a jitted JAX step on device-resident data (stateless_call,
-                     jax.value_and_grad, optimizer.stateless_apply, donated state)
+    paths   jit      the trainer's jitted JAX step (`--loop=jax`,
+                     `keras_preact.train.jax_loop.make_train_step`: stateless_call,
+                     jax.value_and_grad, optimizer.stateless_apply, donated state) on
+                     device-resident data
             fit      model.fit fed by the package's numpy pipeline (random crop and flip on
                      the host, uint8 batches, normalization on the device)
             eager, compile   timm in PyTorch eager, and under torch.compile
     options batch, size, steps (timed per round), rounds, warmup, donate (1/0),
             precision (bf16/fp32), bn (keras: two-pass statistics; onepass: one pass,
             E[x^2] - E[x]^2 around the moving mean), xla (a preset of XLA_FLAGS below),
-            input (uint8/float32), remat (none/full/activations, keras.RematScope),
-            seeds (vmapped copies of the network in one step), workers (fit: PyDataset
-            threads), spe (fit: steps_per_execution)
+            input (uint8: the model normalizes; float32: normalized batches), remat
+            (none/full/activations, keras.RematScope), seeds (vmapped copies of the network
+            in one step), workers (fit: PyDataset threads), spe (fit: steps_per_execution),
+            wd (coupled L2 weight decay on the kernels, as the trainers' --weight_decay;
+            default 0, as the peers' steps)
 
-    python benchmarks/gpu_throughput.py --cases=preact50:jit,preact50:jit:batch=512,\
-preact50:jit:bn=onepass,preact1001:jit:xla=fast_compile --out=$OUT
+    KERAS_BACKEND=jax python benchmarks/gpu_throughput.py --cases=preact50:jit,\
+preact50:jit:batch=512,preact50:jit:bn=onepass,preact1001:jit:xla=fast_compile --out=results/
 
-Peak bf16 FLOP/s per GPU (dense, from the vendors' data sheets) is in `PEAK_TFLOPS`; the
-`matmul` case gives the reachable rate on the machine at hand, and both utilizations are
-reported. FLOPs per image are counted analytically (6 x the conv and dense multiply-adds:
-forward, and a backward pass twice as costly); XLA's own count is in the JSON too.
-`--smoke` runs tiny networks for a few steps on CPU (CI).
+With `input=uint8` (the default) keras_preact nets are built with `include_preprocessing=True`
+and ResNet50V2 gets one `Rescaling` layer in front, so every Keras case normalizes on the
+device, as the trainers do. Peak bf16 FLOP/s per GPU (dense, from the vendors' data sheets)
+is in `PEAK_TFLOPS`; the `matmul` case gives the reachable rate on the machine at hand, and
+both utilizations are reported. FLOPs per image are counted analytically
+(`keras_preact.train.metrics.multiply_adds`: 6 x the conv and dense multiply-adds, forward
+and a backward pass twice as costly); XLA's own count is in the JSON too. `--smoke` runs
+tiny networks for a few steps on CPU (CI).
 """
 
 import argparse
@@ -102,6 +116,7 @@ OPTIONS = {
     "seeds": int,
     "workers": int,
     "spe": int,
+    "wd": float,
 }
 #: The peers' table, most important first: the last case gets what is left of the budget.
 DEFAULT_CASES = [
@@ -197,6 +212,7 @@ def _settings(model, options, smoke):
         "seeds": options.get("seeds", 1),
         "workers": options.get("workers", 8),
         "spe": options.get("spe", 1),
+        "wd": options.get("wd", 0.0),
     }
 
 
@@ -226,8 +242,10 @@ def _onepass_moments():
 
 
 def _build_keras(model, s, smoke, preprocessing=None):
-    """The network of `model`; keras_preact ones normalize [0, 255] input themselves when
-    `preprocessing` (a `(mean, std)` pair) is given."""
+    """The network of `model`. With `preprocessing` (a `(mean, std)` pair) it takes [0, 255]
+    pixels and normalizes them itself: keras_preact nets through `include_preprocessing`,
+    keras.applications' ResNet50V2 through one `Rescaling` layer in front (this benchmark's
+    own, the same arithmetic)."""
     import keras
 
     import keras_preact
@@ -236,7 +254,15 @@ def _build_keras(model, s, smoke, preprocessing=None):
     kw = {"input_shape": shape, "classes": s["classes"], "classifier_activation": None}
     tiny = {"depth": 8, "block": "basic", "family": "cifar", "width_multiplier": 0.5}  # CPU smoke
     if model == "resnet50v2":
-        return keras.applications.ResNet50V2(weights=None, **kw)
+        net = keras.applications.ResNet50V2(weights=None, **kw)
+        if preprocessing is None:
+            return net
+        mean, std = preprocessing
+        inputs = keras.Input(shape, dtype="uint8")
+        scale = [1.0 / (255.0 * v) for v in std]
+        offset = [-m / v for m, v in zip(mean, std)]
+        x = keras.layers.Rescaling(scale, offset, name="normalize")(inputs)
+        return keras.Model(inputs, net(x))
     if preprocessing is not None:
         kw.update(include_preprocessing=True, preprocessing=preprocessing)
     if model in ("preact50", "preact50_keras"):
@@ -306,8 +332,7 @@ def run_keras(model, path, s, smoke):
     import keras
     import numpy as np
 
-    sys.path.insert(0, REPO)
-    from training import jax_loop
+    from keras_preact.train import jax_loop, metrics, optimization
 
     info = {**_device_info_jax(), "keras": keras.__version__}
     if s["bn"] == "onepass":
@@ -315,15 +340,17 @@ def run_keras(model, path, s, smoke):
     keras.config.set_dtype_policy("mixed_bfloat16" if s["precision"] == "bf16" else "float32")
     remat = None if s["remat"] == "none" else s["remat"]
     mean, std = [0.5] * s["channels"], [0.25] * s["channels"]
-    # The trainers' path: the model normalizes uint8 batches itself (include_preprocessing).
-    preprocessing = (mean, std) if path == "fit" and s["input"] == "uint8" else None
+    # The trainers' path: uint8 batches that the model normalizes itself.
+    preprocessing = (mean, std) if s["input"] == "uint8" else None
     t_build = time.time()
     if remat:
         with keras.RematScope(mode=remat):
             net = _build_keras(model, s, smoke, preprocessing)
     else:
         net = _build_keras(model, s, smoke, preprocessing)
-    macs = jax_loop.multiply_adds(net)
+    # The trainers' coupled L2 decay: each kernel's regularizer, which both paths add.
+    optimization.add_weight_decay(net, s["wd"])
+    macs = metrics.multiply_adds(net)
     info.update(
         params=net.count_params(), build_s=round(time.time() - t_build, 1), flops_per_image=6 * macs
     )
@@ -333,19 +360,13 @@ def run_keras(model, path, s, smoke):
         return {**info, **_run_fit(net, s, mean, std, rng, shape, t0)}
 
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-    normalize = jax_loop.device_normalizer(mean, std) if s["input"] == "uint8" else None
-    step = jax_loop.make_train_step(
-        net, optimizer, normalize=normalize, seeds=s["seeds"], donate=s["donate"]
-    )
+    step = jax_loop.make_train_step(net, optimizer, seeds=s["seeds"], donate=s["donate"])
+    state = jax_loop.init_state(net, optimizer)
     if s["seeds"] > 1:
-        states = []
-        for i in range(s["seeds"]):
-            keras.utils.set_random_seed(i)
-            states.append(jax_loop.init_state(net, optimizer))
-        state = jax_loop.stack_states(states)
+        # Copies of one initialization: the throughput does not depend on the values.
+        copies = [state] + [jax.tree_util.tree_map(jnp.copy, state) for _ in range(s["seeds"] - 1)]
+        state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *copies)
         shape = (s["seeds"], *shape)
-    else:
-        state = jax_loop.init_state(net, optimizer)
     if s["input"] == "uint8":
         x = jax.device_put(rng.integers(0, 256, shape, dtype=np.uint8))
     else:
@@ -362,23 +383,22 @@ def run_keras(model, path, s, smoke):
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     if cost and cost.get("flops"):
         info["xla_flops_per_image"] = float(cost["flops"]) / (s["batch"] * s["seeds"])
-    state, metrics = compiled(state, x, y)
-    jax.block_until_ready(metrics["loss"])
+    state, sums = compiled(state, x, y)
+    jax.block_until_ready(sums["loss"])
     info["first_step_s"] = round(time.time() - t0, 1)
     for _ in range(s["warmup"]):
-        state, metrics = compiled(state, x, y)
-    jax.block_until_ready(metrics["loss"])
+        state, sums = compiled(state, x, y)
+    jax.block_until_ready(sums["loss"])
     rates = []
     for _ in range(s["rounds"]):
         t = time.time()
         for _ in range(s["steps"]):
-            state, metrics = compiled(state, x, y)
-        jax.block_until_ready(metrics["loss"])
+            state, sums = compiled(state, x, y)
+        jax.block_until_ready(sums["loss"])
         rates.append(s["steps"] * s["batch"] * s["seeds"] / (time.time() - t))
-    loss = np.asarray(metrics["loss"], np.float64)
+    loss = np.asarray(sums["loss"], np.float64)
     if not np.all(np.isfinite(loss)):
         raise FloatingPointError(f"non-finite training loss {loss}")
-    del jnp
     return {
         **info,
         "images_per_s": sorted(rates)[len(rates) // 2],
@@ -387,7 +407,7 @@ def run_keras(model, path, s, smoke):
     }
 
 
-def _run_fit(net, s, mean, std, rng, shape, t0):
+def _run_fit(model, s, mean, std, rng, shape, t0):
     """model.fit fed by the numpy pipeline: uint8 batches the model normalizes itself, or
     (`input=float32`) batches the host normalizes, as the trainers did before."""
     import jax
@@ -396,15 +416,7 @@ def _run_fit(net, s, mean, std, rng, shape, t0):
 
     from keras_preact.data import numpy_pipeline
 
-    model = net
     host_float = s["input"] == "float32"  # the old path: the host normalizes to float32
-    if not host_float and "preprocessing" not in [layer.name for layer in net.layers]:
-        # keras.applications models: the same normalization as one Rescaling layer.
-        inputs = keras.Input(shape[1:], dtype="uint8")
-        scale = [1.0 / (255.0 * v) for v in std]
-        offset = [-m / v for m, v in zip(mean, std)]
-        x = keras.layers.Rescaling(scale, offset, name="normalize")(inputs)
-        model = keras.Model(inputs, net(x))
     model.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -485,7 +497,7 @@ def run_timm(path, s, smoke):
         net = timm.create_model("resnetv2_50", **kwargs)
     net = net.to(dev).to(memory_format=torch.channels_last)
     macs = _torch_macs(net, s, dev)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=s["wd"])
     model = torch.compile(net) if path == "compile" else net
     x = torch.randn(s["batch"], s["channels"], s["size"], s["size"], device=dev)
     x = x.to(memory_format=torch.channels_last)
@@ -753,7 +765,7 @@ def main():
         p.error(str(e))
     out_dir = args.out or os.path.join(REPO, "runs", "gpu_throughput")
     os.makedirs(out_dir, exist_ok=True)
-    # Each case's own result file, outside --out (which may take only a few files).
+    # Each case writes its result to a scratch folder; --out receives only the report.
     scratch = tempfile.mkdtemp(prefix="gpu_throughput_")
 
     # 2. Each case in its own process; the JSON is rewritten after every case.

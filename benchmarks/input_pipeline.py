@@ -21,13 +21,10 @@ which does not depend on how many cores were free. Not a test; run by hand:
 
 import io
 import os
-import sys
 import tempfile
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_integer("threads", 1, "CPU threads for tf.data and TF ops.")
 flags.DEFINE_integer("images", 256, "Distinct JPEGs written to the shards.")
@@ -140,11 +137,16 @@ def main(argv):
         count = FLAGS.batches * 64
         # images/s/core: images per second of CPU time used by the whole process.
         results[name] = count / cpu
-        print(f"{name:18s} {count / wall:8.1f} images/s wall  {count / cpu:8.1f} "
-              f"images/s/core (CPU time; {cpu / wall:.2f} cores busy)", flush=True)
+        print(
+            f"{name:18s} {count / wall:8.1f} images/s wall  {count / cpu:8.1f} "
+            f"images/s/core (CPU time; {cpu / wall:.2f} cores busy)",
+            flush=True,
+        )
     if "fused" in results and "decode_then_crop" in results:
-        print(f"fused / decode_then_crop (per core): "
-              f"{results['fused'] / results['decode_then_crop']:.2f}x")
+        print(
+            f"fused / decode_then_crop (per core): "
+            f"{results['fused'] / results['decode_then_crop']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

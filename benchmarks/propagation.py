@@ -15,18 +15,14 @@ shape, no projection): 1 means the gradient passes unchanged, as Eqn. 5 says for
 """
 
 import argparse
-import os
 import sys
 import time
 
+import keras
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-import keras  # noqa: E402
-
-import keras_preact  # noqa: E402
-from keras_preact import diagnostics, shortcuts  # noqa: E402
+import keras_preact
+from keras_preact import diagnostics, shortcuts
 
 #: (label, factory, the paper's Table 1 test error on CIFAR-10 for ResNet-110, original unit).
 SHORTCUTS = [

@@ -21,16 +21,13 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
+import keras
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-import keras  # noqa: E402
-
-import keras_preact  # noqa: E402
+import keras_preact
+from keras_preact.train import metrics
 
 MODELS = {
     "keras_resnet50v2": lambda shape: keras.applications.ResNet50V2(
@@ -58,18 +55,6 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def multiply_adds(model):
-    """Multiply-adds of one forward pass of one image (convolutions and dense layers)."""
-    total = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            h, w, c_in = layer.output.shape[1], layer.output.shape[2], layer.input.shape[-1]
-            total += h * w * layer.kernel_size[0] * layer.kernel_size[1] * c_in * layer.filters
-        elif isinstance(layer, keras.layers.Dense):
-            total += layer.input.shape[-1] * layer.units
-    return total
 
 
 def versions():
@@ -118,8 +103,8 @@ def main():
         t = time.perf_counter()
         for _ in range(args.warmup + 1):
             m.train_on_batch(x, y)
-        print(f"{n}: {m.count_params():,} params, {multiply_adds(m) / 1e9:.3f} GMACs/image, "
-              f"{len(m.layers)} layers, "
+        gmacs = metrics.multiply_adds(m) / 1e9
+        print(f"{n}: {m.count_params():,} params, {gmacs:.3f} GMACs/image, {len(m.layers)} layers, "
               f"warm-up {time.perf_counter() - t:.1f} s", flush=True)  # fmt: skip
         models[n] = m
 

@@ -12,34 +12,40 @@ and ships float32. This script measures, for the trainers' own pipelines and mod
 * host time per batch of the numpy pipeline (CPU time of `ArrayDataset[i]`);
 * the training-step time (`train_on_batch`, SGD + momentum, the trainers' loss) of the
   model fed float32 batches and of the same model built with `include_preprocessing=True`
-  (the trainers' on-device normalization, its first layer) fed uint8 batches, timed in interleaved rounds (A, B, A, B, ...), median
-  per-step time over rounds.
+  (the trainers' on-device normalization, its first layer) fed uint8 batches, timed in
+  interleaved rounds (A, B, A, B, ...), median per-step time over rounds.
 
     KERAS_BACKEND=tensorflow python benchmarks/uint8_input.py --case=cifar
     KERAS_BACKEND=tensorflow python benchmarks/uint8_input.py --case=imagenet --batch=16
 """
 
 import argparse
+import importlib.util
 import os
 import statistics
-import sys
 import tempfile
 import time
 
+import keras
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-import keras  # noqa: E402
-
-from keras_preact.data import numpy_pipeline  # noqa: E402
-from training import modeling, optimization  # noqa: E402
+from keras_preact.data import numpy_pipeline
+from keras_preact.train import modeling, optimization
 
 CASES = {
     # name: (model, image shape, classes, default batch)
     "cifar": ("PreActResNet20", (32, 32, 3), 10, 128),
     "imagenet": ("PreActResNet50", (224, 224, 3), 1000, 16),
 }
+
+
+def _sibling(name):
+    """`benchmarks/<name>.py` as a module: the benchmarks are scripts, not a package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def batch_bytes(batch):
@@ -78,8 +84,9 @@ def imagenet_pipelines(batch):
     """The ImageNet pipeline's batches on shards of real photos (needs TensorFlow)."""
     if keras.backend.backend() != "tensorflow":
         return {}, None
-    from benchmarks.input_pipeline import make_jpegs
     from keras_preact.data import tfdata
+
+    make_jpegs = _sibling("input_pipeline").make_jpegs
 
     folder = tempfile.mkdtemp()
     jpegs = make_jpegs(2 * batch)

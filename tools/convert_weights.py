@@ -21,18 +21,25 @@ conversion (for the same builder arguments).
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 
+import keras
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+import keras_preact
+from keras_preact import imagenet_utils
+from keras_preact import weights as kp_weights
 
-import keras  # noqa: E402
 
-import keras_preact  # noqa: E402
-from keras_preact import imagenet_utils  # noqa: E402
-from keras_preact import weights as kp_weights  # noqa: E402
+def _sibling(name):
+    """`tools/<name>.py` as a module: the tools are scripts, not a package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def keras_reference(record, path, x):
@@ -42,7 +49,7 @@ def keras_reference(record, path, x):
 
 
 def timm_reference(record, path, x):
-    import make_timm_fixture  # stubs torchvision for timm's imports
+    make_timm_fixture = _sibling("make_timm_fixture")  # stubs torchvision for timm's imports
 
     try:
         import torchvision  # noqa: F401
@@ -61,11 +68,12 @@ def timm_reference(record, path, x):
 def torch7_reference(record, path, x):
     import torch
     import torchfile
-    from torch7_reference import forward, from_torchfile
+
+    t7 = _sibling("torch7_reference")
 
     with torch.no_grad():
         nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        return forward(from_torchfile(torchfile.load(path)), nchw).numpy()
+        return t7.forward(t7.from_torchfile(torchfile.load(path)), nchw).numpy()
 
 
 REFERENCES = {"keras_h5": keras_reference, "timm_safetensors": timm_reference,

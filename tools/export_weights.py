@@ -12,16 +12,13 @@ whole Fashion-MNIST test set with the record's preprocessing.
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-
-import keras_preact  # noqa: E402
-from keras_preact import convert  # noqa: E402
-from keras_preact import weights as kp_weights  # noqa: E402
-from keras_preact.data import idx  # noqa: E402
+import keras_preact
+from keras_preact import convert
+from keras_preact import weights as kp_weights
+from keras_preact.data import idx
 
 
 def main():

@@ -18,12 +18,25 @@ inside its branch, and projections are 1x1 conv + BN on the un-activated unit in
     python tools/make_t7_fixture.py --resnet200 /tmp/fb/resnet-200.t7  # full size, random
 """
 
+import importlib.util
 import os
 import sys
 
 import numpy as np
 import torch
-from torch7_reference import T7Module, forward, write
+
+
+def _sibling(name):
+    """`tools/<name>.py` as a module: the tools are scripts, not a package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_t7 = _sibling("torch7_reference")  # the Torch7 writer and the reference forward pass
+T7Module, forward, write = _t7.T7Module, _t7.forward, _t7.write
 
 FIXTURES = os.path.join(os.path.dirname(__file__), os.pardir, "tests", "fixtures")
 STAGES = (2, 2, 1, 1)

@@ -43,9 +43,9 @@ fi
 for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
   cp "$DATA_SRC/$f.gz" "$OUT/fashion-mnist/"
 done
+# `python3 -` imports from the current folder, the repository root: keras_preact needs no install.
 python3 - "$OUT/fashion-mnist" <<'PY'
 import sys
-sys.path.insert(0, ".")
 from keras_preact.data import idx
 (x, y), (xt, yt) = idx.load_fashion_mnist(sys.argv[1])
 assert x.shape == (60000, 28, 28, 1) and xt.shape == (10000, 28, 28, 1), (x.shape, xt.shape)

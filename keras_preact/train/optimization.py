@@ -1,7 +1,7 @@
 """The paper's optimization: learning-rate schedules, coupled L2 weight decay, SGD, the loss.
 
-Everything here is built from a `Config` and plain Keras objects, the same for both
-training loops (`model.fit` and the `strategy.run` loop of `custom_loop.py`).
+Everything here is built from a run's config and plain Keras objects, the same for every
+loop (`model.fit`, the `strategy.run` loop and the jitted JAX loop).
 """
 
 import math
