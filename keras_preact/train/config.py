@@ -106,8 +106,6 @@ class ModelConfig:
         """
         names = [n for n in cls.option_names() if n in flag_values]
         values = {n: flag_values[n].value for n in names}
-        if isinstance(values.get("lr_boundaries"), list):
-            values["lr_boundaries"] = tuple(values["lr_boundaries"])
         explicit = {n for n in names if flag_values[n].present}
         preset = PRESETS.get(cls.trainer, {}).get(values.get("preset")) or {}
         return cls.from_values(values, explicit=explicit, preset=preset)

@@ -27,11 +27,11 @@ def _fraction(value):
     return value is None or 0.0 <= value < 1.0
 
 
-def _numbers(values):
+def _boundaries(values):
     try:
-        return [float(v) for v in values]
+        return all(float(v) >= 0 for v in values)
     except ValueError:
-        return None
+        return False
 
 
 def define_model_flags(*, model, weights_help):
@@ -77,8 +77,8 @@ def define_model_flags(*, model, weights_help):
     )
     flags.register_validator(
         "layout",
-        lambda v: v is None or v in layout_names(),
-        message=f"must be one of {layout_names()}.",
+        lambda v: v is None or v in keras_preact.LAYOUTS,
+        message=f"must be one of {list(keras_preact.LAYOUTS)}.",
     )
     flags.DEFINE_float("width_multiplier", 1.0, "Multiplies every stage width (wide ResNets).")
     flags.register_validator("width_multiplier", _positive, message="must be > 0.")
@@ -125,13 +125,6 @@ def define_model_flags(*, model, weights_help):
 
 def _all_shortcut_params():
     return sorted({p for ps in SHORTCUT_PARAMS.values() for p in ps})
-
-
-def layout_names():
-    """The layout presets of the model library."""
-    import keras_preact
-
-    return list(getattr(keras_preact, "LAYOUTS", ("paper", "timm", "keras", "fb", "fb_legacy")))
 
 
 def define_train_flags(config_class):
@@ -272,7 +265,7 @@ def _define_optimizer_flags(defaults):
     )
     flags.register_validator(
         "lr_boundaries",
-        lambda v: _numbers(v) is not None and all(b >= 0 for b in _numbers(v)),
+        _boundaries,
         message="must be a comma-separated list of non-negative numbers.",
     )
     flags.DEFINE_integer("warmup_steps", 0, "Warm-up steps.", lower_bound=0)

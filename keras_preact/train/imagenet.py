@@ -21,10 +21,9 @@ classifier is loaded):
     python training/imagenet.py --source=imagenette --weights=imagenet \
         --model=PreActResNet50 --epochs=5 --base_lr=0.01 --model_dir=runs/r50_nette
 
-From an installed wheel, the same trainer is `python -m keras_preact.train.imagenet ...`.
-
-The input pipeline needs TensorFlow; under KERAS_BACKEND=jax the model trains
-with keras.distribution.DataParallel over the local devices.
+From an installed wheel: `python -m keras_preact.train.imagenet ...`. The input pipeline
+needs TensorFlow; under KERAS_BACKEND=jax the model trains with
+keras.distribution.DataParallel over the local devices.
 """
 
 import time
