@@ -99,6 +99,36 @@ class Alternate(keras.callbacks.Callback):
         self.mark = time.perf_counter(), time.process_time()
 
 
+def report(args, clock, wall, augment_ms):
+    """Prints medians over the rounds; the last line is the ratio of wall-clock rates."""
+    images = args.steps * args.batch
+    load = os.getloadavg()
+
+    def median_rate(rounds, seconds):
+        rates = [images / seconds(r) for r in rounds]
+        return statistics.median(rates), " ".join(f"{r:.1f}" for r in rates)
+
+    trainer, trainer_rounds = median_rate(clock.trainer, lambda r: r[0])
+    bare, bare_rounds = median_rate(clock.bare, lambda r: r[0])
+    unsaved, _ = median_rate(clock.trainer, lambda r: r[0] - r[2])
+    trainer_cpu, _ = median_rate(clock.trainer, lambda r: r[1])
+    bare_cpu, _ = median_rate(clock.bare, lambda r: r[1])
+    save_s = statistics.median(r[2] for r in clock.trainer)
+    # Bare round k ran just before trainer round k: their ratio sees the same neighbours.
+    paired = statistics.median(
+        bare_r[0] / trainer_r[0] for bare_r, trainer_r in zip(clock.bare, clock.trainer)
+    )
+    print(f"\nfit: {wall:.1f} s; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"host augmentation: {augment_ms:.1f} ms CPU per batch")
+    print(f"checkpoint save: median {save_s:.3f} s per epoch")
+    print(f"trainer (jax_loop.fit): median {trainer:.1f} images/s  [{trainer_rounds}]")
+    print(f"bare jitted step:       median {bare:.1f} images/s  [{bare_rounds}]")
+    print(f"trainer less its checkpoint saves: {unsaved:.1f} images/s, ratio {unsaved / bare:.2f}")
+    print(f"per CPU second (process CPU time): ratio {trainer_cpu / bare_cpu:.2f}")
+    print(f"median of the rounds' paired ratios: {paired:.2f}")
+    print(f"ratio {trainer / bare:.2f}")
+
+
 def main():
     # 1. Flags.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -191,34 +221,8 @@ def main():
     )
     wall = time.perf_counter() - start
 
-    # 5. Report: medians over rounds; the last line is the ratio of wall-clock rates.
-    images = args.steps * args.batch
-    load = os.getloadavg()
-
-    def median_rate(rounds, seconds):
-        rates = [images / seconds(r) for r in rounds]
-        return statistics.median(rates), " ".join(f"{r:.1f}" for r in rates)
-
-    trainer, trainer_rounds = median_rate(clock.trainer, lambda r: r[0])
-    bare, bare_rounds = median_rate(clock.bare, lambda r: r[0])
-    unsaved, _ = median_rate(clock.trainer, lambda r: r[0] - r[2])
-    trainer_cpu, _ = median_rate(clock.trainer, lambda r: r[1])
-    bare_cpu, _ = median_rate(clock.bare, lambda r: r[1])
-    save_s = statistics.median(r[2] for r in clock.trainer)
-    # Bare round k ran just before trainer round k: their ratio sees the same neighbours.
-    paired = statistics.median(
-        bare_r[0] / trainer_r[0] for bare_r, trainer_r in zip(clock.bare, clock.trainer)
-    )
-    print(f"\nfit: {wall:.1f} s; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"host augmentation: {augment_ms:.1f} ms CPU per batch")
-    print(f"checkpoint save: median {save_s:.3f} s per epoch")
-    print(f"trainer (jax_loop.fit): median {trainer:.1f} images/s  [{trainer_rounds}]")
-    print(f"bare jitted step:       median {bare:.1f} images/s  [{bare_rounds}]")
-    print(f"trainer less its checkpoint saves: {unsaved:.1f} images/s, ratio {unsaved / bare:.2f}")
-    print(f"per CPU second (process CPU time): ratio {trainer_cpu / bare_cpu:.2f}")
-    print(f"median of the rounds' paired ratios: {paired:.2f}")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    print(f"ratio {trainer / bare:.2f}")
+    report(args, clock, wall, augment_ms)
+    shutil.rmtree(cfg.model_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
