@@ -1,21 +1,22 @@
 import keras
 import pytest
 
-#: Modules whose tests start from a fixed seed (initializations feed their thresholds).
-SEEDED_MODULES = {"test_models", "test_units_shortcuts", "test_propagation", "test_serialization"}
-
 
 @pytest.fixture(autouse=True)
-def _seed_and_restore_globals(request):
-    """Restores the global dtype policy and image data format after every test; seeds
-    Keras' RNG before the model-library tests."""
+def _restore_globals():
+    """Restores the global dtype policy and image data format after every test."""
     policy = keras.config.dtype_policy()
     data_format = keras.config.image_data_format()
-    if request.module.__name__.rsplit(".", 1)[-1] in SEEDED_MODULES:
-        keras.utils.set_random_seed(1234)
     yield
     keras.config.set_dtype_policy(policy)
     keras.config.set_image_data_format(data_format)
+
+
+@pytest.fixture
+def seeded():
+    """Seeds Keras' RNG with 1234: for modules whose thresholds depend on initializations
+    (`pytestmark = pytest.mark.usefixtures("seeded")`)."""
+    keras.utils.set_random_seed(1234)
 
 
 @pytest.fixture

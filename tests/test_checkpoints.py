@@ -1,4 +1,4 @@
-"""training/checkpoints.py: one epoch's checkpoint is one unit, whatever stops the save.
+"""keras_preact/train/checkpoints.py: one epoch's checkpoint is one unit, whatever stops the save.
 
 Unit tests use a tiny compiled model (all backends, a few seconds); one subprocess test kills
 a real `training/cifar.py` run between the checkpoint's writes (jax only: the code under
@@ -17,11 +17,9 @@ import sys
 import keras
 import numpy as np
 import pytest
+from trainer_runs import REPO, small_cnn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from training import checkpoints  # noqa: E402
+from keras_preact.train import checkpoints, optimization
 
 
 class Killed(BaseException):
@@ -292,6 +290,63 @@ def test_the_previous_format_still_resumes(tmp_path):
     saver.save(fresh, epoch=2, logs={"loss": 0.5})
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch-0002"]
     assert _rows(model_dir) == [0, 1] and saver.history()["loss"] == [1.0, 0.5]
+
+
+def test_atomic_weights_and_json(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    path = str(tmp_path / "w.weights.h5")
+    checkpoints.save_weights_atomic(model, path)
+    checkpoints.write_json_atomic(str(tmp_path / "s.json"), {"epoch": 1})
+    assert sorted(os.listdir(tmp_path)) == ["s.json", "w.weights.h5"]
+
+
+@pytest.mark.parametrize("loop", ["fit", "custom"])
+def test_checkpointer_restores_the_optimizer(tmp_path, loop):
+    """The checkpoint of either loop's model holds the optimizer's step and momentum."""
+
+    def compiled_model():
+        keras.utils.set_random_seed(0)
+        model = small_cnn()
+        schedule = optimization.WarmupSchedule(0.1, 10, decay="cosine", warmup_steps=2)
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9)
+        if loop == "fit":
+            model.compile(optimizer, optimization.SparseCrossentropy())
+        else:  # what modeling.build does for the custom loop
+            model.compile(optimizer=optimizer)
+        optimizer.build(model.trainable_variables)
+        return model
+
+    def numpy_values(variables):
+        return [keras.ops.convert_to_numpy(v) for v in variables]
+
+    model = compiled_model()
+    variables = model.trainable_variables
+    for i in range(3):  # three optimizer steps, as either loop makes them
+        grads = [
+            keras.ops.convert_to_tensor(np.full(v.shape, i + 1.0, "float32")) for v in variables
+        ]
+        model.optimizer.apply(grads, variables)
+    checkpoints.Checkpointer(str(tmp_path)).save(model, epoch=1, logs={"loss": 1.0})
+    fresh = compiled_model()
+    assert int(keras.ops.convert_to_numpy(fresh.optimizer.iterations)) == 0
+    restored = checkpoints.Checkpointer(str(tmp_path)).restore(fresh)
+    assert restored.epoch == 1 and restored.steps == 3
+    saved, loaded = numpy_values(model.optimizer.variables), numpy_values(fresh.optimizer.variables)
+    assert len(saved) == len(loaded) > 2
+    for a, b in zip(saved, loaded):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.any(m) for m in loaded[2:])  # the momentum buffers are not zero
+    for a, b in zip(numpy_values(model.weights), numpy_values(fresh.weights)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(
+        float(keras.ops.convert_to_numpy(fresh.optimizer.learning_rate)),
+        float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
+    )
+
+
+def test_checkpointer_refuses_a_model_without_optimizer(tmp_path):
+    with pytest.raises(ValueError, match="compile it with its optimizer"):
+        checkpoints.Checkpointer(str(tmp_path)).save(small_cnn(), epoch=1, logs={})
 
 
 # Runs training/cifar.py, SIGKILLed right after the rename that puts epoch 2's weights in

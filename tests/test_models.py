@@ -23,6 +23,9 @@ from model_test_utils import (
 
 import keras_preact
 
+# Initializations feed the thresholds of these tests.
+pytestmark = pytest.mark.usefixtures("seeded")
+
 IMAGENET = [n for n in keras_preact.list_models() if keras_preact.MODELS[n]["family"] == "imagenet"]
 CIFAR = [n for n in keras_preact.list_models() if keras_preact.MODELS[n]["family"] == "cifar"]
 

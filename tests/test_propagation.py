@@ -10,6 +10,9 @@ import pytest
 import keras_preact
 from keras_preact import diagnostics, shortcuts
 
+# Initializations feed the thresholds of these tests.
+pytestmark = pytest.mark.usefixtures("seeded")
+
 
 def gradient_norms(batch=4, size=8, unit="full_preact", training=True, **kwargs):
     model = keras_preact.PreActResNet(

@@ -22,6 +22,9 @@ from model_test_utils import (
 import keras_preact
 from keras_preact import shortcuts, units
 
+# Initializations feed the thresholds of these tests.
+pytestmark = pytest.mark.usefixtures("seeded")
+
 CASES = {
     **{f"unit_{u}": dict(unit=u) for u in sorted(units.UNITS)},
     **{f"shortcut_{s}": dict(shortcut=s) for s in sorted(shortcuts.SHORTCUTS) if s != "identity"},

@@ -1,4 +1,8 @@
-"""training/cifar.py end to end, and the trainers' pieces (schedules, weight decay, checkpoints)."""
+"""training/cifar.py end to end: resuming after a kill, on every loop and backend.
+
+The trainer's pieces have their own modules: test_optimization.py, test_callbacks.py,
+test_checkpoints.py, test_training_config.py.
+"""
 
 import csv
 import json
@@ -11,12 +15,9 @@ import time
 import keras
 import numpy as np
 import pytest
+from trainer_runs import REPO, cifar_cmd, fake_cifar, run
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer_runs import REPO, cifar_cmd, fake_cifar, run  # noqa: E402
-
-from training import callbacks, checkpoints, optimization  # noqa: E402
+from keras_preact.train import optimization
 
 LOOPS = [
     "fit",
@@ -37,138 +38,6 @@ def _cifar_cmd(data_dir, model_dir, *extra):
 def _log_rows(model_dir):
     with open(os.path.join(model_dir, "log.csv")) as f:
         return list(csv.DictReader(f))
-
-
-def test_schedule_paper_cifar_and_cosine():
-    paper = optimization.WarmupSchedule(
-        0.1,
-        64000,
-        decay="step",
-        boundaries=[32000, 48000],
-        warmup_steps=400,
-        warmup="constant",
-        warmup_lr=0.01,
-    )
-    got = [float(paper(s)) for s in (0, 399, 400, 31999, 32000, 48000, 63999)]
-    np.testing.assert_allclose(got, [0.01, 0.01, 0.1, 0.1, 0.01, 0.001, 0.001], rtol=1e-6)
-    cosine = optimization.WarmupSchedule(0.2, 1000, decay="cosine", warmup_steps=100)
-    np.testing.assert_allclose(float(cosine(49)), 0.1, rtol=1e-6)  # linear warm-up
-    np.testing.assert_allclose(float(cosine(550)), 0.1, rtol=1e-5)  # half-way
-    assert float(cosine(1000)) < 1e-7
-    restored = optimization.WarmupSchedule.from_config(cosine.get_config())
-    assert float(restored(300)) == float(cosine(300))
-    with pytest.raises(ValueError, match="linear"):
-        optimization.WarmupSchedule(0.1, 10, decay="linear")
-
-
-def _small_cnn():
-    inputs = keras.Input((6, 6, 2))
-    x = keras.layers.Conv2D(3, 3, name="conv")(inputs)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(2, name="fc")(x))
-
-
-def test_weight_decay_on_kernels_only():
-    model = _small_cnn()
-    assert optimization.add_weight_decay(model, 1e-4) == 2
-    kernels = [model.get_layer("conv").kernel, model.get_layer("fc").kernel]
-    expected = sum(
-        0.5e-4 * float(np.sum(np.square(keras.ops.convert_to_numpy(k)))) for k in kernels
-    )
-    np.testing.assert_allclose(
-        float(sum(keras.ops.convert_to_numpy(v) for v in model.losses)), expected, rtol=1e-5
-    )
-    assert optimization.add_weight_decay(model, 1e-4, on="all") == 6
-    with pytest.raises(ValueError, match="biases"):
-        optimization.add_weight_decay(model, 1e-4, on="biases")
-
-
-def test_weight_decay_reaches_a_nested_model():
-    """A model used as a layer (the uint8 wrapper's case) has its kernels decayed too."""
-    inner = _small_cnn()
-    inputs = keras.Input((6, 6, 2))
-    outer = keras.Model(inputs, inner(keras.layers.Rescaling(0.5, name="scale")(inputs)))
-    assert optimization.add_weight_decay(outer, 1e-4) == 2
-    assert len(outer.losses) == 2
-    assert optimization.decayed_variables(outer, "all") == list(inner.trainable_weights)
-
-
-def test_sparse_crossentropy_smooths_like_keras():
-    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], np.float32)
-    labels = np.array([0, 2])
-    for smoothing in (0.0, 0.2):
-        ours = optimization.SparseCrossentropy(smoothing)(labels, logits)
-        keras_loss = keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=smoothing
-        )(np.eye(3, dtype=np.float32)[labels], logits)
-        np.testing.assert_allclose(float(ours), float(keras_loss), rtol=1e-6)
-    assert float(optimization.SparseCrossentropy(0.2)(labels, logits)) > float(
-        optimization.SparseCrossentropy(0.0)(labels, logits)
-    )
-
-
-def test_nan_guard_stops_loudly():
-    with pytest.raises(FloatingPointError, match="nan"):
-        callbacks.NaNGuard().on_train_batch_end(3, {"loss": float("nan")})
-    callbacks.NaNGuard().on_train_batch_end(3, {"loss": 1.0})
-
-
-def test_atomic_weights_and_json(tmp_path):
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    path = str(tmp_path / "w.weights.h5")
-    checkpoints.save_weights_atomic(model, path)
-    checkpoints.write_json_atomic(str(tmp_path / "s.json"), {"epoch": 1})
-    assert sorted(os.listdir(tmp_path)) == ["s.json", "w.weights.h5"]
-
-
-@pytest.mark.parametrize("loop", ["fit", "custom"])
-def test_checkpointer_restores_the_optimizer(tmp_path, loop):
-    """The checkpoint of either loop's model holds the optimizer's step and momentum."""
-
-    def compiled_model():
-        keras.utils.set_random_seed(0)
-        model = _small_cnn()
-        schedule = optimization.WarmupSchedule(0.1, 10, decay="cosine", warmup_steps=2)
-        optimizer = keras.optimizers.SGD(schedule, momentum=0.9)
-        if loop == "fit":
-            model.compile(optimizer, optimization.SparseCrossentropy())
-        else:  # what modeling.build does for the custom loop
-            model.compile(optimizer=optimizer)
-        optimizer.build(model.trainable_variables)
-        return model
-
-    def numpy_values(variables):
-        return [keras.ops.convert_to_numpy(v) for v in variables]
-
-    model = compiled_model()
-    variables = model.trainable_variables
-    for i in range(3):  # three optimizer steps, as either loop makes them
-        grads = [
-            keras.ops.convert_to_tensor(np.full(v.shape, i + 1.0, "float32")) for v in variables
-        ]
-        model.optimizer.apply(grads, variables)
-    checkpoints.Checkpointer(str(tmp_path)).save(model, epoch=1, logs={"loss": 1.0})
-    fresh = compiled_model()
-    assert int(keras.ops.convert_to_numpy(fresh.optimizer.iterations)) == 0
-    restored = checkpoints.Checkpointer(str(tmp_path)).restore(fresh)
-    assert restored.epoch == 1 and restored.steps == 3
-    saved, loaded = numpy_values(model.optimizer.variables), numpy_values(fresh.optimizer.variables)
-    assert len(saved) == len(loaded) > 2
-    for a, b in zip(saved, loaded):
-        np.testing.assert_array_equal(a, b)
-    assert all(np.any(m) for m in loaded[2:])  # the momentum buffers are not zero
-    for a, b in zip(numpy_values(model.weights), numpy_values(fresh.weights)):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(
-        float(keras.ops.convert_to_numpy(fresh.optimizer.learning_rate)),
-        float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
-    )
-
-
-def test_checkpointer_refuses_a_model_without_optimizer(tmp_path):
-    with pytest.raises(ValueError, match="compile it with its optimizer"):
-        checkpoints.Checkpointer(str(tmp_path)).save(_small_cnn(), epoch=1, logs={})
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 and command-line runs of the model options (an ablation, label smoothing on both loops)."""
 
 import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,14 +12,12 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+from trainer_runs import REPO, cifar_cmd, fake_cifar, run
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer_runs import REPO, cifar_cmd, fake_cifar, run  # noqa: E402
-
-from training import config  # noqa: E402
+from keras_preact.train import config
 
 TF = keras.backend.backend() == "tensorflow"
+JAX = keras.backend.backend() == "jax"
 
 
 # ----------------------------------------------------------------------------
@@ -28,25 +27,33 @@ TF = keras.backend.backend() == "tensorflow"
 def test_preset_fills_only_what_no_flag_gave():
     values = {"epochs": 1, "batch_size": 128, "seed": 0, "base_lr": None}
     preset = {"epochs": 160, "batch_size": 128, "base_lr": 0.1}
-    cfg = config.Config.from_values(values, explicit={"epochs", "batch_size"}, preset=preset)
+    cfg = config.CifarConfig.from_values(values, explicit={"epochs", "batch_size"}, preset=preset)
     assert (cfg.epochs, cfg.batch_size, cfg.base_lr, cfg.seed) == (1, 128, 0.1, 0)
-    assert dict(cfg.origins) == {
+    assert {name: cfg.origins[name] for name in values} == {
         "epochs": "flag",
         "batch_size": "flag",
         "base_lr": "preset",
         "seed": "default",
     }
-    with pytest.raises(ValueError, match="unknown options"):
-        config.Config.from_values(values, preset={"epoch": 3})
+    # Every option has an origin; those neither given nor preset keep their defaults.
+    assert set(cfg.origins) == set(config.CifarConfig.option_names())
+    assert {cfg.origins[n] for n in cfg.origins if n not in values} == {"default"}
+    assert cfg.model == "PreActResNet20" and cfg.dataset == "cifar10"
+    with pytest.raises(ValueError, match=r"CifarConfig has no options \['epoch'\]"):
+        config.CifarConfig.from_values(values, preset={"epoch": 3})
+    with pytest.raises(ValueError, match=r"has no options \['dataset'\]"):
+        config.ImagenetConfig.from_values({"dataset": "cifar10"})
 
 
 def test_config_is_frozen_and_derives_without_overriding():
-    cfg = config.Config.from_values({"steps_per_epoch": None, "pipeline": "auto", "epochs": 2})
-    with pytest.raises(AttributeError):
+    cfg = config.CifarConfig.from_values({"steps_per_epoch": None, "pipeline": "auto", "epochs": 2})
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 3
     with pytest.raises(TypeError):
         cfg.values["epochs"] = 3
-    with pytest.raises(AttributeError, match="no option 'epoch'"):
+    with pytest.raises(TypeError):
+        cfg.origins["epochs"] = "flag"
+    with pytest.raises(AttributeError, match="no attribute 'epoch'"):
         _ = cfg.epoch
     derived = cfg.derive(steps_per_epoch=390, pipeline="numpy", total_steps=780)
     assert derived.steps_per_epoch == 390 and cfg.steps_per_epoch is None
@@ -55,9 +62,103 @@ def test_config_is_frozen_and_derives_without_overriding():
     assert derived.origins["epochs"] == "default"
     with pytest.raises(ValueError, match="already 2"):
         derived.derive(epochs=3)
-    record = derived.record()
+    with pytest.raises(ValueError, match="no option 'epoch'"):
+        derived.derive(epoch=3)
+    # The steps of the run follow from the steps per epoch once these are known.
+    assert cfg.derive(steps_per_epoch=390).total_steps == 780
+    # A flag set afterwards (as evaluate.py and the tests do) is recorded as a flag.
+    flagged = derived.with_flags(verbose=2)
+    assert (flagged.verbose, flagged.origins["verbose"], derived.verbose) == (2, "flag", 1)
+    record = derived.derive(mean=(np.float32(0.5),), std=(np.float32(0.25),)).record()
     assert record["total_steps"] == 780 and record["origins"]["pipeline"] == "derived"
+    assert record["trainer"] == "cifar" and record["mean"] == [0.5]
+    assert set(record) == {*config.CifarConfig.option_names(), "trainer", "origins"}
     json.dumps(record)
+
+
+#: The paper's CIFAR recipe (Sec. 4 and the appendix), in the units of the config.
+PAPER_CIFAR = {
+    "batch_size": 128,
+    "steps_per_epoch": 400,
+    "epochs": 160,
+    "lr_schedule": "step",
+    "lr_boundaries": (80.0, 120.0),
+    "warmup_steps": 400,
+    "warmup": "constant",
+    "warmup_lr": 0.01,
+    "base_lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+}
+
+
+def test_paper_presets_and_boundary_steps():
+    """`--lr_boundaries` is in epochs for both trainers: the paper's 32k and 48k iterations
+    of 64k are epochs 80 and 120 of 400 steps."""
+    cfg = config.get_config("paper", "cifar")
+    assert isinstance(cfg, config.CifarConfig) and cfg.preset == "paper"
+    assert {name: cfg.values[name] for name in PAPER_CIFAR} == PAPER_CIFAR
+    assert {cfg.origins[name] for name in PAPER_CIFAR} == {"preset"}
+    assert cfg.boundary_steps() == [32000, 48000]
+    assert cfg.derive().total_steps == 64000
+    assert config.PRESETS["cifar"]["paper"]["lr_boundaries"] == (80, 120)
+    short = config.get_config("paper", "cifar", epochs=1, lr_boundaries=(0.5,))
+    assert (short.epochs, short.origins["epochs"], short.warmup_steps) == (1, "flag", 400)
+    assert short.boundary_steps() == [200]
+    imagenet = config.get_config("paper", "imagenet").derive(steps_per_epoch=5004)
+    assert isinstance(imagenet, config.ImagenetConfig) and imagenet.batch_size == 256
+    assert imagenet.boundary_steps() == [150120, 300240] and imagenet.total_steps == 450360
+    assert config.get_config(None, "imagenet").lr_boundaries == ()
+    for trainer, presets in config.PRESETS.items():
+        for name, values in presets.items():  # every preset sets options of its trainer
+            assert set(values) <= set(config.CONFIGS[trainer].option_names()), (trainer, name)
+    with pytest.raises(ValueError, match="preset='fast'"):
+        config.get_config("fast", "cifar")
+    with pytest.raises(ValueError, match="trainer='mnist'"):
+        config.get_config("paper", "mnist")
+    with pytest.raises(ValueError, match=r"has no options \['epoch'\]"):
+        config.get_config("paper", "cifar", epoch=1)
+
+
+#: Options computed by the run (from the data, the weights and the other options), never
+#: given on the command line.
+DERIVED_ONLY = {
+    "cifar": {"total_steps", "mean", "std", "decayed_weights", "num_train", "num_test"},
+    "imagenet": {"total_steps", "mean", "std", "decayed_weights"},
+}
+
+_FLAG_NAMES = textwrap.dedent("""
+    import json, runpy, sys
+    from absl import flags
+    runpy.run_path(sys.argv[1], run_name="parse_only")
+    by_module = flags.FLAGS.flags_by_module_dict()
+    print("RESULT " + json.dumps({
+        "all": sorted(flags.FLAGS),
+        "own": sorted({f.name for m, fs in by_module.items()
+                       if m.startswith("keras_preact") for f in fs}),
+    }))
+""")
+
+
+@pytest.mark.parametrize("trainer", ["cifar", "imagenet"])
+def test_every_option_has_its_flag(trainer):
+    """Each option of the trainer's config that is not computed by the run is a flag of the
+    trainer, and each flag the trainer defines is an option of its config (`from_flags`
+    reads the options by flag name: a flag without its option would be ignored)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FLAG_NAMES, f"training/{trainer}.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-4000:]
+    names = json.loads(lines[0][len("RESULT ") :])
+    options = set(config.CONFIGS[trainer].option_names())
+    assert sorted(options - set(names["all"])) == sorted(DERIVED_ONLY[trainer])
+    assert sorted(set(names["own"]) - options) == []
+    assert set(names["own"]) == options - DERIVED_ONLY[trainer]
 
 
 # ----------------------------------------------------------------------------
@@ -124,6 +225,9 @@ def test_bad_cifar_flags_fail_at_parsing(tmp_path):
         "bad boundaries": ["--lr_boundaries=30,sixty"],
         "files without folder": [f"--model_dir={tmp_path}", "--source=files", "--data_dir="],
         "custom loop": ["--loop=custom"],
+        "jax loop": ["--loop=jax"],
+        "time_budget=0": ["--time_budget=0"],
+        "erasing=1.5": ["--erasing=1.5"],
     }
     cases = {name: base + argv for name, argv in cases.items()}
     expected = {
@@ -145,6 +249,9 @@ def test_bad_cifar_flags_fail_at_parsing(tmp_path):
         "bad boundaries": ["--lr_boundaries"],
         "files without folder": ["--source=files needs --data_dir"],
         "custom loop": None if TF else ["--loop=custom", "KERAS_BACKEND=tensorflow"],
+        "jax loop": None if JAX else ["--loop=jax", "KERAS_BACKEND=jax"],
+        "time_budget=0": ["--time_budget", "> 0 seconds"],
+        "erasing=1.5": ["--erasing", "[0, 1]"],
     }
     if not TF:  # the default strategy-less backends refuse tf.distribute strategies
         cases["tpu without name"] = base + ["--strategy=tpu", "--tpu=x"]
@@ -212,7 +319,7 @@ def test_bad_flag_exits_at_once_without_a_traceback(tmp_path):
 @pytest.mark.skipif(not TF, reason="tensorflow_datasets needs TensorFlow")
 def test_tfds_offline_says_what_to_do_instead(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    from training import sources
+    from keras_preact.train import sources
 
     offline = lambda host: False  # noqa: E731
     problem = sources.tfds_problem("fashion_mnist", str(tmp_path), can_reach=offline)
@@ -228,20 +335,28 @@ def test_tfds_offline_says_what_to_do_instead(tmp_path):
 
 
 def test_training_modules_import_without_cycles():
-    """`training/` modules import each other in one direction only (no cycle)."""
-    folder = os.path.join(REPO, "training")
+    """`keras_preact/train/` modules import each other in one direction only (no cycle),
+    counting the imports inside functions too."""
+    package = "keras_preact.train"
+    folder = os.path.join(REPO, *package.split("."))
     graph = {}
-    for name in os.listdir(folder):
-        if not name.endswith(".py"):
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py") or name == "__init__.py":
             continue
         tree = ast.parse(open(os.path.join(folder, name)).read())
         deps = set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "training":
+            if isinstance(node, ast.ImportFrom) and node.module == package:
                 deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("training."):
-                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package + "."):
+                deps.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                deps |= {
+                    a.name.split(".")[2] for a in node.names if a.name.startswith(package + ".")
+                }
         graph[name[:-3]] = deps
+    assert {"config", "flags", "optimization", "checkpoints", "cifar"} <= set(graph)
+    assert "flags" in graph["cifar"] and "config" in graph["flags"]  # the scan sees imports
     state = {}
 
     def visit(node, path):
@@ -280,7 +395,7 @@ def test_preset_overridden_by_a_flag(tmp_path):
     assert (cfg["steps_per_epoch"], origins["steps_per_epoch"]) == (2, "flag")
     assert (cfg["batch_size"], origins["batch_size"]) == (16, "flag")
     assert (cfg["warmup_steps"], origins["warmup_steps"]) == (400, "preset")
-    assert (cfg["lr_boundaries"], origins["lr_boundaries"]) == (["32000", "48000"], "preset")
+    assert (cfg["lr_boundaries"], origins["lr_boundaries"]) == ([80.0, 120.0], "preset")
     assert (cfg["base_lr"], origins["base_lr"]) == (0.1, "preset")
     assert (cfg["seed"], origins["seed"]) == (0, "default")
     assert origins["total_steps"] == "derived" and cfg["total_steps"] == 2
@@ -323,7 +438,7 @@ def test_ablation_from_the_command_line_then_evaluate(tmp_path):
         -4.0,
     )
     import keras_preact
-    from training import modeling
+    from keras_preact.train import modeling
 
     model = keras_preact.get_model(
         "PreActResNet20", input_shape=(32, 32, 3), **modeling.builder_kwargs(cfg)
@@ -418,7 +533,7 @@ def test_fine_tuning_loads_every_layer_but_the_classifier():
     """`--weights` with another number of classes: the record's layers, a new classifier;
     the run derives the record's layout and input normalization."""
     import keras_preact
-    from training import modeling
+    from keras_preact.train import modeling
 
     record = keras_preact.get_model("PreActResNet20", weights="fashion_mnist")
     tuned = modeling.build_base(

@@ -21,7 +21,6 @@ pytestmark = pytest.mark.skipif(
     reason="tf.distribute strategies need KERAS_BACKEND=tensorflow",
 )
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 MIRRORED_SCRIPT = textwrap.dedent("""
     import sys
@@ -32,7 +31,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     import keras_preact
-    from training import custom_loop, optimization
+    from keras_preact.train import custom_loop, optimization
 
     def plain_cnn():
         inputs = keras.Input((8, 8, 3))
@@ -169,7 +168,7 @@ def test_two_worker_multi_worker_mirrored(tmp_path):
     """Two processes train training/cifar.py together and end with identical weights; rerun
     with more epochs, both resume at the checkpoint's optimizer step and schedule."""
     from keras_preact.data import cifar_files
-    from training import optimization
+    from keras_preact.train import optimization
 
     rng = np.random.default_rng(0)
     train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))

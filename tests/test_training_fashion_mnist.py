@@ -8,10 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer_runs import REPO  # noqa: E402
+from trainer_runs import REPO
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -1,19 +1,16 @@
 """uint8 batches to the accelerator: the pipelines' `normalize=False` and on-device normalization."""
 
 import json
-import os
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+from trainer_runs import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from keras_preact.data import numpy_pipeline  # noqa: E402
-from training import modeling  # noqa: E402
+from keras_preact.data import numpy_pipeline
+from keras_preact.train import modeling
 
 MEAN, STD = np.array([0.3, 0.5, 0.7], np.float32), np.array([0.2, 0.25, 0.3], np.float32)
 

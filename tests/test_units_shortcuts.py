@@ -19,6 +19,9 @@ import keras_preact
 from keras_preact import layers as kp_layers
 from keras_preact import shortcuts, units
 
+# Initializations feed the thresholds of these tests.
+pytestmark = pytest.mark.usefixtures("seeded")
+
 UNITS = sorted(units.UNITS)
 SHORTCUTS = sorted(shortcuts.SHORTCUTS)
 

@@ -1,8 +1,7 @@
 """Pretrained weights: the records table, conversion parity per upstream layout, bad input.
 
 Parity tests build small networks of each upstream layout and compare logits with the
-reference framework's, offline: keras.applications (built here from Keras' own ResNetV2
-blocks), timm (golden outputs in tests/fixtures, tools/make_timm_fixture.py) and
+reference framework's, offline: keras.applications (Keras' own ResNet50V2, built here), timm (golden outputs in tests/fixtures, tools/make_timm_fixture.py) and
 fb.resnet.torch (a Torch7 fixture with an independent forward, tools/make_t7_fixture.py).
 """
 
@@ -10,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +24,6 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from keras.src.initializers.random_initializers import VarianceScaling
 from model_test_utils import REPO
 
 import keras_preact
@@ -34,8 +33,17 @@ from keras_preact.convert import torch7
 from keras_preact.imagenet_utils import class_index, decode_predictions, preprocess_input
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
-import torch7_reference  # noqa: E402  (tools/: the Torch7 writer)
+
+
+def _tool(name):
+    """A script of tools/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+torch7_reference = _tool("torch7_reference")  # the Torch7 writer
 
 TOL = 1e-4
 
@@ -95,7 +103,7 @@ PRESET_RECORDS = {
 
 
 def _built_params(record, layout):
-    with mock.patch.object(VarianceScaling, "__call__", _zeros):  # only shapes matter
+    with mock.patch.object(keras.initializers.VarianceScaling, "__call__", _zeros):  # shapes only
         model = keras_preact.get_model(
             record.model, input_shape=record.input_shape, classes=record.classes, layout=layout
         )
@@ -189,21 +197,14 @@ def _zeros(self, shape, dtype=None):
 
 
 def _keras_reference():
-    from keras.src.applications import resnet as keras_resnet
-
-    def stack_fn(x):
-        for name, filters in (("conv2", 32), ("conv3", 64), ("conv4", 128)):
-            x = keras_resnet.stack_residual_blocks_v2(x, filters, 2, name=name)
-        return keras_resnet.stack_residual_blocks_v2(x, 256, 2, stride1=1, name="conv5")
-
-    # Keras' own ResNetV2 code (preact=True, use_bias=True), at half width, 2 units a stage.
+    """Keras' own ResNet50V2 (keras.applications: pre-activation units with conv biases, the
+    layout of the `imagenet:keras` records), 10 classes, with random weights."""
     # Random initialization compiles one kernel per shape under JAX (slow); every value is
     # overwritten below, so the initializers return zeros while building.
-    with mock.patch.object(VarianceScaling, "__call__", _zeros):
-        ref = keras_resnet.ResNet(
-            stack_fn, True, True, weights=None, input_shape=(64, 64, 3), classes=10,
-            classifier_activation=None, name="keras_resnetv2_tiny",
-        )  # fmt: skip
+    with mock.patch.object(keras.initializers.VarianceScaling, "__call__", _zeros):
+        ref = keras.applications.ResNet50V2(
+            weights=None, input_shape=(64, 64, 3), classes=10, classifier_activation=None
+        )
     rng = np.random.default_rng(0)
     for w in ref.weights:
         if w.name == "moving_variance":
@@ -216,29 +217,41 @@ def _keras_reference():
 @pytest.fixture(scope="module")
 def keras_h5(tmp_path_factory):
     """Keras' reference with random weights, written as the Keras 2 HDF5 files Keras
-    downloads (`layer_names` / `weight_names`), by Keras' own legacy writer."""
-    from keras.src.legacy.saving import legacy_h5_format
-
+    downloads (root `layer_names`, one group per layer with `weight_names`) by Keras' own
+    legacy writer: `model.save` to `.h5` writes that tree under `model_weights`, which is
+    copied to the root of a weights-only file here."""
     ref = _keras_reference()
-    path = str(tmp_path_factory.mktemp("keras") / "resnet_tiny_v2.h5")
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, ref)
+    folder = tmp_path_factory.mktemp("keras")
+    model_file = str(folder / "resnet50v2_model.h5")
+    ref.save(model_file)
+    path = str(folder / "resnet50v2_weights.h5")
+    with h5py.File(model_file, "r") as source, h5py.File(path, "w") as target:
+        tree = source["model_weights"]
+        target.attrs.update(tree.attrs)
+        for name in tree:
+            source.copy(tree[name], target, name)
+    os.remove(model_file)
     x = np.random.default_rng(1).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
-    return path, x, _logits(ref, x), ref.count_params()
+    # predict: one compiled program (eager calls compile layer by layer under JAX).
+    return path, x, ref.predict(x, verbose=0), ref.count_params()
 
 
 def test_keras_applications_parity(keras_h5):
     path, x, expected, n_params = keras_h5
     assert convert.detect_format(path) == "keras_h5"
-    model = _tiny("bottleneck", (2, 2, 2, 2), 0.5, weights=path)
+    with h5py.File(path, "r") as f:
+        assert "layer_names" in f.attrs and "model_weights" not in f  # a weights-only file
+    model = keras_preact.PreActResNet50(
+        input_shape=(64, 64, 3), classes=10, classifier_activation=None,
+        kernel_initializer="zeros", weights=path,
+    )  # fmt: skip
     assert model.count_params() == n_params
-    np.testing.assert_allclose(_logits(model, x), expected, atol=TOL, rtol=0)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=TOL, rtol=0)
 
 
 def test_keras_applications_without_top(keras_h5):
     path, x, _, _ = keras_h5
-    model = keras_preact.PreActResNet(
-        family="imagenet", block="bottleneck", stage_blocks=(2, 2, 2, 2), width_multiplier=0.5,
+    model = keras_preact.PreActResNet50(
         input_shape=(64, 64, 3), include_top=False, pooling="avg", kernel_initializer="zeros",
         weights=path,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Shared by the trainer tests: a tiny CIFAR-format dataset and `training/cifar.py` runs."""
+"""Shared by the trainer tests: a tiny CIFAR-format dataset, `training/cifar.py` runs and a
+small CNN for the trainer's pieces."""
 
 import os
 import subprocess
@@ -7,6 +8,18 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_cnn():
+    """A conv, a BatchNorm and a dense layer: kernels, a bias, gamma and beta to decay or not,
+    and moving statistics."""
+    import keras
+
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(3, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="fc")(x))
 
 
 def fake_cifar(root):
