@@ -100,7 +100,7 @@ def main(argv):
         )
 
         def fn(image_bytes):
-            image = tf.cast(ipp._decode_full(image_bytes), tf.float32)
+            image = tf.cast(ipp.decode_full(image_bytes), tf.float32)
             return tf.image.random_flip_left_right(layer(image))
 
         return fn
