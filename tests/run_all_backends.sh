@@ -38,6 +38,6 @@ for backend in ${BACKENDS:-tensorflow jax torch}; do
   [ "$backend" = torch ] && [ "$workers" -gt 1 ] && threads=(OMP_NUM_THREADS=1)
   # The suite, and the examples in the package's docstrings (doctests).
   env "${threads[@]}" KERAS_BACKEND=$backend python -m pytest -q -rs -p no:cacheprovider \
-    -n "$workers" --dist loadfile --doctest-modules tests keras_preact "$@" || status=1
+    -n "$workers" --dist loadfile --durations=15 --doctest-modules tests keras_preact "$@" || status=1
 done
 exit $status

@@ -8,7 +8,6 @@ tiny CIFAR-format data set (tests/trainer_runs.py), so they run in the suite's J
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -64,46 +63,38 @@ def test_jax_loop_matches_fit_and_each_resumes_the_others_checkpoint(data, tmp_p
 
 
 @pytest.mark.slow
-def test_jax_resume_ends_at_two_epochs_of_steps(data, tmp_path):
-    """`--epochs=1`, then the same command with `--epochs=2`: the step count of two
-    epochs, from the epoch-1 checkpoint (the same files `model.fit` writes)."""
+def test_time_budget_stops_at_an_epoch_end_and_the_same_command_resumes(data, tmp_path):
+    """`--time_budget` stops after epoch 1 with a checkpoint and a resume hint; the same
+    command (here through the wheel's entry point) resumes from the epoch-1 checkpoint (the
+    files `model.fit` writes too) and ends at the step count of two epochs."""
     d = str(tmp_path / "run")
-    run(cifar_cmd(data, d, *SHORT, "--epochs=1", "--loop=jax"))
+    cmd = cifar_cmd(data, d, *SHORT, "--epochs=2", "--loop=jax", "--time_budget=1")
+    out = run(cmd)
+    text = out.stdout + out.stderr
+    assert "Stopped by --time_budget=1 s after epoch 1/2" in text
+    assert "Resume with the same command:" in text and "--time_budget=1" in text
     assert sorted(os.listdir(os.path.join(d, "checkpoints", "epoch-0001"))) == [
         "model.weights.h5",
         "state.json",
     ]
-    out = run(cifar_cmd(data, d, *SHORT, "--epochs=2", "--loop=jax"))
-    assert "Resuming from" in out.stdout + out.stderr
+    assert not os.path.exists(os.path.join(d, "summary.json"))  # not finished
+    cmd[1:2] = ["-m", "keras_preact.train.cifar"]  # `python -m`: the same trainer
+    out = run(cmd)
+    assert "1 epoch(s) done, optimizer step 4" in out.stdout + out.stderr
     summary = _summary(d)
     assert (summary["steps"], summary["epochs_run"], summary["resumed_from_epoch"]) == (8, 2, 1)
+    assert [r["epoch"] for r in _log(d)] == [0, 1]
     with open(os.path.join(d, "config.json")) as f:
         assert json.load(f)["loop"] == "jax"
 
 
 @pytest.mark.slow
-def test_time_budget_stops_at_an_epoch_end_and_the_same_command_resumes(data, tmp_path):
-    d = str(tmp_path / "run")
-    cmd = cifar_cmd(data, d, *SHORT, "--epochs=40", "--loop=jax", "--time_budget=1")
-    out = run(cmd)
-    text = out.stdout + out.stderr
-    assert "Stopped by --time_budget=1 s after epoch 1/40" in text
-    assert "Resume with the same command:" in text and "--time_budget=1" in text
-    assert os.path.isdir(os.path.join(d, "checkpoints", "epoch-0001"))
-    assert not os.path.exists(os.path.join(d, "summary.json"))  # not finished
-    out = run(cmd)
-    assert "1 epoch(s) done, optimizer step 4" in out.stdout + out.stderr
-    assert [r["epoch"] for r in _log(d)] == [0, 1]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("loop", ["jax"])
-def test_scanned_net_trains_resumes_and_exports_a_written_out_net(data, tmp_path, loop):
+def test_scanned_net_trains_resumes_and_exports_a_written_out_net(data, tmp_path):
     import keras_preact
     from keras_preact.train import optimization
 
     d = str(tmp_path / "scan")
-    base = [*SHORT, "--scan_units", f"--loop={loop}"]
+    base = [*SHORT, "--scan_units", "--loop=jax"]
     run(cifar_cmd(data, d, *base, "--epochs=1"))
     out = run(cifar_cmd(data, d, *base, "--epochs=2"))
     assert "1 epoch(s) done, optimizer step 4" in out.stdout + out.stderr
@@ -150,15 +141,6 @@ def test_jax_loop_is_refused_on_another_backend_at_parsing(data, tmp_path):
     assert out.returncode != 0
     assert "--loop=jax (the jitted JAX step loop) needs KERAS_BACKEND=jax" in out.stderr
     assert "Traceback" not in out.stderr
-
-
-def test_the_wheel_entry_point_runs_the_same_trainer(data, tmp_path):
-    """`python -m keras_preact.train.cifar` is the trainer `training/cifar.py` runs."""
-    cmd = cifar_cmd(data, str(tmp_path / "m"), *SHORT, "--epochs=1", "--max_steps=1")
-    cmd[1:2] = ["-m", "keras_preact.train.cifar"]
-    shutil.rmtree(tmp_path / "m", ignore_errors=True)
-    out = run(cmd)
-    assert _summary(str(tmp_path / "m"))["steps"] == 1, out.stdout[-2000:]
 
 
 def test_eval_batches_divide_over_the_replicas():

@@ -143,9 +143,11 @@ def test_cifar_trainer_runs_without_tensorflow(tmp_path):
         f"sys.argv = {argv!r}\n"
         "runpy.run_path('training/cifar.py', run_name='__main__')\n"
     )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=env,
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # JAX keeps the run's compiled programs for a resume (--compilation_cache, default on).
     cache = tmp_path / "run" / "jax_cache"

@@ -103,9 +103,9 @@ def time_budget(cfg, start):
 
 def stopped_by_budget(cfg, budget, history):
     """Prints how to resume a run its `--time_budget` stopped; True if it did."""
-    if budget is None or not budget.stopped:
-        return False
     done = len(history.get("loss", []))
+    if budget is None or not budget.stopped or done >= cfg.epochs:
+        return False
     print(
         f"Stopped by --time_budget={cfg.time_budget:g} s after epoch {done}/{cfg.epochs} "
         f"({time.time() - budget.start:.0f} s), checkpoint saved in {cfg.model_dir}. "
