@@ -216,7 +216,7 @@ class Checkpointer:
             `seed` and `epoch` attributes, like `numpy_pipeline.ArrayDataset`): `restore`
             sets its `epoch`, so its batches continue where the run stopped.
         export: `model -> model` whose weights `best.weights.h5` holds (default: the model;
-            a scanned net's written-out twin, `modeling.written_out`).
+            a scanned net's written-out twin, `modeling.WrittenOut`).
 
     Example (resume, train, save after each epoch):
 

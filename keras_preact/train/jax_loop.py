@@ -74,7 +74,6 @@ def make_train_step(model, optimizer, *, label_smoothing=0.0, seeds=1, donate=Tr
     seeds and images are `(seeds, batch, ...)`.
     """
     loss_fn = optimization.SparseCrossentropy(label_smoothing)
-    penalties = [v.regularizer for v in model.trainable_variables]
     if not optimizer.built:
         optimizer.build(model.trainable_variables)
 
@@ -82,11 +81,7 @@ def make_train_step(model, optimizer, *, label_smoothing=0.0, seeds=1, donate=Tr
         logits, non_trainable = model.stateless_call(
             trainable, non_trainable, images, training=True
         )
-        loss = loss_fn(labels, logits)
-        for w, penalty in zip(trainable, penalties):
-            if penalty is not None:
-                loss = loss + penalty(w)
-        return loss, (logits, non_trainable)
+        return loss_fn(labels, logits) + _penalty(model, trainable), (logits, non_trainable)
 
     def step(state, images, labels):
         trainable, non_trainable, opt = state
@@ -176,13 +171,12 @@ def evaluate_state(eval_step, state, data, penalty=0.0):
     return {"loss": loss + penalty, "top1": top1, "top5": top5}
 
 
-def _penalty(model, state):
-    trainable = state[0]
-    return sum(
-        float(v.regularizer(w))
-        for v, w in zip(model.trainable_variables, trainable)
-        if v.regularizer
-    )
+def _penalty(model, trainable):
+    """The L2 penalties of the variables that carry a regularizer, at values `trainable`."""
+    terms = [
+        v.regularizer(w) for v, w in zip(model.trainable_variables, trainable) if v.regularizer
+    ]
+    return sum(terms) if terms else 0.0
 
 
 class Loop:
@@ -201,9 +195,12 @@ class Loop:
         self.train_step = make_train_step(model, self.optimizer, label_smoothing=label_smoothing)
         self.eval_step = make_eval_step(model, label_smoothing=label_smoothing)
 
-    def evaluate(self, data):
-        state = init_state(self.model, self.optimizer)
-        return evaluate_state(self.eval_step, state, data, _penalty(self.model, state))
+    def evaluate(self, data, state=None):
+        """`evaluate_state` at `state` (default: the model's variables), penalty included."""
+        if state is None:
+            state = init_state(self.model, self.optimizer)
+        penalty = float(_penalty(self.model, state[0]))
+        return evaluate_state(self.eval_step, state, data, penalty)
 
     def train_epoch(self, state, data, *, steps, bar, max_steps=None, on_batch=None):
         """Runs one epoch of `data` (an `ArrayDataset` at its epoch); returns
@@ -271,9 +268,7 @@ def fit(cfg, built, train_data, val_data, *, checkpointer, initial_epoch, extra_
         )
         logs["epoch_time_s"] = time.time() - start
         if val_data is not None:
-            penalty = _penalty(model, state)
-            val = evaluate_state(loop.eval_step, state, val_data, penalty)
-            logs.update({"val_" + k: v for k, v in val.items()})
+            logs.update({"val_" + k: v for k, v in loop.evaluate(val_data, state).items()})
         assign_state(model, loop.optimizer, state)
         if cfg.verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)

@@ -9,7 +9,6 @@ has no variables, so the saved weights load into a model built either way.
 """
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Mapping
 
@@ -163,17 +162,23 @@ def build_base(options, *, model, input_shape, classes, weights=None, mean=None,
     return target
 
 
-def written_out(net, options, **build):
-    """The model to export: `net` itself, or for `--scan_units` its written-out twin
-    (`scan_units=False`, built by `build_base(**build)`) holding the same weights, which
-    any keras_preact net loads."""
-    if not architecture(options)["scan_units"]:
-        return net
-    import keras_preact
+class WrittenOut:
+    """`net -> the model to export`: `net` itself, or for `--scan_units` its written-out
+    twin (`scan_units=False`, built once by `build_base(**build)`) holding `net`'s current
+    weights, which any keras_preact net loads."""
 
-    twin = build_base({**architecture(options), "scan_units": False}, **build)
-    keras_preact.scan.copy_weights(net, twin)
-    return twin
+    def __init__(self, options, **build):
+        self.options, self.build, self.twin = architecture(options), build, None
+
+    def __call__(self, net):
+        if not self.options["scan_units"]:
+            return net
+        import keras_preact
+
+        if self.twin is None:
+            self.twin = build_base({**self.options, "scan_units": False}, **self.build)
+        keras_preact.scan.copy_weights(net, self.twin)
+        return self.twin
 
 
 @dataclasses.dataclass
@@ -183,7 +188,7 @@ class Built:
     model: keras.Model  # the keras_preact model that trains; its weights are the run's
     optimizer: keras.optimizers.Optimizer
     decayed: int  # the number of weight-decayed weights (scalars)
-    export: object  # model -> the model-only copy to write (`written_out`)
+    export: object  # model -> the model-only copy to write (`WrittenOut`)
     loop: object = None  # the compiled `jax_loop.Loop`, once `--loop=jax` trained
 
 
@@ -230,9 +235,8 @@ def build(cfg, run, schedule, *, input_shape, classes):
             model.compile(optimizer=optimizer, auto_scale_loss=run.loop == "custom")
         optimizer = model.optimizer  # compile wraps it for loss scaling under mixed_float16
         optimizer.build(model.trainable_variables)
-    export = functools.partial(
-        written_out,
-        options=cfg,
+    export = WrittenOut(
+        cfg,
         model=cfg.model,
         input_shape=input_shape,
         classes=classes,
