@@ -284,7 +284,7 @@ def test_the_previous_format_still_resumes(tmp_path):
     (model_dir / "log.csv").write_text("epoch,loss\n0,1.0\n1,0.9\n")  # a row after the checkpoint
     fresh = _model()
     saver = checkpoints.Checkpointer(str(model_dir))
-    assert saver.restore(fresh) == (1, 3, 0.5)
+    assert saver.restore(fresh) == (1, 3, 0.5, 0)
     assert _rows(model_dir) == [0]
     _train(fresh)
     saver.save(fresh, epoch=2, logs={"loss": 0.5})

@@ -222,7 +222,7 @@ def test_paper_tables_records_stopped_diverged_and_failed_runs(tmp_path):
     )
     outcomes = {
         "r110_identity": (0, "Stopped by --time_budget=60 s after epoch 1/10"),
-        "r110_conv1x1": (1, "FloatingPointError: Loss became nan at batch 3 of this epoch"),
+        "r110_conv1x1": (3, "Diverged: The loss became nan at batch 3 of epoch 1; stopped"),
         "r110_dropout_0.5": (1, "OSError: Could not write log.csv"),
     }
     for variant, (code, output) in outcomes.items():

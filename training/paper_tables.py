@@ -46,7 +46,12 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import NamedTuple
 
-from keras_preact.train.checkpoints import write_atomic, write_json_atomic, write_text_atomic
+from keras_preact.train.checkpoints import (
+    WriteError,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from keras_preact.train.config import SHORTCUT_PARAMS
 
 START = time.time()
@@ -185,7 +190,7 @@ def record_run(folder, code, seconds, log_offset):
     status. `log_offset`: where this attempt's output starts in the run's `train.log`."""
     tail = Path(folder, "train.log").read_bytes()[log_offset:].decode(errors="replace")[-20000:]
     done = os.path.exists(os.path.join(folder, "summary.json"))
-    diverged = "FloatingPointError" in tail
+    diverged = "Diverged: " in tail  # the trainer stopped it (exit code 3)
     status = "done" if done else "stopped" if code == 0 else "diverged" if diverged else "failed"
     wall = round(_read_json(os.path.join(folder, RUN_RECORD)).get("wall_time_s", 0) + seconds, 1)
     write_json_atomic(os.path.join(folder, RUN_RECORD), {"status": status, "wall_time_s": wall})
@@ -333,7 +338,8 @@ def write_report(args):
     plot(curves, table2, path(OUTPUTS[4]), lambda n: UNITS[VARIANTS[n].unit][0])
     for name in OUTPUTS if args.out else ():
         os.makedirs(args.out, exist_ok=True)
-        shutil.copyfile(path(name), os.path.join(args.out, name))
+        with open(path(name), "rb") as src:
+            write_atomic(os.path.join(args.out, name), lambda f: shutil.copyfileobj(src, f), "wb")
     print(text, flush=True)
 
 
@@ -357,4 +363,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except WriteError as e:  # a full disk: one line, not a traceback
+        sys.exit(f"WriteError: {e}")

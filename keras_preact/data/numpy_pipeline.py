@@ -172,7 +172,8 @@ class ArrayDataset(keras.utils.PyDataset):
     index, so a resumed run (`epoch` set to the epoch it restarts at) sees the
     same batches as an uninterrupted one, and `steps_per_epoch` need not divide
     the dataset: the stream of shuffled passes over the data simply continues.
-    The trainer sets `epoch` at the start of every epoch (`callbacks.InputEpoch`);
+    The trainer sets `epoch` at the start of every epoch (`callbacks.InputEpoch`), and
+    `offset`, the batches of that epoch already trained, when it resumes mid-epoch;
     the dataset does not count epochs itself, because Keras calls a PyDataset's
     `on_epoch_end` also when it resets its iterator, not only at an epoch's end.
 
@@ -237,11 +238,12 @@ class ArrayDataset(keras.utils.PyDataset):
         self.batches_per_pass = len(images) // batch_size
         self.steps_per_epoch = steps_per_epoch or self.batches_per_pass
         self.epoch = 0
+        self.offset = 0  # batches of `epoch` already trained (a run resumed mid-epoch)
         self._orders = {}
 
     def __len__(self):
         if self.training:
-            return self.steps_per_epoch
+            return self.steps_per_epoch - self.offset
         return -(-len(self.images) // self.batch_size)
 
     def _order(self, data_pass):
@@ -253,7 +255,7 @@ class ArrayDataset(keras.utils.PyDataset):
         if not self.training:
             sl = slice(index * self.batch_size, (index + 1) * self.batch_size)
             return self._finish(self.images[sl]), self.labels[sl]
-        global_batch = self.epoch * self.steps_per_epoch + index
+        global_batch = self.epoch * self.steps_per_epoch + self.offset + index
         data_pass, within = divmod(global_batch, self.batches_per_pass)
         idx = self._order(data_pass)[within * self.batch_size : (within + 1) * self.batch_size]
         x = self.images[idx]

@@ -1,27 +1,162 @@
-"""Callbacks of the `model.fit` loop; `NaNGuard` is also called by the custom loop."""
+"""Callbacks of the `model.fit` loop, and the checks and stops every loop shares."""
 
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 
 import keras
+import numpy as np
 
 from keras_preact.train import metrics
 
 log = logging.getLogger(__name__)
 
 
+class Diverged(FloatingPointError):
+    """Training produced non-finite values; nothing of them was saved."""
+
+
+_ADVICE = (
+    "Resume from the last checkpoint with a lower learning rate (--base_lr=... "
+    "--allow_changes=base_lr) or more --warmup_steps, or check the input data."
+)
+
+
 class NaNGuard(keras.callbacks.Callback):
     """Stops training with an error the moment the loss stops being finite."""
+
+    epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            raise FloatingPointError(
-                f"Loss became {loss} at batch {batch} of this epoch; stopping. "
-                "Lower --base_lr, add --warmup_steps, or check the input data."
+            raise Diverged(
+                f"The loss became {loss} at batch {batch + 1} of epoch {self.epoch + 1}; "
+                f"stopped before saving anything of it. {_ADVICE}"
             )
+
+
+def check_finite(model, logs, epoch):
+    """Raises `Diverged` if a value of `logs` or a weight of `model` is not finite.
+
+    Args:
+        model: the model whose weights are checked.
+        logs: the epoch's metrics.
+        epoch: the epoch (1-based) the message names.
+    """
+    bad = [
+        f"{k}={v}"
+        for k, v in (logs or {}).items()
+        if isinstance(v, (int, float, np.number)) and not math.isfinite(float(v))
+    ]
+    weights = [
+        w.path for w in model.weights if not np.isfinite(keras.ops.convert_to_numpy(w)).all()
+    ]
+    if bad or weights:
+        found = ", ".join(bad)
+        if weights:
+            found += (", and " if bad else "") + (
+                f"{len(weights)} of {len(model.weights)} weight tensors (first: {weights[0]})"
+            )
+        raise Diverged(
+            f"Training diverged in epoch {epoch}: {found} not finite. Stopped without "
+            f"saving this epoch: the checkpoints of the epochs before are kept. {_ADVICE}"
+        )
+
+
+class FiniteCheck(keras.callbacks.Callback):
+    """At each epoch end, before the checkpoint: `check_finite` of the logs and weights (a
+    run can diverge with every batch loss finite: weights overflow, `val_loss` is NaN)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        check_finite(self.model, logs, epoch + 1)
+
+
+class Interrupted(Exception):
+    """A signal stopped training; `saved` tells whether its state was checkpointed."""
+
+    def __init__(self, signum, *, saved, where=""):
+        self.signum, self.saved = signum, saved
+        name = signal.Signals(signum).name
+        state = f"saved a checkpoint {where}" if saved else "nothing new was saved"
+        super().__init__(f"Stopped by {name}: {state}.")
+
+
+class StopRequest:
+    """SIGTERM and SIGINT (Ctrl-C) while training: noted, then acted on by the loop at the
+    next step boundary (`signum` is set). A second Ctrl-C stops at once.
+
+    Use as a context manager around the training loop; outside it the handlers before it
+    apply. In threads other than the main one it installs nothing.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, "
+            "then stopping (Ctrl-C again stops at once, without saving).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class SaveOnSignal(keras.callbacks.Callback):
+    """`model.fit`'s part of a `StopRequest`: at the batch end after a signal, saves a
+    mid-epoch checkpoint and raises `Interrupted`; a signal in an epoch's last step is
+    handled after that epoch's own checkpoint (list this callback after it).
+
+    Args:
+        request: the `StopRequest`.
+        checkpointer: the run's `checkpoints.Checkpointer`.
+        steps_per_epoch: steps of a whole epoch.
+        offset: steps of the first epoch already done (a run resumed mid-epoch).
+    """
+
+    def __init__(self, request, checkpointer, *, steps_per_epoch, offset=0):
+        super().__init__()
+        self.request, self.checkpointer = request, checkpointer
+        self.steps_per_epoch, self.offset = steps_per_epoch, offset
+        self.first = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.first = epoch if self.first is None else self.first
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = batch + 1 + (self.offset if self.epoch == self.first else 0)
+        if self.request.signum is not None and step < self.steps_per_epoch:
+            self.checkpointer.save(self.model, epoch=self.epoch, logs={}, step=step)
+            raise Interrupted(
+                self.request.signum, saved=True, where=f"at step {step} of epoch {self.epoch + 1}"
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.request.signum is not None:
+            raise Interrupted(self.request.signum, saved=True, where=f"after epoch {epoch + 1}")
 
 
 class MaxSteps(keras.callbacks.Callback):
@@ -65,14 +200,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 class InputEpoch(keras.callbacks.Callback):
     """Sets the training input's `epoch` as each epoch begins, so the batches of epoch `e`
-    are those of the stream's epoch `e` (`numpy_pipeline.ArrayDataset`), in every loop."""
+    are those of the stream's epoch `e` (`numpy_pipeline.ArrayDataset`), in every loop.
+
+    The input's `offset` (steps of its epoch already done, set by a mid-epoch resume) holds
+    for that epoch only.
+    """
 
     def __init__(self, data):
         super().__init__()
         self.data = data
+        self.resumed = (data.epoch, getattr(data, "offset", 0))
 
     def on_epoch_begin(self, epoch, logs=None):
         self.data.epoch = epoch
+        self.data.offset = self.resumed[1] if epoch == self.resumed[0] else 0
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -108,17 +249,22 @@ class TimeBudget(keras.callbacks.Callback):
 
 
 def epoch_callbacks(checkpointer):
-    """What every loop does at an epoch end: log the learning rate, then save the checkpoint
-    (which writes `log.csv`)."""
-    return [LearningRate(), EpochCheckpoint(checkpointer)]
+    """What every loop does at an epoch end: log the learning rate, check that the logs and
+    weights are finite, then save the checkpoint (which writes `log.csv`)."""
+    return [LearningRate(), FiniteCheck(), EpochCheckpoint(checkpointer)]
 
 
-def fit_callbacks(run, checkpointer, *, model_dir, max_steps=None, budget=None, data=None):
-    """The input's epoch, NaN guard, learning rate, checkpoint (with `log.csv`), the time
-    budget, TensorBoard logs in `model_dir`, max steps."""
+def fit_callbacks(
+    run, checkpointer, *, model_dir, max_steps=None, budget=None, data=None, stop=None
+):
+    """The input's epoch, NaN guard, learning rate, checks, checkpoint (with `log.csv`), the
+    signal stop (`stop`: a `SaveOnSignal`), the time budget, TensorBoard logs in
+    `model_dir`, max steps."""
     cbs = [NaNGuard(), *epoch_callbacks(checkpointer)]
     if hasattr(data, "epoch"):
         cbs.insert(0, InputEpoch(data))
+    if stop is not None:
+        cbs.append(stop)
     if budget is not None:
         cbs.append(budget)
     if run.chief and _has_tensorboard():

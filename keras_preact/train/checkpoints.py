@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 FOLDER = "checkpoints"
 WEIGHTS = "model.weights.h5"
 STATE = "state.json"
-_EPOCH = re.compile(r"^epoch-(\d+)$")
+#: `epoch-NNNN` after whole epochs; `epoch-NNNN-step-SSSSSS` after SSSSSS steps of the next
+#: epoch (a run stopped by a signal).
+_EPOCH = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?$")
 #: The temporary names of this module's writers: `NAME.tmp-PID`, `NAME.tmp-PID.weights.h5`
-#: and the checkpoint folders `.tmp-epoch-NNNN-PID`.
-_TEMP = re.compile(r"(\.tmp-\d+(\.weights\.h5)?|^\.tmp-epoch-\d+-\d+)$")
+#: and the checkpoint folders `.tmp-epoch-...-PID`.
+_TEMP = re.compile(r"(\.tmp-\d+(\.weights\.h5)?|^\.tmp-epoch-[-\w]*\d+)$")
 #: Version of `state.json`; the single-file checkpoints of earlier versions
 #: (`checkpoints/latest.weights.h5` + `latest.json`) are still read.
 FORMAT = 2
@@ -201,6 +203,7 @@ class Restored(NamedTuple):
     epoch: int  # epochs completed
     steps: int  # optimizer iterations after them
     best: float  # best value of the monitored metric so far
+    step: int = 0  # steps of the next epoch completed (a run stopped mid-epoch)
 
 
 class Checkpointer:
@@ -245,7 +248,8 @@ class Checkpointer:
         return os.path.join(root, FOLDER)
 
     def _epoch_folders(self, root):
-        """`[(epoch, path)]` of the complete checkpoint folders under `root`, newest first."""
+        """`[((epoch, step), path)]` of the complete checkpoint folders under `root`, newest
+        first (`step`: steps into the next epoch, 0 for an epoch-end checkpoint)."""
         folder = self._folder(root)
         if not os.path.isdir(folder):
             return []
@@ -253,7 +257,8 @@ class Checkpointer:
         for name in os.listdir(folder):
             m = _EPOCH.match(name)
             if m and os.path.isdir(os.path.join(folder, name)):
-                found.append((int(m.group(1)), os.path.join(folder, name)))
+                key = (int(m.group(1)), int(m.group(2) or 0))
+                found.append((key, os.path.join(folder, name)))
         return sorted(found, reverse=True)
 
     @staticmethod
@@ -402,7 +407,7 @@ class Checkpointer:
                 )
             self._set_aside_log()
             return Restored(0, 0, self.best)
-        epoch = int(state["epoch"])
+        epoch, step = int(state["epoch"]), int(state.get("step_in_epoch", 0))
         steps = int(metrics.scalar(optimizer.iterations))
         if "steps" in state and state["steps"] != steps:
             log.warning(
@@ -418,17 +423,17 @@ class Checkpointer:
             self.best = max(self.best, float(state.get("best", -np.inf)))
         self.rows = list(state.get("rows", []))
         self.resumed_from = epoch
-        self._restore_input(state.get("input"), epoch)
+        self._restore_input(state.get("input"), epoch, step)
         self._write_log()
+        within = f" and {step} step(s) of the next" if step else ""
         message = (
-            f"Resuming from {source}: {epoch} epoch(s) done, optimizer step "
+            f"Resuming from {source}: {epoch} epoch(s){within} done, optimizer step "
             f"{steps}, learning rate {metrics.learning_rate(optimizer):.6g}."
         )
         if problems:
             message += f" Skipped: {'; '.join(problems)}."
-        log.info(message)
         print(message, flush=True)
-        return Restored(epoch, steps, self.best)
+        return Restored(epoch, steps, self.best, step)
 
     def _set_aside_log(self):
         """A fresh run keeps the `log.csv` of an earlier one (its checkpoints deleted)."""
@@ -442,10 +447,11 @@ class Checkpointer:
             os.rename(path, kept)
             log.warning("No checkpoint to resume from: the earlier %s is kept as %s.", path, kept)
 
-    def _restore_input(self, saved, epoch):
+    def _restore_input(self, saved, epoch, step=0):
         if self.data is None:
             return
         self.data.epoch = epoch  # the batches continue where the run stopped
+        self.data.offset = step
         if saved and saved.get("seed") != self.data.seed:
             log.warning(
                 "The checkpoint's input order was drawn with seed %s, this run's with %s: "
@@ -473,26 +479,29 @@ class Checkpointer:
             os.makedirs(self.write_dir, exist_ok=True)
             write_text_atomic(os.path.join(self.write_dir, "log.csv"), _csv_text(self.rows))
 
-    def _prune(self, epoch):
-        """Before writing `epoch`: keeps only the newest complete checkpoint older than it.
+    def _prune(self, key):
+        """Before writing the checkpoint `key` (`(epoch, step)`): keeps only the newest
+        complete checkpoint older than it.
 
-        Removes leftover temporary files and folders (a killed save), folders of `epoch` or later
-        (skipped as unreadable at restore) and older ones, so a save needs room for two
-        checkpoints at most.
+        Removes leftover temporary files and folders (a killed save), checkpoints at `key`
+        or later (skipped as unreadable at restore) and older ones, so a save needs room for
+        two checkpoints at most.
         """
         self._remove_stale_temps()
-        older = [p for e, p in self._epoch_folders(self.write_dir) if e < epoch]
-        for e, path in self._epoch_folders(self.write_dir):
-            if e >= epoch or path in older[1:]:
+        older = [p for k, p in self._epoch_folders(self.write_dir) if k < key]
+        for k, path in self._epoch_folders(self.write_dir):
+            if k >= key or path in older[1:]:
                 _remove(path)
 
-    def save(self, model, *, epoch, logs):
+    def save(self, model, *, epoch, logs, step=0):
         """Writes the checkpoint after `epoch` completed epochs, then `log.csv` and the best.
 
         Args:
             model: the model that trains, compiled with its optimizer.
             epoch: the number of completed epochs.
             logs: the epoch's metrics (floats).
+            step: steps of the next epoch done, for a run stopped mid-epoch: its checkpoint
+                adds no row to `log.csv` and does not compete for the best.
 
         Raises:
             OSError: a file could not be written (a full disk): the message names it; no
@@ -501,10 +510,12 @@ class Checkpointer:
         optimizer = self._optimizer(model)
         folder = self._folder(self.write_dir)
         os.makedirs(folder, exist_ok=True)
-        self._prune(epoch)
+        self._prune((epoch, step))
         logs = {k: float(v) for k, v in logs.items()}
         rows = [r for r in self.rows if r["epoch"] < epoch - 1] + [{"epoch": epoch - 1, **logs}]
-        value = logs.get(self.monitor)
+        if step:
+            rows = [r for r in self.rows if r["epoch"] < epoch]
+        value = None if step else logs.get(self.monitor)
         if value is not None and value > self.best:
             # Before the commit: a kill in between replays the epoch, which cannot beat
             # the value recorded here, so the best model is never lost.
@@ -516,8 +527,9 @@ class Checkpointer:
             )
             write_json_atomic(os.path.join(self.write_dir, "best.json"), record)
             self.best = value
-        final = os.path.join(folder, f"epoch-{epoch:04d}")
-        tmp = os.path.join(folder, f".tmp-epoch-{epoch:04d}-{os.getpid()}")
+        name = f"epoch-{epoch:04d}" + (f"-step-{step:06d}" if step else "")
+        final = os.path.join(folder, name)
+        tmp = os.path.join(folder, f".tmp-{name}-{os.getpid()}")
         try:
             os.makedirs(tmp)
             weights = os.path.join(tmp, WEIGHTS)
@@ -525,12 +537,13 @@ class Checkpointer:
             state = {
                 "format": FORMAT,
                 "epoch": int(epoch),
+                "step_in_epoch": int(step),
                 "steps": int(metrics.scalar(optimizer.iterations)),
                 "best": self.best,
                 "monitor": self.monitor,
                 "logs": logs,
                 "rows": rows,
-                "input": self._input_position(epoch),
+                "input": self._input_position(epoch, step),
                 "weights": {
                     "file": WEIGHTS,
                     "bytes": os.path.getsize(weights),
@@ -560,14 +573,14 @@ class Checkpointer:
         for name in ("latest.weights.h5", "latest.json"):  # the previous format's files
             _remove(os.path.join(folder, name))
 
-    def _input_position(self, epoch):
+    def _input_position(self, epoch, step=0):
         if self.data is None:
             return None
         steps = getattr(self.data, "steps_per_epoch", None)
         return {
             "seed": self.data.seed,
             "epoch": int(epoch),
-            "next_batch": None if steps is None else int(epoch) * int(steps),
+            "next_batch": None if steps is None else int(epoch) * int(steps) + int(step),
         }
 
 
@@ -577,12 +590,14 @@ def write_summary(model_dir, summary):
     print(json.dumps(summary, indent=2, sort_keys=True, default=str), flush=True)
 
 
-def write_config(cfg, run):
-    """`config.json` (chief only): every option and its origin, the run's set-up, versions."""
+def write_config(cfg, run, resumes=()):
+    """`config.json` (chief only): every option and its origin, the run's set-up, versions,
+    and `resumes`: each resume's changed options (`resume.history`)."""
     if not run.chief:
         return
     record = {
         **cfg.record(),
+        "resumes": list(resumes),
         "replicas": run.replicas,
         "precision_policy": run.policy,
         "loop": run.loop,

@@ -39,6 +39,7 @@ from keras_preact.train import (
     loops,
     modeling,
     optimization,
+    resume,
     sources,
 )
 from keras_preact.train import flags as train_flags
@@ -157,7 +158,9 @@ def datasets(cfg, run, arrays):
         return train, lambda: val, train
     from keras_preact.data import tfdata
 
-    position = types.SimpleNamespace(seed=cfg.seed, epoch=0, steps_per_epoch=cfg.steps_per_epoch)
+    position = types.SimpleNamespace(
+        seed=cfg.seed, epoch=0, offset=0, steps_per_epoch=cfg.steps_per_epoch
+    )
 
     def train_fn(input_context=None):
         return tfdata.array_dataset(
@@ -167,7 +170,7 @@ def datasets(cfg, run, arrays):
             training=True,
             input_context=input_context,
             deterministic=cfg.deterministic,
-            start_batch=lambda: position.epoch * cfg.steps_per_epoch,
+            start_batch=lambda: position.epoch * cfg.steps_per_epoch + position.offset,
             **augment,
             **common,
         )
@@ -197,8 +200,10 @@ def main(argv):
     cfg = config.CifarConfig.from_flags(FLAGS)
     cfg = cfg.derive(base_lr=cfg.base_lr or 0.1, pipeline=resolve_pipeline(cfg.pipeline, cfg.loop))
 
-    # 2. Seeds, strategy and precision: variables are created under them.
+    # 2. Seeds, strategy and precision: variables are created under them. One trainer
+    # per run folder.
     run = distribution.setup(cfg)
+    lock = resume.lock(run.write_dir)  # noqa: F841 - held until the process ends
 
     # 3. Data, in memory; uint8 batches when the model normalizes on the device.
     from keras_preact.data import numpy_pipeline
@@ -228,14 +233,17 @@ def main(argv):
     classes = sources.MEMORY_DATASETS[cfg.dataset]
     built = modeling.build(cfg, run, schedule, input_shape=x_train.shape[1:], classes=classes)
     cfg = cfg.derive(decayed_weights=built.decayed)
-    checkpoints.write_config(cfg, run)
 
-    # 5. Resume from the last completed epoch, if the run was interrupted. The input
-    # order depends only on (seed, batch): the stream continues where it stopped.
+    # 5. Resume from the last checkpoint, if the run was interrupted and its options are
+    # the recorded ones (checked before anything is written). The input order depends only
+    # on (seed, batch): the stream continues where it stopped.
+    changed = resume.check(cfg, cfg.model_dir)
+    checkpoints.write_config(cfg, run, resume.history(cfg.model_dir, changed))
     checkpointer = checkpoints.Checkpointer(
         cfg.model_dir, run.write_dir, data=position, export=built.export
     )
-    initial_epoch = checkpointer.restore(built.model).epoch
+    restored = checkpointer.restore(built.model)
+    initial_epoch = restored.epoch
 
     # 6. Train, within --time_budget when one is given.
     budget = loops.time_budget(cfg, start)
@@ -247,7 +255,9 @@ def main(argv):
         val_data_fn,
         checkpointer=checkpointer,
         initial_epoch=initial_epoch,
+        initial_step=restored.step,
         budget=budget,
+        position=position,
     )
     if loops.stopped_by_budget(cfg, budget, history):
         return
@@ -271,7 +281,7 @@ def main(argv):
 
 def run_main():
     """The console entry point: `python -m keras_preact.train.cifar` or `training/cifar.py`."""
-    app.run(main)
+    loops.run(main)
 
 
 if __name__ == "__main__":

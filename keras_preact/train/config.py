@@ -169,6 +169,7 @@ class TrainConfig(ModelConfig):
     steps_per_epoch: int | None = None
     max_steps: int | None = None
     time_budget: float | None = None
+    allow_changes: tuple = ()
     # Optimization.
     lr_schedule: str = "step"
     base_lr: float | None = None

@@ -137,6 +137,8 @@ def fit(
     verbose=1,
     label_smoothing=0.0,
     budget=None,
+    initial_step=0,
+    stop=None,
 ):
     """Trains with `strategy.run`, checkpointing and logging like `model.fit`.
 
@@ -158,6 +160,9 @@ def fit(
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
         label_smoothing: of the loss.
         budget: a `callbacks.TimeBudget` (checked after each epoch's checkpoint), or None.
+        initial_step: steps of epoch `initial_epoch` already done (a mid-epoch resume).
+        stop: a `callbacks.StopRequest`: after a signal (sent to every worker), the state
+            is checkpointed at the next step boundary and `callbacks.Interrupted` raised.
     """
     optimizer = model.optimizer
     os.makedirs(log_dir, exist_ok=True)
@@ -184,11 +189,19 @@ def fit(
         )
         totals = np.zeros(4)
         start = time.time()
-        for i in range(steps_per_epoch):
+        guard.on_epoch_begin(epoch)
+        first = initial_step if epoch == initial_epoch else 0
+        for i in range(first, steps_per_epoch):
+            if stop is not None and stop.signum is not None and i > first:
+                sync()
+                checkpointer.save(model, epoch=epoch, logs={}, step=i)
+                raise callbacks.Interrupted(
+                    stop.signum, saved=True, where=f"at step {i} of epoch {epoch + 1}"
+                )
             out = np.array([float(t) for t in step(iterator)])
             totals += out
             logs = {
-                "loss": totals[0] / (i + 1),
+                "loss": totals[0] / (i + 1 - first),
                 "top1": totals[1] / totals[3],
                 "top5": totals[2] / totals[3],
             }
@@ -205,7 +218,10 @@ def fit(
                 logs["val_" + k] = v
         if verbose and chief:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
+        callbacks.check_finite(model, logs, epoch + 1)
         checkpointer.save(model, epoch=epoch + 1, logs=logs)  # also writes log.csv
+        if stop is not None and stop.signum is not None:
+            raise callbacks.Interrupted(stop.signum, saved=True, where=f"after epoch {epoch + 1}")
         if budget is not None:
             budget.on_epoch_end(epoch)
         if max_steps and int(metrics.scalar(optimizer.iterations)) >= max_steps:

@@ -202,9 +202,11 @@ class Loop:
         penalty = float(_penalty(self.model, state[0]))
         return evaluate_state(self.eval_step, state, data, penalty)
 
-    def train_epoch(self, state, data, *, steps, bar, max_steps=None, on_batch=None):
-        """Runs one epoch of `data` (an `ArrayDataset` at its epoch); returns
-        `(state, logs)`. Host syncs happen only where a value is shown or checked."""
+    def train_epoch(self, state, data, *, steps, bar, max_steps=None, on_batch=None, stop=None):
+        """Runs `steps` batches of `data` (an `ArrayDataset` at its epoch); returns
+        `(state, logs)`, with `logs["steps"]` the steps run. Host syncs happen only where a
+        value is shown or checked. A `callbacks.StopRequest` `stop` that has seen a signal
+        ends the epoch at the next step boundary."""
         sums, every = None, 10 if bar.verbose == 1 else steps
         first = int(state[2][self.step_index])
         n_steps = steps if not max_steps else max(0, min(steps, max_steps - first))
@@ -212,6 +214,8 @@ class Loop:
         for i, (x, y) in enumerate(batches):
             state, out = self.train_step(state, x, y)
             sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+            if stop is not None and stop.signum is not None:
+                n_steps = i + 1
             if (i + 1) % every == 0 or i + 1 == n_steps:
                 logs = {
                     "loss": float(sums["loss"]) / (i + 1),
@@ -221,10 +225,13 @@ class Loop:
                 bar.update(i + 1, list(logs.items()))
                 if on_batch is not None:
                     on_batch(i, logs)
-        return state, (logs if sums is not None else {})
+            if i + 1 == n_steps:
+                break
+        return state, ({**logs, "steps": n_steps} if sums is not None else {})
 
 
-def fit(cfg, built, train_data, val_data, *, checkpointer, initial_epoch, extra_callbacks=()):
+def fit(cfg, built, train_data, val_data, *, checkpointer, initial_epoch, initial_step=0,
+        extra_callbacks=(), stop=None):  # fmt: skip
     """Trains `built.model` to `cfg.epochs` with the jitted step; saves every epoch.
 
     Args:
@@ -234,7 +241,10 @@ def fit(cfg, built, train_data, val_data, *, checkpointer, initial_epoch, extra_
         val_data: an evaluation `ArrayDataset`, or None.
         checkpointer: the run's `checkpoints.Checkpointer`.
         initial_epoch: epochs already done (restored into the model).
+        initial_step: steps of the next epoch done (`train_data.offset`, set on restore).
         extra_callbacks: more Keras callbacks called at each epoch end (a time budget).
+        stop: a `callbacks.StopRequest`: after a signal, the state is checkpointed at the
+            next step boundary and `callbacks.Interrupted` raised.
 
     Returns:
         The `Loop` (its compiled evaluation step serves the final evaluation).
@@ -256,16 +266,26 @@ def fit(cfg, built, train_data, val_data, *, checkpointer, initial_epoch, extra_
         if cfg.verbose:
             print(f"Epoch {epoch + 1}/{cfg.epochs}", flush=True)
         cbs.on_epoch_begin(epoch)
-        bar = keras.utils.Progbar(cfg.steps_per_epoch, verbose=int(cfg.verbose == 1))
+        guard.on_epoch_begin(epoch)
+        offset = initial_step if epoch == initial_epoch else 0
+        bar = keras.utils.Progbar(cfg.steps_per_epoch - offset, verbose=int(cfg.verbose == 1))
         start = time.time()
         state, logs = loop.train_epoch(
             state,
             train_data,
-            steps=cfg.steps_per_epoch,
+            steps=cfg.steps_per_epoch - offset,
             bar=bar,
             max_steps=cfg.max_steps,
             on_batch=guard.on_train_batch_end,
+            stop=stop,
         )
+        done = offset + logs.pop("steps", 0)
+        if stop is not None and stop.signum is not None and done < cfg.steps_per_epoch:
+            assign_state(model, loop.optimizer, state)
+            checkpointer.save(model, epoch=epoch, logs={}, step=done)
+            raise callbacks_lib.Interrupted(
+                stop.signum, saved=True, where=f"at step {done} of epoch {epoch + 1}"
+            )
         logs["epoch_time_s"] = time.time() - start
         if val_data is not None:
             logs.update({"val_" + k: v for k, v in loop.evaluate(val_data, state).items()})
@@ -273,6 +293,10 @@ def fit(cfg, built, train_data, val_data, *, checkpointer, initial_epoch, extra_
         if cfg.verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
         cbs.on_epoch_end(epoch, logs)
+        if stop is not None and stop.signum is not None:
+            raise callbacks_lib.Interrupted(
+                stop.signum, saved=True, where=f"after epoch {epoch + 1}"
+            )
         steps = int(metrics.scalar(loop.optimizer.iterations))
         if model.stop_training or (cfg.max_steps and steps >= cfg.max_steps):
             break

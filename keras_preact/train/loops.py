@@ -7,40 +7,87 @@ whole run, resumed epochs included.
 
 import os
 import shlex
+import signal
 import sys
 import time
 
 import keras
+from absl import app
 
-from keras_preact.train import callbacks, checkpoints, metrics
+from keras_preact.train import callbacks, checkpoints, metrics, resume
 
 
-def train(cfg, run, built, train_data, val_data_fn, *, checkpointer, initial_epoch, budget=None):
+def train(
+    cfg,
+    run,
+    built,
+    train_data,
+    val_data_fn,
+    *,
+    checkpointer,
+    initial_epoch,
+    initial_step=0,
+    budget=None,
+    position=None,
+):
     """Trains `built.model` to `cfg.epochs` with the run's loop; returns the whole run's
     history (a dict of lists, from the checkpoints: earlier processes' epochs included).
 
     `val_data_fn()` returns the validation data (distributed for the custom loop).
-    `budget`: a `callbacks.TimeBudget`, or None.
+    `initial_step`: steps of epoch `initial_epoch` done (a run resumed mid-epoch).
+    `budget`: a `callbacks.TimeBudget`, or None. `position`: where the training input
+    stands (`epoch`, `offset`), when it is not `train_data` itself.
+    SIGTERM or Ctrl-C saves a checkpoint at the next step boundary and raises
+    `callbacks.Interrupted`.
     """
-    if run.loop == "fit":
-        built.model.fit(
-            train_data,
-            epochs=cfg.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=cfg.steps_per_epoch,
-            validation_data=val_data_fn(),
-            callbacks=callbacks.fit_callbacks(
-                run,
-                checkpointer,
-                model_dir=cfg.model_dir,
-                max_steps=cfg.max_steps,
-                budget=budget,
-                data=train_data,
+    with callbacks.StopRequest() as stop:
+        _train(cfg, run, built, train_data, val_data_fn, checkpointer=checkpointer,
+               initial_epoch=initial_epoch, initial_step=initial_step, budget=budget,
+               position=position, stop=stop)  # fmt: skip
+    return checkpointer.history()
+
+
+def _fit(cfg, run, built, train_data, val_data_fn, *, checkpointer, epochs, initial_epoch,
+         steps, budget, stop, offset=0):  # fmt: skip
+    built.model.fit(
+        train_data,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        validation_data=val_data_fn(),
+        callbacks=callbacks.fit_callbacks(
+            run,
+            checkpointer,
+            model_dir=cfg.model_dir,
+            max_steps=cfg.max_steps,
+            budget=budget,
+            data=train_data,
+            stop=callbacks.SaveOnSignal(
+                stop, checkpointer, steps_per_epoch=cfg.steps_per_epoch, offset=offset
             ),
-            verbose=cfg.verbose,
-            # The pipelines shuffle themselves (a PyDataset or tf.data ignores `shuffle`).
-            shuffle=False,
-        )
+        ),
+        verbose=cfg.verbose,
+        # The pipelines shuffle themselves (a PyDataset or tf.data ignores `shuffle`).
+        shuffle=False,
+    )
+
+
+def _train(cfg, run, built, train_data, val_data_fn, *, checkpointer, initial_epoch,
+           initial_step, budget, position, stop):  # fmt: skip
+    if run.loop == "fit":
+        common = dict(checkpointer=checkpointer, budget=budget, stop=stop)
+        if initial_step:
+            # The rest of the epoch a signal stopped: its logs cover these steps only.
+            _fit(cfg, run, built, train_data, val_data_fn, epochs=initial_epoch + 1,
+                 initial_epoch=initial_epoch, steps=cfg.steps_per_epoch - initial_step,
+                 offset=initial_step, **common)  # fmt: skip
+            initial_epoch += 1
+            if position is not None:
+                position.epoch, position.offset = initial_epoch, 0
+            if built.model.stop_training or initial_epoch >= cfg.epochs:
+                return
+        _fit(cfg, run, built, train_data, val_data_fn, epochs=cfg.epochs,
+             initial_epoch=initial_epoch, steps=cfg.steps_per_epoch, **common)  # fmt: skip
     elif run.loop == "jax":
         from keras_preact.train import jax_loop
 
@@ -51,7 +98,9 @@ def train(cfg, run, built, train_data, val_data_fn, *, checkpointer, initial_epo
             val_data_fn(),
             checkpointer=checkpointer,
             initial_epoch=initial_epoch,
+            initial_step=initial_step,
             extra_callbacks=[budget] if budget else (),
+            stop=stop,
         )
     else:
         from keras_preact.train import custom_loop
@@ -73,8 +122,9 @@ def train(cfg, run, built, train_data, val_data_fn, *, checkpointer, initial_epo
             verbose=cfg.verbose,
             label_smoothing=cfg.label_smoothing,
             budget=budget,
+            initial_step=initial_step,
+            stop=stop,
         )
-    return checkpointer.history()
 
 
 def evaluate(cfg, run, built, val_data_fn):
@@ -101,6 +151,11 @@ def time_budget(cfg, start):
     return callbacks.TimeBudget(cfg.time_budget, start=start) if cfg.time_budget else None
 
 
+def resume_command():
+    """This process's command line, to resume the run with."""
+    return " ".join(map(shlex.quote, getattr(sys, "orig_argv", sys.argv)))
+
+
 def stopped_by_budget(cfg, budget, history):
     """Prints how to resume a run its `--time_budget` stopped; True if it did."""
     done = len(history.get("loss", []))
@@ -109,10 +164,54 @@ def stopped_by_budget(cfg, budget, history):
     print(
         f"Stopped by --time_budget={cfg.time_budget:g} s after epoch {done}/{cfg.epochs} "
         f"({time.time() - budget.start:.0f} s), checkpoint saved in {cfg.model_dir}. "
-        f"Resume with the same command: {' '.join(map(shlex.quote, sys.orig_argv))}",
+        f"Resume with the same command: {resume_command()}",
         flush=True,
     )
     return True
+
+
+#: What stops a run loudly, with one message and no traceback: the exit code of each.
+_STOPS = (
+    (callbacks.Diverged, 3),
+    (resume.RunLocked, 4),
+    (resume.ResumeRefused, 5),
+    (checkpoints.WriteError, 6),
+)
+
+
+def _interrupt(signum, frame):
+    raise callbacks.Interrupted(signum, saved=False)
+
+
+def run(main):
+    """`absl.app.run(main)` for a trainer: a signal, a divergence, a locked or mismatched
+    run folder or a failed write ends the run with one message and a non-zero exit code
+    (128 + the signal's number after a signal), not a traceback."""
+
+    def guarded(argv):
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return main(argv)
+        except callbacks.Interrupted as e:
+            print(f"{e} Resume with the same command: {resume_command()}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            sys.exit(128 + e.signum)
+        except KeyboardInterrupt:  # outside the training loop: nothing new to save
+            print(
+                "Interrupted outside the training loop: nothing new was saved; the run's "
+                f"checkpoints are unchanged. Resume with the same command: {resume_command()}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(128 + signal.SIGINT)
+        except tuple(kind for kind, _ in _STOPS) as e:
+            code = next(c for kind, c in _STOPS if isinstance(e, kind))
+            print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            sys.exit(code)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    app.run(guarded)
 
 
 def finish(cfg, run, built, *, history, initial_epoch, start, **results):
@@ -122,6 +221,7 @@ def finish(cfg, run, built, *, history, initial_epoch, start, **results):
     was resumed (`history` is `train`'s); it is returned.
     """
     os.makedirs(run.write_dir, exist_ok=True)
+    callbacks.check_finite(built.model, {}, len(history.get("loss", [])))
     checkpoints.save_model_weights_atomic(
         built.export(built.model), os.path.join(run.write_dir, "final.weights.h5")
     )
