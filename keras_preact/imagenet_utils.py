@@ -45,6 +45,10 @@ _CLASS_INDEX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagene
 def mean_std(preprocessing):
     """`(mean, std)` tuples, [0, 1] units, of a mode name or a `(mean, std)` pair.
 
+    A pair is per-channel statistics of pixels scaled to [0, 1]: every mean in [0, 1] and
+    every std in (0, 1] (data in [0, 1] has a std of at most 0.5; 1 leaves the scale as it
+    is). Statistics of [0, 255] pixels are refused, with the pair divided by 255.
+
     >>> mean_std("inception")
     ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     >>> mean_std(([0.2860406], [0.35302424]))
@@ -58,10 +62,27 @@ def mean_std(preprocessing):
         std = tuple(float(s) for s in np.ravel(std))
     except (TypeError, ValueError):
         mean = std = ()
-    if not mean or len(mean) != len(std) or min(std) <= 0:
+    if not mean or len(mean) != len(std):
         raise ValueError(
             f"Invalid preprocessing={preprocessing!r}. Allowed: a mode in {sorted(MODES)}, or "
-            "a (mean, std) pair of equally long per-channel sequences in [0, 1] units, std > 0."
+            "a (mean, std) pair of equally long per-channel sequences in [0, 1] units "
+            "(0 <= mean <= 1, 0 < std <= 1)."
+        )
+    bad = [f"mean {m!r}" for m in mean if not 0.0 <= m <= 1.0]
+    bad += [f"std {s!r}" for s in std if not 0.0 < s <= 1.0]
+    if bad:
+        hint = ""
+        if all(0.0 <= v <= 255.0 for v in mean + std) and min(std) > 0:
+            # Statistics of [0, 255] pixels: the likeliest mistake, so show the conversion.
+            scaled = (
+                tuple(round(m / 255.0, 6) for m in mean),
+                tuple(round(s / 255.0, 6) for s in std),
+            )
+            hint = f" If these are [0, 255] pixel statistics, divide by 255: {scaled!r}."
+        raise ValueError(
+            f"Invalid preprocessing={preprocessing!r}: {', '.join(bad)} out of range. The "
+            "(mean, std) pair is in [0, 1] units, as for pixels divided by 255: every mean "
+            f"in [0, 1], every std in (0, 1].{hint}"
         )
     return mean, std
 
@@ -70,14 +91,14 @@ def _mode(weights, model):
     """The preprocessing mode `preprocess_input(x, weights, model=model)` means."""
     from keras_preact import weights as kp_weights
 
-    if weights is None and isinstance(model, keras.Model):
-        weights = getattr(model, "weights_record", None)
-        if weights is None:
-            raise ValueError(
-                f"Model {model.name!r} was built without a weights record; pass weights= "
-                f"(a record name or a mode in {sorted(MODES)})."
-            )
+    if isinstance(model, keras.Model):
+        return _built_model_mode(weights, model)
     if isinstance(weights, kp_weights.WeightsRecord):
+        if isinstance(model, str) and weights.model != model:
+            raise ValueError(
+                f"weights={weights.name!r} (a WeightsRecord for {weights.model}) contradicts "
+                f"model={model!r}. Pass the record of that builder, or one of the two alone."
+            )
         return weights.preprocessing
     if isinstance(weights, str) and weights in MODES:
         return weights
@@ -86,18 +107,29 @@ def _mode(weights, model):
             f"Invalid weights={weights!r}: expected a record name (e.g. 'imagenet:fb_torch'), "
             f"a WeightsRecord or a mode in {sorted(MODES)}."
         )
-    if ":" in weights:
-        return kp_weights.get_record(weights).preprocessing
+    depth = None
     if model is not None:
         # The builder's choice for this model: the same record `weights=` would load.
-        name = model if isinstance(model, str) else None
-        depth = name.removeprefix("PreActResNet") if name else ""
-        if not depth.isdigit():
+        name = model if isinstance(model, str) else ""
+        digits = name.removeprefix("PreActResNet")
+        if not name.startswith("PreActResNet") or not digits.isdigit():
             raise ValueError(
                 f"Invalid model={model!r}: expected a builder name such as 'PreActResNet200' "
                 "or a model built by keras_preact."
             )
-        return kp_weights.get_record(weights, int(depth)).preprocessing
+        depth = int(digits)
+    if ":" in weights:
+        found = [r for r in kp_weights.RECORDS if r.name == weights]
+        if found and depth is not None and all(r.depth != depth for r in found):
+            raise ValueError(
+                f"weights={weights!r} are for {[r.model for r in found]}; they contradict "
+                f"model={model!r}. Pass a record of {model} (e.g. "
+                f"{[r.name for r in kp_weights.list_records(model=model)]}), or one of the "
+                "two alone."
+            )
+        return kp_weights.get_record(weights, depth).preprocessing
+    if depth is not None:
+        return kp_weights.get_record(weights, depth).preprocessing
     records = kp_weights.list_records(dataset=weights)
     modes = {r.preprocessing for r in records}
     if len(modes) == 1:
@@ -113,6 +145,36 @@ def _mode(weights, model):
         f"weights={weights!r} names records with different preprocessing: {listed}. Pass "
         "model= (the builder name, e.g. model='PreActResNet200') or a full record name."
     )
+
+
+def _built_model_mode(weights, model):
+    """The mode for a built `model`: its own record's, which `weights=` may only repeat."""
+    from keras_preact import weights as kp_weights
+
+    own = getattr(model, "weights_record", None)
+    if own is None:
+        if weights is None:
+            raise ValueError(
+                f"Model {model.name!r} was built without a weights record; pass weights= "
+                f"(a record name or a mode in {sorted(MODES)})."
+            )
+        return _mode(weights, None)  # nothing in the model to contradict
+    own_mode = kp_weights.get_record(own).preprocessing
+    if weights is None or (isinstance(weights, str) and weights in (own, own.split(":")[0])):
+        return own_mode  # the model's record, or its dataset
+    name = weights.name if isinstance(weights, kp_weights.WeightsRecord) else weights
+    others = kp_weights.list_records(dataset=weights) if isinstance(weights, str) else []
+    if others:  # another dataset: never the model's record, whatever its modes
+        wanted = " or ".join(sorted({repr(r.preprocessing) for r in others}))
+    else:
+        wanted = repr(_mode(weights, None))
+    if others or wanted != repr(own_mode):
+        raise ValueError(
+            f"weights={name!r} (preprocessing {wanted}) contradicts model={model.name!r}, "
+            f"built with weights={own!r} (preprocessing {own_mode!r}). Pass model= alone to "
+            "use the model's own, or weights= alone."
+        )
+    return own_mode
 
 
 def preprocess_input(x, weights=None, *, model=None, data_format=None):
@@ -131,7 +193,9 @@ def preprocess_input(x, weights=None, *, model=None, data_format=None):
             `WeightsRecord`, or a mode: `"inception"`, `"imagenet_torch"`, `"fashion_mnist"`.
             Default: the record of `model`, when it is a built model.
         model: a builder name (`"PreActResNet200"`), or a model built by this package (its
-            `weights_record` is used when `weights` is None).
+            `weights_record` is used when `weights` is None). With both, they must agree:
+            `weights` then names the model's record, its dataset, or a record or mode of
+            the same preprocessing.
         data_format: `"channels_last"` or `"channels_first"`; default: Keras' config.
 
     Returns:
@@ -139,7 +203,8 @@ def preprocess_input(x, weights=None, *, model=None, data_format=None):
 
     Raises:
         ValueError: for an unknown record or mode, a dataset whose records disagree (listing
-            them), or images whose channels do not match the normalization.
+            them), `weights` that contradict `model` (naming both), or images whose channels
+            do not match the normalization.
 
     Example:
 

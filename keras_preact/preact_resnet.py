@@ -11,8 +11,11 @@ every deviation from the paper.
 """
 
 import dataclasses
+import difflib
 import numbers
 import operator
+import os
+import re
 
 import keras
 
@@ -123,6 +126,24 @@ def _choice(value, arg, allowed):
     return value
 
 
+def _keras_lookup(value, arg, module, examples, objects):
+    """`module.get(value)` (`keras.activations`, `keras.initializers`), or a ValueError that
+    names `arg`, the value and some allowed names (Keras' own error names neither)."""
+    try:
+        return module.get(value)
+    except (ValueError, TypeError):
+        pass
+    where = "keras." + module.__name__.rsplit(".", 1)[-1]
+    names = sorted({*examples, *(n for n in dir(module) if n[:1].islower())}
+                   - {"get", "serialize", "deserialize"})  # fmt: skip
+    close = difflib.get_close_matches(value, names, n=1) if isinstance(value, str) else []
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"Invalid {arg}={value!r}: not a name or object {where}.get accepts.{hint} Allowed: "
+        f"a name such as {list(examples)} (or another of {where}), or {objects}."
+    )
+
+
 def _stage_blocks(family, depth, block, stage_blocks):
     """Resolves (block, stage_blocks) from a depth, or checks them against it."""
     if block is not None and (not isinstance(block, str) or block not in kp_units.BLOCKS):
@@ -196,8 +217,10 @@ def _widths(family, block, width_multiplier):
 
 
 def _input_shape(family, input_shape, data_format, input_tensor, record):
-    if input_shape is None and input_tensor is not None:
-        input_shape = tuple(input_tensor.shape[1:])
+    given, tensor_shape = input_shape, None
+    if input_tensor is not None:
+        tensor_shape = tuple(None if s is None else int(s) for s in input_tensor.shape[1:])
+        input_shape = tensor_shape if input_shape is None else input_shape
     if input_shape is None and record is not None:
         input_shape = record.default_input_shape(data_format)
     if input_shape is None:
@@ -214,6 +237,18 @@ def _input_shape(family, input_shape, data_format, input_tensor, record):
             f"channels for {data_format}), each an int or None."
         )
     input_shape = tuple(None if s is None else int(s) for s in input_shape)
+    if given is not None and tensor_shape is not None:
+        # The model is built on the tensor, so input_shape can only restate its shape (as
+        # keras.layers.Input(tensor=..., shape=...) requires); None leaves a side to it.
+        if len(tensor_shape) != 3 or any(
+            s is not None and s != t for s, t in zip(input_shape, tensor_shape)
+        ):
+            raise ValueError(
+                f"input_shape={given!r} contradicts input_tensor, whose shape is "
+                f"{tensor_shape!r} without the batch axis. Pass input_tensor= alone (the "
+                "model takes its shape), or an input_shape that matches it (None entries "
+                "match any size)."
+            )
     spatial = input_shape[:2] if data_format == "channels_last" else input_shape[1:]
     channels = input_shape[-1] if data_format == "channels_last" else input_shape[0]
     minimum = FAMILIES[family]["min_size"]
@@ -344,6 +379,9 @@ def _resolve(
             f"Invalid classifier_activation={classifier_activation!r}: expected None, an "
             "activation name or a callable."
         )
+    if isinstance(classifier_activation, str):
+        _keras_lookup(classifier_activation, "classifier_activation", keras.activations,
+                      ("softmax", "sigmoid", "linear", "log_softmax"), "a callable")  # fmt: skip
     if not (name is None or isinstance(name, str)):
         raise ValueError(f"Invalid name={name!r}: expected a string or None.")
     bn_momentum = _number(bn_momentum, "bn_momentum", 0.0, 1.0)
@@ -357,8 +395,11 @@ def _resolve(
         )
     zero_init_residual = _bool(zero_init_residual, "zero_init_residual")
     seed = _int(seed, "seed", allow_none=True)
-    if kernel_initializer != "he_normal_fan_out":
-        keras.initializers.get(kernel_initializer)  # raises for an unknown initializer
+    if not (isinstance(kernel_initializer, str) and kernel_initializer == "he_normal_fan_out"):
+        _keras_lookup(kernel_initializer, "kernel_initializer", keras.initializers,
+                      ("he_normal_fan_out", "he_normal", "he_uniform", "glorot_uniform",
+                       "truncated_normal", "zeros"),
+                      "a keras.initializers.Initializer")  # fmt: skip
     if input_tensor is not None and not (
         keras.backend.is_keras_tensor(input_tensor) or keras.ops.is_tensor(input_tensor)
     ):
@@ -551,9 +592,76 @@ def _graph(arch):
         inputs = keras.utils.get_source_inputs(arch.input_tensor)
     record = arch.weights.record if arch.weights is not None else None
     known = record is not None and record.dataset != "local"  # a file without a record
-    return PreActResNetModel(
+    model = PreActResNetModel(
         inputs, x, name=arch.name, weights_record=record.name if known else None
     )
+    # What `load_weights` needs to build this net with the other `scan_units` (not part of
+    # the config: a model rebuilt from one has none, and says so).
+    model._twin_spec = dataclasses.replace(arch, input_tensor=None, weights=None)
+    return model
+
+
+def _weights_file_structure(filepath):
+    """`(has Scan layers, has optimizer variables)` of a Keras `.weights.h5`, else None.
+
+    Keras names a Functional model's groups by layer class and order (`layers/conv2d_7`,
+    `layers/scan_1`), not by layer name, so a `Scan` layer shows as `layers/scan*`.
+    """
+    import h5py
+
+    if not isinstance(filepath, (str, os.PathLike)):
+        return None
+    path = os.fspath(filepath)
+    if not path.endswith(".weights.h5") or not os.path.isfile(path):
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            layers, optimizer = f.get("layers"), f.get("optimizer/vars")
+            if not isinstance(layers, h5py.Group):
+                return None
+            scanned = any(re.fullmatch(r"scan(_\d+)?", k) for k in layers)
+            return scanned, isinstance(optimizer, h5py.Group) and len(optimizer) > 0
+    except OSError:  # not HDF5: Keras' own error says so
+        return None
+
+
+def _load_other_structure(model, filepath, scanned, optimizer_state, **kwargs):
+    """Loads a `.weights.h5` of the other `scan_units` structure through a twin of `model`
+    with the file's structure, then `keras_preact.scan.copy_weights(twin, model)`."""
+    path, want = os.fspath(filepath), f"scan_units={scanned}"
+    what = (
+        f"{path} holds the weights of a {want} net; model {model.name!r} is a "
+        f"scan_units={not scanned} net"
+    )
+    route = (
+        f"Build the same net with {want} (the file's structure), load the file into it, then "
+        "keras_preact.scan.copy_weights(that_net, model)."
+    )
+    spec = getattr(model, "_twin_spec", None)
+    if spec is None:
+        raise ValueError(
+            f"{what}, rebuilt from a config or a .keras file without its builder arguments, "
+            f"so it cannot convert the file itself. {route}"
+        )
+    if optimizer_state and getattr(model, "optimizer", None) is not None:
+        raise ValueError(
+            f"{what}, and compiled: the file's optimizer variables (a training checkpoint) "
+            f"do not convert between the two structures. Resume with {want}, or load the "
+            f"weights alone into an uncompiled model. {route}"
+        )
+    try:
+        twin = _graph(dataclasses.replace(spec, scan_units=scanned))
+        if kwargs.get("skip_mismatch") or set(kwargs) - {"skip_mismatch"}:
+            twin.load_weights(path, **kwargs)
+        else:  # with its checks of the file against the twin's variables
+            kp_weights.load_weights_file(twin, path)
+    except Exception as e:
+        first_line = str(e).strip().split("\n")[0]  # Keras appends whole variable values
+        raise ValueError(
+            f"{what}; it did not load into the {want} twin of the model either: "
+            f"{type(e).__name__}: {first_line} Is it for another architecture? {route}"
+        ) from e
+    kp_scan.copy_weights(twin, model)
 
 
 @keras.saving.register_keras_serializable(package="keras_preact")
@@ -574,6 +682,19 @@ class PreActResNetModel(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "weights_record": self.weights_record}
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """`keras.Model.load_weights`, and a `.weights.h5` of the other `scan_units`
+        structure loads too: through a twin of the model with the file's structure and
+        `keras_preact.scan.copy_weights` (Keras alone fails with "... objects could not be
+        loaded"). A model rebuilt from a config or a `.keras` file cannot build its twin
+        and raises a ValueError that names that route. See `docs/models.md`.
+        """
+        found = _weights_file_structure(filepath)
+        scanned = any(isinstance(layer, kp_scan.Scan) for layer in self.layers)
+        if found is None or found[0] == scanned:
+            return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        _load_other_structure(self, filepath, *found, skip_mismatch=skip_mismatch, **kwargs)
 
 
 # -- The generic builder -------------------------------------------------------------------
@@ -645,21 +766,25 @@ def PreActResNet(
             `"<dataset>:<tag>"`); see `docs/weights.md`.
         input_tensor: optional Keras tensor to build the model on.
         input_shape: `(height, width, channels)` (or channels first); spatial sides may be
-            None. Defaults: the weights record's, else (32, 32, 3) CIFAR, (224, 224, 3)
-            ImageNet.
+            None. Defaults: `input_tensor`'s shape, else the weights record's, else
+            (32, 32, 3) CIFAR, (224, 224, 3) ImageNet. With `input_tensor` it must match
+            the tensor's shape (a None entry matches any size), or it raises.
         pooling: with `include_top=False`: None (4D output), `"avg"` or `"max"`.
         classes: number of classes (default: the weights', else 10 CIFAR, 1000 ImageNet).
-        classifier_activation: activation of the classifier; None returns logits.
+        classifier_activation: activation of the classifier (a `keras.activations` name or
+            a callable); None returns logits.
         include_preprocessing: if True the model takes RGB (or grey) pixels in [0, 255], of
             any dtype (uint8 included), and its first layer (`preprocessing`) applies the
             weights record's normalization, or `preprocessing=`'s.
         preprocessing: with `include_preprocessing=True` and weights without a record: a
             mode (`"imagenet_torch"`, `"inception"`, `"fashion_mnist"`) or a `(mean, std)`
-            pair of per-channel values in [0, 1] units (e.g. a dataset's statistics).
+            pair of per-channel values in [0, 1] units (e.g. a dataset's statistics): every
+            mean in [0, 1], every std in (0, 1]; [0, 255] statistics raise (divide by 255).
         name: model name (default `preact_resnet{depth}`).
         data_format: `"channels_last"` or `"channels_first"`; default: Keras' config.
         bn_momentum: BatchNorm momentum, Keras convention (paper's code: Torch 0.1 = 0.9).
-        kernel_initializer: conv kernel initializer; default fan-out He normal.
+        kernel_initializer: conv kernel initializer (a `keras.initializers` name or
+            object); default `"he_normal_fan_out"`, fan-out He normal.
         drop_path_rate: stochastic depth, rising linearly from 0 to this rate over the
             units (beyond the paper).
         zero_init_residual: start every residual branch at zero (beyond the paper).
@@ -673,7 +798,8 @@ def PreActResNet(
             layers (`conv2_block5_1_conv`, ...) are replaced by one layer per stage
             (`conv2_block2_to_18_out`), `get_weights()` has another layout (convert with
             `keras_preact.scan.copy_weights`), and drop path and the dropout shortcut are
-            refused. `weights=` loads as usual. On CPUs an XLA-compiled training step runs
+            refused. `weights=` and `model.load_weights` load files of either structure
+            (`docs/models.md`). On CPUs an XLA-compiled training step runs
             several times slower (the loop's backward convolutions miss XLA:CPU's fast
             kernels). See `docs/models.md`.
 
@@ -735,6 +861,13 @@ def _load(model, arch):
     """Loads the resolved weights; a scanned model gets them through a written-out twin,
     since weights files name the units' own layers."""
     if not arch.scan_units:
+        found = None if arch.weights.record else _weights_file_structure(arch.weights.path)
+        if found is not None and found[0]:
+            # A scanned net's `.weights.h5`: `load_weights` converts it, through a scanned
+            # twin (weights.load_weights_file would refuse the stacked datasets here, each
+            # larger than any variable of this net).
+            model.load_weights(arch.weights.path)
+            return
         kp_weights.load(model, arch.weights)
         return
     if arch.weights.record is None:

@@ -18,9 +18,14 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import http.client
 import json
+import math
 import os
 import struct
+import sys
+import time
+import urllib.error
 import urllib.request
 
 import keras
@@ -99,6 +104,9 @@ class WeightsRecord:
     shipped: str | None = None
     command: str | None = None
 
+    def __post_init__(self):
+        _check_file_name(self)
+
     @property
     def name(self):
         """`"<dataset>:<tag>"`; for a local file without a record, its path."""
@@ -114,6 +122,26 @@ class WeightsRecord:
         if data_format == "channels_last":
             return tuple(self.input_shape)
         return tuple(self.input_shape[-1:]) + tuple(self.input_shape[:2])
+
+
+def _check_file_name(record):
+    """A record's `file_name` is a plain name: `fetch` joins it to the cache folder, so a
+    `../`, a separator or an absolute path would write outside it."""
+    name = record.file_name
+    if name is None:
+        return
+    seps = {os.path.sep, "/", "\\"} | ({os.path.altsep} if os.path.altsep else set())
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in seps):
+        raise ValueError(
+            f"Weights record {record.dataset}:{record.tag} has file_name={name!r}: a file name "
+            "in the cache folder must be a plain name (no path separator, not '..', '.' or "
+            "empty)."
+        )
+
+
+def _names(records):
+    """The names of `records`, each once, in order (depths share tags: `imagenet:keras`)."""
+    return list(dict.fromkeys(r.name for r in records))
 
 
 _HF = "https://huggingface.co/timm/{}/resolve/main/model.safetensors"
@@ -227,7 +255,7 @@ def get_record(name, depth=None):
         if not found and others and depth is not None:
             raise ValueError(
                 f"weights={name!r} exist for {others}, not for a depth-{depth} network. "
-                f"Records for depth {depth}: {[r.name for r in candidates]}."
+                f"Records for depth {depth}: {_names(candidates)}."
             )
     else:
         found = sorted(
@@ -238,8 +266,8 @@ def get_record(name, depth=None):
         raise ValueError(
             f"Unknown weights={name!r}"
             + (f" for depth {depth}" if depth is not None else "")
-            + f". Available for this depth: {[r.name for r in candidates]}; all records: "
-            f"{[r.name for r in RECORDS]}; or None, or a path to a weights file."
+            + f". Available for this depth: {_names(candidates)}; all records: "
+            f"{_names(RECORDS)}; or None, or a path to a weights file."
         )
     return found[0]
 
@@ -313,7 +341,7 @@ def resolve(
     if not isinstance(weights, (str, os.PathLike)):
         raise ValueError(
             f"Invalid weights={weights!r}: expected None, a file path or a record name. "
-            f"Records: {[r.name for r in RECORDS]}."
+            f"Records: {_names(RECORDS)}."
         )
     if os.path.isfile(weights):
         path = os.fspath(weights)
@@ -325,7 +353,7 @@ def resolve(
     elif _looks_like_a_path(weights):
         raise FileNotFoundError(
             f"weights={os.fspath(weights)!r}: file not found. Pass an existing weights file, "
-            f"None, or a record name: {[r.name for r in RECORDS]}."
+            f"None, or a record name: {_names(RECORDS)}."
         )
     else:
         resolved = ResolvedWeights(record=get_record(weights, depth))
@@ -383,25 +411,131 @@ def _cache_dir(cache_dir):
     return os.path.join(base, "models")
 
 
+@dataclasses.dataclass(frozen=True)
+class DownloadPolicy:
+    """How `fetch` downloads and how long it waits; `from_env()` gives the default.
+
+    Attributes:
+        timeout: seconds allowed for the connection and for each read: a server that stops
+            sending for longer fails the attempt (`$KERAS_PREACT_DOWNLOAD_TIMEOUT`).
+        retries: attempts in all, for errors that may pass (a timeout, a reset or refused
+            connection, a body cut short, an HTTP 5xx, 408 or 429)
+            (`$KERAS_PREACT_DOWNLOAD_RETRIES`).
+        backoff: seconds before the second attempt, doubled before each next one
+            (`$KERAS_PREACT_DOWNLOAD_BACKOFF`).
+        lock_timeout: seconds a process waiting for another's download of the same file
+            waits while that download makes no progress, before it gives up naming the lock
+            file and its holder (`$KERAS_PREACT_LOCK_TIMEOUT`).
+    """
+
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 1.0
+    lock_timeout: float = 120.0
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"DownloadPolicy.{field.name}={value!r}: expected a number > 0.")
+        if not isinstance(self.retries, int):
+            raise ValueError(f"DownloadPolicy.retries={self.retries!r}: expected an int >= 1.")
+
+    @classmethod
+    def from_env(cls):
+        """The defaults, overridden by `$KERAS_PREACT_{DOWNLOAD_TIMEOUT, DOWNLOAD_RETRIES,
+        DOWNLOAD_BACKOFF, LOCK_TIMEOUT}`."""
+        values = {}
+        for field, var in (("timeout", "DOWNLOAD_TIMEOUT"), ("retries", "DOWNLOAD_RETRIES"),
+                           ("backoff", "DOWNLOAD_BACKOFF"), ("lock_timeout", "LOCK_TIMEOUT")):  # fmt: skip
+            text = os.environ.get(f"KERAS_PREACT_{var}")
+            if text is None:
+                continue
+            try:
+                values[field] = int(text) if field == "retries" else float(text)
+            except ValueError:
+                raise ValueError(
+                    f"KERAS_PREACT_{var}={text!r}: expected a number > 0"
+                    + (" (an int)." if field == "retries" else ".")
+                ) from None
+        return cls(**values)
+
+
+def _lock_holder(lock_path):
+    """The pid the holder of `lock_path` wrote in it, or a phrase when it wrote none."""
+    try:
+        with open(lock_path) as f:
+            pid = f.read(32).strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "a process that wrote no pid"
+
+
+def _partial_bytes(path):
+    """Bytes downloaded so far by every download of `path` in progress."""
+    total = 0
+    for part in glob.glob(glob.escape(path) + ".part*"):
+        with contextlib.suppress(OSError):
+            total += os.path.getsize(part)
+    return total
+
+
 @contextlib.contextmanager
-def _exclusive(path):
+def _exclusive(path, policy):
     """A cross-process lock on `path + ".lock"`, so concurrent users of one cache share one
-    download: the second waits for the first, then finds the finished file."""
+    download: the second waits for the first, then finds the finished file.
+
+    The holder writes its pid in the lock file and removes the file before it lets go. A
+    waiter polls; it takes the lock only if the file it locked is still the one at that path
+    (a holder that removed it leaves a stale inode), and gives up after
+    `policy.lock_timeout` seconds in which the holder's download did not grow.
+    """
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, downloads still land atomically
         yield
         return
-    with open(f"{path}.lock", "a") as lock:
+    lock_path = f"{path}.lock"
+    waiting_since, seen = None, None
+    while True:
+        lock = open(lock_path, "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"Waiting for another process downloading {path} ...", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            lock.close()
+            now, grown = time.monotonic(), _partial_bytes(path)
+            if waiting_since is None:
+                print(f"Waiting for {_lock_holder(lock_path)}, downloading {path} ...", flush=True)
+            if waiting_since is None or grown != seen:
+                waiting_since, seen = now, grown
+            elif now - waiting_since > policy.lock_timeout:
+                raise TimeoutError(
+                    f"Gave up waiting for the lock {lock_path}, held by "
+                    f"{_lock_holder(lock_path)}: its download of {path} made no progress for "
+                    f"{policy.lock_timeout:g} s. If that process is gone or stuck, stop it or "
+                    "delete the lock file; set KERAS_PREACT_LOCK_TIMEOUT to wait longer."
+                ) from None
+            time.sleep(min(0.1, policy.lock_timeout / 4))
+            continue
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            current = os.stat(lock_path)
+            mine = os.fstat(lock.fileno())
+            if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()  # the holder before us removed this file: lock the new one
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock_path)  # while still held: a waiter on this inode retries
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
 
 
 def _write_text_atomic(path, text):
@@ -411,54 +545,113 @@ def _write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
-def _download(url, dest):
-    """Downloads `url` to a temporary name beside `dest`, with a progress bar; returns the
-    temporary path once the server's announced size (if any) has arrived in full."""
+def _may_pass(error):
+    """Whether a failed download is worth another attempt."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code >= 500 or error.code in (408, 429)
+    return isinstance(error, (OSError, http.client.HTTPException))
+
+
+def _download_once(url, tmp, timeout):
+    """One attempt: `url` into `tmp`; raises if fewer bytes than announced arrived."""
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+        announced = response.headers.get("Content-Length")
+        announced = int(announced) if announced else None
+        # A progress bar redraws itself with "\r": in a log it is many lines of noise.
+        tty = sys.stdout.isatty()
+        bar = keras.utils.Progbar(announced, unit_name="B") if tty else None
+        done, start = 0, time.monotonic()
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            f.write(chunk)
+            done += len(chunk)
+            if bar is not None:
+                bar.update(done)
+        f.flush()
+        os.fsync(f.fileno())
+    if announced is not None and done != announced:
+        raise OSError(f"the server announced {announced} bytes and sent {done}")
+    if not tty:
+        print(f"Downloaded {done} bytes in {time.monotonic() - start:.1f} s.", flush=True)
+
+
+def _download(url, dest, policy):
+    """Downloads `url` to a temporary name beside `dest` (a progress bar on a terminal, one
+    line otherwise), with `policy`'s timeout and retries; returns the temporary path once
+    the server's announced size (if any) has arrived in full."""
     tmp = f"{dest}.part{os.getpid()}"
     print(f"Downloading {url} to {dest}", flush=True)
-    try:
-        with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
-            announced = response.headers.get("Content-Length")
-            announced = int(announced) if announced else None
-            bar = keras.utils.Progbar(announced, unit_name="B")
-            done = 0
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                f.write(chunk)
-                done += len(chunk)
-                bar.update(done)
-            f.flush()
-            os.fsync(f.fileno())
-        if announced is not None and done != announced:
-            raise OSError(f"the server announced {announced} bytes and sent {done}")
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, Exception):
-            raise OSError(f"Download of {url} failed: {e}. Nothing was cached.") from e
-        raise
-    return tmp
+    for attempt in range(1, policy.retries + 1):
+        try:
+            _download_once(url, tmp, policy.timeout)
+            return tmp
+        except BaseException as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if not isinstance(e, Exception):
+                raise
+            if attempt < policy.retries and _may_pass(e):
+                wait = policy.backoff * 2 ** (attempt - 1)
+                print(f"Download attempt {attempt} failed ({e}); retrying in {wait:g} s.",
+                      flush=True)  # fmt: skip
+                time.sleep(wait)
+                continue
+            raise OSError(
+                f"Download of {url} failed after {attempt} attempt{'s' * (attempt > 1)}: {e}. "
+                "Nothing was cached. Offline, or behind a proxy? Download the file by another "
+                f"route, then copy it to {dest} (the cache, under the record's file name) or "
+                f"pass its path: weights='/path/to/{os.path.basename(dest)}' (docs/weights.md, "
+                "'Offline use')."
+            ) from e
+    raise AssertionError("unreachable")
 
 
-def _complete(path, fmt):
-    """The format's own cheap completeness check: a safetensors file's header must cover
+#: The largest safetensors header accepted (the safetensors format's own limit).
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _incomplete(path, fmt):
+    """Why `path` is not a complete `fmt` file, by the format's own cheap check, or None.
+
+    A safetensors header must be a JSON object of tensor entries whose data offsets cover
     the file exactly; an HDF5 file must open. (A Torch7 file has no cheap check: its
     conversion reads it whole, and `load` re-fetches a downloaded file that fails.)"""
     try:
         if fmt == "timm_safetensors":
+            size = os.path.getsize(path)
             with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                      default=0)  # fmt: skip
-            return os.path.getsize(path) == 8 + length + end
-        if fmt in ("keras_h5", "keras_preact_h5"):
+                head = f.read(8)
+                if len(head) < 8:
+                    return f"{size} bytes, shorter than the 8-byte header length"
+                (length,) = struct.unpack("<Q", head)
+                if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+                    return f"a header length of {length} in a file of {size} bytes"
+                text = f.read(length)
+            try:
+                header = json.loads(text)
+            except (ValueError, RecursionError):  # an HTML page saved by a proxy, ...
+                return f"its header is not JSON (it starts {text[:40]!r})"
+            if not isinstance(header, dict):
+                return f"its header is a JSON {type(header).__name__}, not an object"
+            end = 0
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+                if not (isinstance(offsets, list) and len(offsets) == 2
+                        and all(type(o) is int and o >= 0 for o in offsets)
+                        and offsets[0] <= offsets[1]):  # fmt: skip
+                    return f"the header entry {key!r} has no valid data_offsets"
+                end = max(end, offsets[1])
+            if size != 8 + length + end:
+                return f"{size} bytes, the header describes {8 + length + end}"
+        elif fmt in ("keras_h5", "keras_preact_h5"):
             import h5py
 
             with h5py.File(path, "r"):
-                return True
-    except (OSError, ValueError, KeyError, struct.error):
-        return False
-    return True
+                pass
+    except OSError as e:
+        return f"it cannot be read ({e})"
+    return None
 
 
 def _discard(path, why):
@@ -469,33 +662,49 @@ def _discard(path, why):
             os.remove(p)
 
 
+def _recorded_sha256(seen):
+    """The sha256 recorded in `seen` (`<file>.sha256`), or None if it holds none."""
+    try:
+        with open(seen, "rb") as f:
+            words = f.read(200).split()
+    except OSError:
+        return None
+    word = words[0].decode("ascii", "replace") if words else ""
+    return word if len(word) == 64 and all(c in "0123456789abcdef" for c in word) else None
+
+
 def _cached_is_good(path, record):
-    """Whether the cached `path` is the complete, verified file of `record`; a bad one is
-    discarded with a message naming it."""
+    """Whether the cached `path` is the complete, verified file of `record`; a bad or
+    unreadable one is discarded with a message naming it."""
     if not os.path.exists(path):
         return False
     seen = f"{path}.sha256"
-    if record.file_hash:
-        actual = file_digest(path, record.hash_algorithm)
-        if actual != record.file_hash:
-            _discard(path, f"{record.hash_algorithm} {actual}, expected {record.file_hash}")
-            return False
-    elif os.path.exists(seen):
-        with open(seen) as f:
-            expected = f.read().split()[0]
-        actual = file_digest(path)
-        if actual != expected:
-            _discard(path, f"sha256 {actual}, but it was {expected} when downloaded")
-            return False
-    elif not _complete(path, record.format):
-        _discard(path, f"not a complete {record.format} file (an interrupted download?)")
+    try:
+        expected = _recorded_sha256(seen)
+        if record.file_hash:
+            actual = file_digest(path, record.hash_algorithm)
+            if actual != record.file_hash:
+                _discard(path, f"{record.hash_algorithm} {actual}, expected {record.file_hash}")
+                return False
+        elif expected is not None:
+            actual = file_digest(path)
+            if actual != expected:
+                _discard(path, f"sha256 {actual}, but it was {expected} when downloaded")
+                return False
+        else:
+            why = _incomplete(path, record.format)
+            if why is not None:
+                _discard(path, f"not a complete {record.format} file: {why}")
+                return False
+            # cached before hashes were recorded (or its record was lost): record it now
+            _write_text_atomic(seen, f"{file_digest(path)}  {os.path.basename(path)}\n")
+    except OSError as e:  # a directory, no permission, ...
+        _discard(path, f"it cannot be read ({e})")
         return False
-    else:  # cached before hashes were recorded: record the one it has now
-        _write_text_atomic(seen, f"{file_digest(path)}  {os.path.basename(path)}\n")
     return True
 
 
-def fetch(record, cache_dir=None):
+def fetch(record, cache_dir=None, policy=None):
     """The local path of `record`'s file: shipped, or downloaded into the Keras cache.
 
     A download goes to a temporary name and is renamed into place only when complete and
@@ -503,8 +712,11 @@ def fetch(record, cache_dir=None):
     and the format's completeness check. The sha256 of the file is then recorded beside it
     (`<file>.sha256`), so every later use verifies against it. A cross-process lock makes
     concurrent users share one download. A cached file that fails its check (a partial,
-    corrupt or tampered file) is removed with a message naming it and downloaded again.
+    corrupt or tampered file, or one that cannot be read at all) is removed with a message
+    naming it and downloaded again. `policy` (a `DownloadPolicy`; default
+    `DownloadPolicy.from_env()`) sets the timeouts, retries and the lock wait.
     """
+    policy = policy or DownloadPolicy.from_env()
     if record.shipped:
         path = os.path.join(_PACKAGE_DIR, record.shipped)
         if not os.path.isfile(path):
@@ -520,13 +732,14 @@ def fetch(record, cache_dir=None):
         return path
     if record.url is None:
         raise ValueError(f"{record.name} has neither a URL nor a shipped file.")
+    _check_file_name(record)  # again: a record changed after it was made
     path = os.path.join(_cache_dir(cache_dir), record.file_name)
-    with _exclusive(path):
+    with _exclusive(path, policy):
         if _cached_is_good(path, record):
             return path
         for stale in glob.glob(glob.escape(path) + ".part*"):  # killed downloads: no one
             os.remove(stale)  # else can be writing them while we hold the lock
-        tmp = _download(record.url, path)
+        tmp = _download(record.url, path, policy)
         try:
             if record.file_hash:
                 actual = file_digest(tmp, record.hash_algorithm)
@@ -536,11 +749,13 @@ def fetch(record, cache_dir=None):
                         f"{record.file_hash}, got {actual}. Nothing was cached; call again "
                         "to download it anew."
                     )
-            elif not _complete(tmp, record.format):
-                raise ValueError(
-                    f"The download of {record.url} is not a complete {record.format} file. "
-                    "Nothing was cached; call again to download it anew."
-                )
+            else:
+                why = _incomplete(tmp, record.format)
+                if why is not None:
+                    raise ValueError(
+                        f"The download of {record.url} is not a complete {record.format} file "
+                        f"({why}). Nothing was cached; call again to download it anew."
+                    )
             digest = file_digest(tmp)
             os.replace(tmp, path)
         finally:
@@ -550,11 +765,14 @@ def fetch(record, cache_dir=None):
     return path
 
 
-def _read(path, fmt, *, downloaded):
+def _read(path, fmt, *, downloaded, expected=None):
     """`convert.read_tensors`, with any failure to read turned into a ValueError that names
-    the file and says what to do."""
+    the file and says what to do. A declared shape the model has no room for
+    (`convert.ShapeError`) is raised as it is: the file may be fine, for another model."""
     try:
-        return convert.read_tensors(path, fmt)
+        return convert.read_tensors(path, fmt, expected=expected)
+    except convert.ShapeError:
+        raise
     except Exception as e:  # h5py's OSError, safetensors' SafetensorError, a KeyError, ...
         what = "Delete it to download it again" if downloaded else "Re-export or re-download it"
         raise ValueError(
@@ -563,14 +781,28 @@ def _read(path, fmt, *, downloaded):
         ) from e
 
 
-def converted_tensors(path, fmt, cache=False):
-    """The neutral tensors of `path`; with `cache`, reuses/writes `<path>.keras_preact.h5`."""
+def expected_shapes(model):
+    """`{layer: {variable: shape}}` of `model`: what a weights file must declare for it."""
+    return {
+        layer.name: {w.name: tuple(w.shape) for w in layer.weights}
+        for layer in model.layers
+        if layer.weights
+    }
+
+
+def converted_tensors(path, fmt, cache=False, expected=None):
+    """The neutral tensors of `path`; with `cache`, reuses/writes `<path>.keras_preact.h5`.
+
+    `expected` (`expected_shapes(model)`) has HDF5 files checked against the model before
+    their data is read."""
     if fmt in ("keras_h5", "keras_preact_h5") or not cache:
-        return _read(path, fmt, downloaded=cache)
+        return _read(path, fmt, downloaded=cache, expected=expected)
     cached = f"{path}.keras_preact.h5"
     if os.path.exists(cached) and os.path.getmtime(cached) >= os.path.getmtime(path):
         try:
-            return _read(cached, "keras_h5", downloaded=True)
+            return _read(cached, "keras_h5", downloaded=True, expected=expected)
+        except convert.ShapeError:
+            raise
         except ValueError as e:  # a damaged conversion cache: convert again
             print(f"Ignoring the unreadable conversion cache {cached}: {e}", flush=True)
     tensors = _read(path, fmt, downloaded=True)
@@ -629,6 +861,34 @@ def assign(model, tensors, source="weights"):
         layer.set_weights(values)
 
 
+def _check_declared_sizes(path, largest):
+    """Raises if an HDF5 dataset of `path` declares more elements than `largest` (the
+    model's size: a scanned net's stacked variable holds several units' weights), before
+    anything is read: Keras reads each dataset whole before it compares shapes, and a file
+    of a few KB can declare gigabytes."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return  # not HDF5 or unreadable: model.load_weights says so, naming the file
+    too_big = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and not too_big and math.prod(obj.shape) > largest:
+            too_big.append((name, tuple(obj.shape)))
+
+    with f:
+        f.visititems(visit)
+    if too_big:
+        name, shape = too_big[0]
+        raise ValueError(
+            f"Cannot load {path}: its dataset {name} declares shape {shape}, more elements "
+            f"than the whole model has ({largest}); not read. The file is "
+            "corrupt, hostile or for another architecture. No variable was changed."
+        )
+
+
 def load_weights_file(model, path):
     """`model.load_weights(path)` for a Keras 3 `.weights.h5`, all or nothing.
 
@@ -641,6 +901,7 @@ def load_weights_file(model, path):
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None:
         variables += list(optimizer.variables)
+    _check_declared_sizes(path, sum(math.prod(v.shape) for v in variables))
     saved = [keras.ops.convert_to_numpy(v) for v in variables]
     try:
         model.load_weights(path)
@@ -666,17 +927,18 @@ def load(model, resolved):
     else:
         path, downloaded = fetch(record), record.shipped is None
     tensors = resolved.tensors
+    expected = expected_shapes(model)
     if tensors is None:
         try:
-            tensors = converted_tensors(path, record.format, cache=downloaded)
+            tensors = converted_tensors(path, record.format, cache=downloaded, expected=expected)
         except ValueError as e:
-            if not downloaded:
+            if not downloaded or isinstance(e, convert.ShapeError):
                 raise
             # A cached download that passed its checks but does not read (a Torch7 file
             # cut short before sizes were checked): remove it and download it once more.
             _discard(path, f"it cannot be read ({e.__cause__ or e})")
             path = fetch(record)
-            tensors = converted_tensors(path, record.format, cache=True)
+            tensors = converted_tensors(path, record.format, cache=True, expected=expected)
     if record.format == "torch7":
         scope = convert.torch7.preact_scope(tensors)
         if scope != record.layout.preact_scope:

@@ -6,6 +6,7 @@ tests run a real trainer and signal it: the `fit` loop under TensorFlow, the JAX
 JAX (the code they test does not depend on the backend otherwise).
 """
 
+import errno
 import json
 import os
 import signal
@@ -71,6 +72,15 @@ def test_a_second_trainer_on_a_folder_is_refused_naming_the_first(tmp_path):
         resume.lock(str(tmp_path))
     held.close()  # the holder ends (as a killed process's lock is dropped by the kernel)
     resume.lock(str(tmp_path)).close()  # its leftover file is taken over
+
+
+def test_a_read_only_folder_gives_one_clear_error(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(checkpoints.WriteError, match=r"--model_dir=.*run: Read-only file system"):
+        resume.lock(str(tmp_path / "run"))
 
 
 def _cfg(**values):

@@ -260,6 +260,11 @@ def test_bad_cifar_flags_fail_at_parsing(tmp_path):
 
 
 def test_bad_imagenet_and_evaluate_flags_fail_at_parsing(tmp_path):
+    # The data folder must hold the data set's files (names only are checked at parsing).
+    for name in ("train-00000-of-00001", "validation-00000-of-00001"):
+        (tmp_path / name).write_bytes(b"")
+    for name in ("train-images", "train-labels", "t10k-images", "t10k-labels"):
+        (tmp_path / f"{name}-idx{1 if 'labels' in name else 3}-ubyte.gz").write_bytes(b"")
     base = [f"--model_dir={tmp_path}", f"--data_dir={tmp_path}"]
     cases = {
         "ok": base,

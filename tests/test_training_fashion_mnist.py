@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import pytest
 from trainer_runs import REPO
 
@@ -15,6 +16,11 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the README's main job runs under TensorFlow, Keras' default backend; the other "
+    "backends' trainers are tested on small data (test_training_cifar, test_jax_loop)",
+)
 def test_smoke_real_fashion_mnist(tmp_path):
     """A few hundred steps on the real Fashion-MNIST: the loss falls."""
     cmd = [

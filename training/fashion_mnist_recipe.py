@@ -139,9 +139,12 @@ def measure_exports(args, run_cfg):
 
 
 def copy_out(args, names):
+    from keras_preact.train.checkpoints import write_atomic
+
     for name in names if args.out else ():
         os.makedirs(args.out, exist_ok=True)
-        shutil.copyfile(os.path.join(args.model_dir, name), os.path.join(args.out, name))
+        with open(os.path.join(args.model_dir, name), "rb") as src:
+            write_atomic(os.path.join(args.out, name), lambda f: shutil.copyfileobj(src, f), "wb")
 
 
 def main(argv=None):
@@ -215,4 +218,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from keras_preact.train.checkpoints import WriteError
+
+    try:
+        sys.exit(main())
+    except WriteError as e:  # a full disk: one line, not a traceback
+        sys.exit(f"WriteError: {e}")

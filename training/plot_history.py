@@ -6,8 +6,11 @@ r"""Plots a run's training curves from `model_dir/log.csv` into a PNG.
 
 import csv
 import os
+import sys
 
 from absl import app, flags
+
+from keras_preact.train.checkpoints import WriteError, write_atomic
 
 flags.DEFINE_string("model_dir", None, "Run folder holding log.csv.", required=True)
 flags.DEFINE_string("output", None, "PNG path (default: model_dir/curves.png).")
@@ -42,7 +45,10 @@ def main(argv):
     fig.tight_layout()
     output = FLAGS.output or os.path.join(FLAGS.model_dir, "curves.png")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=100)
+    try:  # a full disk leaves the previous picture, not half a PNG
+        write_atomic(output, lambda f: fig.savefig(f, format="png", dpi=100), "wb")
+    except WriteError as e:
+        sys.exit(f"WriteError: {e}")
     print(output)
 
 

@@ -62,11 +62,22 @@ def detect_format(path):
     )
 
 
-def read_tensors(path, fmt=None):
-    """Reads `path` (format `fmt`, detected when None) into the neutral form."""
+#: Raised for a tensor whose declared shape does not fit, before its data is read.
+ShapeError = keras_h5.ShapeError
+
+
+def read_tensors(path, fmt=None, expected=None):
+    """Reads `path` (format `fmt`, detected when None) into the neutral form.
+
+    `expected` (`{layer: {variable: shape}}`, a model's) lets an HDF5 reader check every
+    declared shape before it reads any data (see `keras_h5.read`); the other formats' readers
+    bound every tensor by the file's size, and `keras_preact.weights.assign` checks them.
+    """
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"No converter for format {fmt!r}; converters: {sorted(FORMATS)}.")
+    if FORMATS[fmt] is keras_h5:
+        return keras_h5.read(os.fspath(path), expected=expected)
     return FORMATS[fmt].read(os.fspath(path))
 
 

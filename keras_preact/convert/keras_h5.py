@@ -7,6 +7,7 @@ keeps the same tree under `model_weights`. Kernels are already HWIO, so reading 
 renaming only: this package's layer names are keras.applications' names.
 """
 
+import math
 import os
 
 import numpy as np
@@ -16,7 +17,24 @@ def _decode(x):
     return x.decode("utf8") if isinstance(x, bytes) else str(x)
 
 
-def read(path):
+#: The most elements a tensor may declare when no model says what to expect (2^27, 512 MiB
+#: of float32; the largest tensor of any record has 2M). A file of a few KB can declare a
+#: dataset of any size; reading it would allocate all of it.
+MAX_ELEMENTS = 1 << 27
+
+
+class ShapeError(ValueError):
+    """A dataset whose declared shape does not fit the model: raised before reading it."""
+
+
+def read(path, expected=None):
+    """The neutral tensors of a Keras 2 layout file.
+
+    `expected` (`{layer: {variable: shape}}`, the model's) is checked against every dataset's
+    declared shape before any data is read: a dataset of another shape raises `ShapeError`,
+    one the model has no place for raises too (except `predictions`, skipped when the model
+    has none). Without `expected`, datasets larger than `MAX_ELEMENTS` raise.
+    """
     import h5py
 
     tensors = {}
@@ -26,11 +44,40 @@ def read(path):
             raise ValueError(
                 f"{path!r} has no `layer_names` attribute: not a Keras 2 weights file."
             )
+        datasets = []  # every check first, then the reads
         for layer in map(_decode, root.attrs["layer_names"]):
             group = root[layer]
             for weight in map(_decode, group.attrs.get("weight_names", [])):
                 var = weight.split("/")[-1].split(":")[0]
-                tensors.setdefault(layer, {})[var] = np.asarray(group[weight], np.float32)
+                dataset = group[weight]
+                if not isinstance(dataset, h5py.Dataset) or dataset.dtype.kind not in "fiu":
+                    raise ValueError(f"{path!r}: {dataset.name} is not a numeric dataset.")
+                shape = tuple(dataset.shape)
+                if expected is None:
+                    if math.prod(shape) > MAX_ELEMENTS:
+                        raise ShapeError(
+                            f"{path!r}: dataset {dataset.name} declares shape {shape}, more "
+                            f"than the {MAX_ELEMENTS} elements any weight tensor has; not "
+                            "read. The file is corrupt or hostile."
+                        )
+                elif var in expected.get(layer, {}):
+                    if shape != tuple(expected[layer][var]):
+                        raise ShapeError(
+                            f"{path!r}: dataset {dataset.name} declares shape {shape}: tensor "
+                            f"{layer}/{var} has shape {shape}, the model expects "
+                            f"{tuple(expected[layer][var])}. Nothing was read."
+                        )
+                elif layer == "predictions" and layer not in expected:
+                    continue  # include_top=False: the classifier is not loaded
+                else:
+                    raise ShapeError(
+                        f"{path!r}: dataset {dataset.name} ({layer}/{var}, shape {shape}) has "
+                        "no place in the model: the file is for another depth or layout. "
+                        "Nothing was read."
+                    )
+                datasets.append((layer, var, dataset))
+        for layer, var, dataset in datasets:
+            tensors.setdefault(layer, {})[var] = np.asarray(dataset, np.float32)
     return tensors
 
 

@@ -22,11 +22,118 @@ first, a bare projection on the un-activated input, a non-zero conv bias, a mix 
 structures), naming the module.
 
 The file is read with the `torchfile` package (pure Python); no Torch install is needed.
+Its tensors and storages are read by `_CheckedReader`, which bounds every tensor by its
+storage and every storage by the file before making an array: torchfile's own reader makes
+a strided view from whatever sizes and strides the file declares, so a hostile file could
+read process memory, or crash the process.
 """
 
+import os
 import struct
 
 import numpy as np
+
+#: Torch7 tensor and storage classes -> element type.
+_TENSORS = {f"torch.{k}Tensor".encode(): v for k, v in (
+    ("Byte", np.uint8), ("Char", np.int8), ("Short", np.int16), ("Int", np.int32),
+    ("Long", np.int64), ("Float", np.float32), ("Double", np.float64), ("Cuda", np.float32),
+    ("CudaDouble", np.float64),
+)}  # fmt: skip
+_STORAGES = {k.replace(b"Tensor", b"Storage"): v for k, v in _TENSORS.items()}
+_MAX_DIMS = 8  # a network's tensors have at most 5 (volumetric conv weights)
+_TYPE_TORCH = 4  # torchfile.TYPE_TORCH
+
+
+def _checked_reader_class():
+    import torchfile
+
+    class _CheckedReader(torchfile.T7Reader):
+        """A `torchfile.T7Reader` that reads tensors and storages itself, checked.
+
+        Every other object goes to torchfile's reader (the file is seeked back to it).
+        Errors are ValueErrors naming the file, the tensor (its class, the field it is
+        the value of, and its byte offset) and the bound it breaks.
+        """
+
+        def __init__(self, f, path):
+            super().__init__(f)
+            self.path = path
+            self.file_size = os.fstat(f.fileno()).st_size
+            self.last_key = None  # the last string read: the field name of what follows
+
+        def fail(self, what, at, problem):
+            raise ValueError(
+                f"{self.path!r}: {what} (field {self.last_key!r}, at byte {at}) {problem}. "
+                "The file is corrupt or hostile; nothing of it was used."
+            )
+
+        def read_obj(self):
+            at = self.f.tell()
+            if self.read_int() != _TYPE_TORCH:
+                self.f.seek(at)
+                obj = super().read_obj()
+                if isinstance(obj, (bytes, str)):
+                    self.last_key = obj.decode("utf8", "replace") if isinstance(obj, bytes) else obj
+                return obj
+            index = self.read_int()
+            if index in self.objects:
+                return self.objects[index]
+            version = self.read_string(disable_utf8=True)
+            name = self.read_string(disable_utf8=True) if version.startswith(b"V ") else version
+            if name in _TENSORS:
+                reader = self.tensor
+            elif name in _STORAGES:
+                reader = self.storage
+            else:
+                self.f.seek(at)
+                return super().read_obj()
+            self.objects[index] = None
+            self.objects[index] = obj = reader(name, at)
+            return obj
+
+        def storage(self, name, at):
+            dtype = np.dtype(_STORAGES[name])
+            size = self.read_long()
+            left = self.file_size - self.f.tell()
+            if size < 0 or size * dtype.itemsize > left:
+                self.fail(
+                    f"{name.decode()} of {size} elements", at,
+                    f"is larger than the {left} bytes left in the file",
+                )  # fmt: skip
+            data = np.fromfile(self.f, dtype=dtype, count=size)
+            if data.size != size:
+                self.fail(f"{name.decode()} of {size} elements", at, "is cut short")
+            return data
+
+        def tensor(self, name, at):
+            what = name.decode()
+            ndim = self.read_int()
+            if not 0 <= ndim <= _MAX_DIMS:
+                self.fail(what, at, f"has {ndim} dimensions; allowed: 0 to {_MAX_DIMS}")
+            size = self.read_long_array(ndim)
+            stride = self.read_long_array(ndim)
+            offset = self.read_long() - 1  # Torch counts from 1
+            storage = self.read_obj()
+            what = f"{what} of size {size}, stride {stride}, storage offset {offset + 1}"
+            if storage is None or ndim == 0:
+                return np.empty(0, _TENSORS[name])
+            if not isinstance(storage, np.ndarray) or storage.dtype != _TENSORS[name]:
+                self.fail(what, at, f"has a {type(storage).__name__} storage, not its own type")
+            if min(size) < 0 or min(stride) < 0 or offset < 0:
+                self.fail(what, at, "has a negative size, stride or offset")
+            if min(size) == 0:
+                return np.empty(size, storage.dtype)
+            last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+            if last >= storage.size:
+                self.fail(what, at, f"reaches element {last} of a storage of {storage.size}")
+            if int(np.prod(size, dtype=object)) > storage.size:
+                self.fail(what, at, f"has more elements than its storage of {storage.size} "
+                          "(an expanded view; a saved network has none)")  # fmt: skip
+            return np.lib.stride_tricks.as_strided(
+                storage[offset:], shape=size, strides=[st * storage.itemsize for st in stride]
+            )
+
+    return _CheckedReader
 
 
 def _kind(module):
@@ -193,8 +300,14 @@ def read(path):
     import torchfile
 
     try:
-        model = torchfile.load(path)
-    except (struct.error, EOFError, ValueError, torchfile.T7ReaderException) as e:
+        with open(path, "rb") as f:
+            model = _checked_reader_class()(f, path).read_obj()
+    except ValueError as e:
+        if str(e).startswith(f"{path!r}:"):  # the checked reader's own: names the tensor
+            raise
+        raise ValueError(f"{path!r} is not a readable Torch7 file (truncated?): {e}") from e
+    except (struct.error, EOFError, torchfile.T7ReaderException, RecursionError,
+            MemoryError, OverflowError) as e:  # fmt: skip
         raise ValueError(f"{path!r} is not a readable Torch7 file (truncated?): {e}") from e
     tensors, eps = convert_module(model)
     if eps - {1e-5}:

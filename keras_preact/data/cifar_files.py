@@ -4,9 +4,11 @@ These are the `cifar-10-python.tar.gz` and `cifar-100-python.tar.gz` files from
 the CIFAR home page, either as the tarball or extracted into a directory.
 """
 
+import io
 import os
 import pickle
 import tarfile
+import zlib
 
 import numpy as np
 
@@ -17,6 +19,7 @@ _LAYOUT = {
         "train": [f"data_batch_{i}" for i in range(1, 6)],
         "test": ["test_batch"],
         "label_key": b"labels",
+        "classes": 10,
     },
     "cifar100": {
         "tarball": "cifar-100-python.tar.gz",
@@ -24,20 +27,105 @@ _LAYOUT = {
         "train": ["train"],
         "test": ["test"],
         "label_key": b"fine_labels",
+        "classes": 100,
     },
 }
 
 
-def _unpickle(fileobj):
-    return pickle.load(fileobj, encoding="bytes")
+#: The globals a CIFAR batch may name: numpy's array and dtype reconstruction (the archive's
+#: Python 2 pickles and any later protocol), `_codecs.encode`, which protocol 2 uses for
+#: bytes, and `bytes()` for an empty one (`_empty_bytes`). Everything else (`os.system`,
+#: `builtins.eval`, ...) is refused: a pickle can call any global it names.
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+_PIXELS = 3 * 32 * 32
 
 
-def _to_arrays(batches, label_key):
-    images = np.concatenate([b[b"data"] for b in batches])
-    labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
+def _empty_bytes(*args):
+    """`bytes()` as protocol 2 pickles an empty bytes; `bytes(n)` (n zero bytes) is refused."""
+    if args:
+        raise pickle.UnpicklingError(f"bytes{args!r}: only bytes() makes an empty batch field")
+    return b""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR batch and runs no code: `find_class` admits only `_SAFE_GLOBALS`."""
+
+    def __init__(self, data, where):
+        super().__init__(io.BytesIO(data), encoding="bytes")
+        self.where = where
+
+    def find_class(self, module, name):
+        if (module, name) in (("builtins", "bytes"), ("__builtin__", "bytes")):
+            return _empty_bytes
+        if (module, name) not in _SAFE_GLOBALS:
+            raise ValueError(
+                f"{self.where}: refused to load the global {module}.{name}: a CIFAR batch holds "
+                "only numpy arrays, lists and bytes, and unpickling it would run that code. "
+                "The file is not the CIFAR archive's; do not use it."
+            )
+        return super().find_class(module, name)
+
+
+def _unpickle(data, where, label_key, classes):
+    """The `(data, labels)` of one batch file's bytes, checked; errors name `where`."""
+    try:
+        batch = _BatchUnpickler(data, where).load()
+    except ValueError as e:
+        if str(e).startswith(f"{where}:"):
+            raise
+        batch, error = None, e
+    except (pickle.UnpicklingError, EOFError, TypeError, KeyError, IndexError, AttributeError,
+            MemoryError, RecursionError) as e:  # fmt: skip
+        batch, error = None, e
+    if batch is None:
+        raise ValueError(
+            f"{where}: not a readable CIFAR batch ({type(error).__name__}: {error}); the file "
+            "is truncated or corrupt. Download the archive again."
+        ) from error
+    if not isinstance(batch, dict):
+        raise ValueError(f"{where}: a CIFAR batch is a dict; this file holds a {type(batch)}.")
+    missing = [k for k in (b"data", label_key) if k not in batch]
+    if missing:
+        raise ValueError(
+            f"{where}: the batch lacks {missing}; it has {sorted(map(repr, batch))[:8]}."
+        )
+    images = batch[b"data"]
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 2
+            and images.shape[1] == _PIXELS):  # fmt: skip
+        described = (
+            f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images)
+        )
+        raise ValueError(f"{where}: `data` is {described}; expected uint8 (N, {_PIXELS}).")
+    labels = batch[label_key]
+    if not (isinstance(labels, (list, np.ndarray))
+            and all(isinstance(v, (int, np.integer)) for v in labels)):  # fmt: skip
+        raise ValueError(f"{where}: {label_key!r} is not a list of ints.")
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    if len(labels) != len(images):
+        raise ValueError(f"{where}: {len(images)} images but {len(labels)} labels.")
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        raise ValueError(
+            f"{where}: label {labels[bad][0]} (at index {np.flatnonzero(bad)[0]}, {bad.sum()} "
+            f"such labels) is outside [0, {classes}): this dataset has {classes} classes."
+        )
+    return images, labels
+
+
+def _to_arrays(batches):
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
     # Rows are stored channel-major (3 x 32 x 32).
     images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64)
+    return np.ascontiguousarray(images, dtype=np.uint8), labels
 
 
 def load_cifar(name, data_dir):
@@ -53,6 +141,12 @@ def load_cifar(name, data_dir):
         `((x_train, y_train), (x_test, y_test))`: uint8 images of shape
         `(N, 32, 32, 3)` and int64 labels.
 
+    Raises:
+        ValueError: naming the file, for a damaged archive or batch, a batch that is
+            not in the CIFAR format, a label outside the dataset's classes, or a
+            pickle naming any global but numpy's array reconstruction (nothing in it
+            is run).
+
     Example:
 
     >>> (x, y), (xt, yt) = load_cifar("cifar10", "~/data")  # doctest: +SKIP
@@ -62,14 +156,26 @@ def load_cifar(name, data_dir):
     layout = _LAYOUT[name]
     data_dir = os.path.expanduser(data_dir)
     tarball = os.path.join(data_dir, layout["tarball"])
+    checks = layout["label_key"], layout["classes"]
     out = []
     if os.path.isfile(tarball):
-        with tarfile.open(tarball, "r:gz") as tar:
-            for split in ("train", "test"):
-                batches = [
-                    _unpickle(tar.extractfile(f"{layout['folder']}/{n}")) for n in layout[split]
-                ]
-                out.append(_to_arrays(batches, layout["label_key"]))
+        try:
+            with tarfile.open(tarball, "r:gz") as tar:
+                for split in ("train", "test"):
+                    batches = []
+                    for n in layout[split]:
+                        member = f"{layout['folder']}/{n}"
+                        try:
+                            data = tar.extractfile(member).read()
+                        except KeyError as e:
+                            raise ValueError(f"{tarball!r} has no member {member!r}.") from e
+                        batches.append(_unpickle(data, f"{tarball}:{member}", *checks))
+                    out.append(_to_arrays(batches))
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ValueError(
+                f"{tarball!r}: damaged archive ({type(e).__name__}: {e}); it is truncated or "
+                "corrupt. Download it again."
+            ) from e
         return tuple(out)
     folder = os.path.join(data_dir, layout["folder"])
     if not os.path.isdir(folder):
@@ -84,8 +190,8 @@ def load_cifar(name, data_dir):
                     f"extracted {layout['folder']!r} folder in {data_dir!r}."
                 )
             with open(path, "rb") as f:
-                batches.append(_unpickle(f))
-        out.append(_to_arrays(batches, layout["label_key"]))
+                batches.append(_unpickle(f.read(), path, *checks))
+        out.append(_to_arrays(batches))
     return tuple(out)
 
 
@@ -116,4 +222,4 @@ def write_cifar(name, data_dir, train, test):
             part = slice(i, None, len(files))
             batch = {b"data": rows[part], layout["label_key"]: [int(v) for v in labels[part]]}
             with open(os.path.join(folder, fname), "wb") as f:
-                pickle.dump(batch, f)
+                pickle.dump(batch, f, protocol=2)  # the archive's own protocol

@@ -6,9 +6,14 @@ differ from the upstream `.gz` files while the decompressed data is identical.
 """
 
 import gzip
+import math
 import os
+import zlib
 
 import numpy as np
+
+#: Classes of Fashion-MNIST and MNIST: labels lie in `[0, NUM_CLASSES)`.
+NUM_CLASSES = 10
 
 # IDX type codes (third byte of the magic number) -> numpy dtype, big endian.
 _IDX_DTYPES = {
@@ -32,7 +37,8 @@ def read_idx(path):
         A numpy array with the shape and dtype stored in the file.
 
     Raises:
-        ValueError: if the file is not a valid IDX file.
+        ValueError: naming the file, if it is not a complete IDX file (a damaged gzip
+            stream, a short header, data of another size than the header declares).
 
     Example:
 
@@ -43,7 +49,13 @@ def read_idx(path):
     with open(path, "rb") as f:
         data = f.read()
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as e:  # cut short, bad CRC, bad deflate data
+            raise ValueError(
+                f"{path!r}: damaged gzip stream ({type(e).__name__}: {e}); the file is "
+                "truncated or corrupt. Download it again."
+            ) from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"Not an IDX file: {path!r} (magic {data[:4]!r}).")
     type_code, ndim = data[2], data[3]
@@ -54,8 +66,13 @@ def read_idx(path):
         )
     dtype = np.dtype(_IDX_DTYPES[type_code])
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(
+            f"IDX file {path!r} declares {ndim} dimensions but has {len(data)} bytes, fewer "
+            f"than the {header} of its header: truncated or corrupt."
+        )
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(data) - header != expected:
         raise ValueError(
             f"IDX file {path!r} holds {len(data) - header} bytes of data, "
@@ -110,12 +127,22 @@ def load_fashion_mnist(data_dir):
     """
     splits = []
     for prefix in ("train", "t10k"):
-        images = read_idx(_find(data_dir, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find(data_dir, f"{prefix}-labels-idx1-ubyte"))
+        image_path = _find(data_dir, f"{prefix}-images-idx3-ubyte")
+        label_path = _find(data_dir, f"{prefix}-labels-idx1-ubyte")
+        images, labels = read_idx(image_path), read_idx(label_path)
         if images.ndim != 3 or labels.shape != images.shape[:1]:
             raise ValueError(
-                f"Inconsistent {prefix} IDX files in {data_dir!r}: images "
-                f"{images.shape}, labels {labels.shape}."
+                f"Inconsistent {prefix} IDX files {image_path!r} (shape {images.shape}) and "
+                f"{label_path!r} (shape {labels.shape}): expected (N, rows, cols) images "
+                "and N labels."
             )
-        splits.append((images[..., None], labels.astype(np.int64)))
+        labels = labels.astype(np.int64)
+        bad = (labels < 0) | (labels >= NUM_CLASSES)
+        if bad.any():
+            raise ValueError(
+                f"{label_path!r}: label {labels[bad][0]} (at index {np.flatnonzero(bad)[0]}, "
+                f"{bad.sum()} such labels) is outside [0, {NUM_CLASSES}): Fashion-MNIST and "
+                "MNIST have 10 classes. The file is corrupt or not a label file."
+            )
+        splits.append((images[..., None], labels))
     return tuple(splits)

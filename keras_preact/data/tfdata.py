@@ -195,6 +195,9 @@ def load_tfds_arrays(name, data_dir=None, download=True):
 # ImageNet-format data: TFRecord shards or TFDS, kept encoded until the map.
 
 
+#: The classes `imagenet_dataset` keeps from TFRecords when no `num_classes` is given.
+IMAGENET_CLASSES = 1000
+
 SKIP_CAUSES = ("corrupt_record", "unparsable", "bad_label", "undecodable")
 
 
@@ -237,6 +240,9 @@ class SkipCounter:
             self._vars = {
                 n: tf.Variable(0, dtype=tf.int64, trainable=False, name=f"skip_{n}") for n in names
             }
+            # The path of a shard that was gone when a pipeline came to read it ("" while
+            # none): the pipeline's last step raises naming it (`_stop_on_missing_shard`).
+            self.missing_shard = tf.Variable("", trainable=False, name="missing_shard")
 
     def counts(self):
         """`{cause: records skipped for it, ..., "delivered": images delivered}` as ints."""
@@ -256,6 +262,7 @@ class SkipCounter:
         """Sets every count to 0, e.g. before an evaluation pass."""
         for var in self._vars.values():
             var.assign(0)
+        self.missing_shard.assign("")
 
     def variable(self, name):
         """The int64 `tf.Variable` behind count `name` (a cause or `"delivered"`)."""
@@ -454,7 +461,11 @@ def _recover(path, offset, corrupt):
     # Counted before anything is read: if the shard cannot be read again the
     # loss is still counted once.
     with tf.control_dependencies([corrupt.assign_add(1)]):
-        data = tf.io.decode_raw(tf.io.read_file(path), tf.uint8)
+        # A shard deleted since it was opened reads as empty here; `_shard_records`
+        # notes it missing.
+        exists = _exists(path)
+        raw = tf.cond(exists, lambda: tf.io.read_file(path), lambda: tf.constant(b""))
+        data = tf.io.decode_raw(raw, tf.uint8)
     size = tf.size(data, out_type=tf.int64)
 
     def body(pos, records, bad):
@@ -491,6 +502,11 @@ def _recover(path, offset, corrupt):
         return tf.identity(records)
 
 
+def _exists(path):
+    """Whether the file `path` exists, in the graph (`matching_files` of the exact name)."""
+    return tf.reduce_any(tf.equal(tf.io.matching_files(path), path))
+
+
 @tf.autograph.experimental.do_not_convert
 def _shard_records(path, size, counter):
     """The records of one TFRecord file; an unreadable record costs only itself.
@@ -498,8 +514,23 @@ def _shard_records(path, size, counter):
     The file is read with `TFRecordDataset` while the bytes read are summed; if
     it stops before `size`, `_recover` reads the rest, skipping what fails. The
     sum runs on batches of records (one function call per batch, not per record).
+
+    A shard that is gone when it comes to be read (deleted or moved after the
+    dataset was built) yields nothing and is named in `counter.missing_shard`:
+    `TFRecordDataset(missing).ignore_errors()` retries its open forever, and an
+    error raised here would be swallowed by the `ignore_errors` downstream, so the
+    pipeline's last step raises instead (`_stop_on_missing_shard`).
     """
-    head = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).ignore_errors()
+    exists = _exists(path)
+
+    def note_missing():
+        with tf.control_dependencies([counter.missing_shard.assign(path, read_value=False)]):
+            return tf.constant(False)
+
+    noted = tf.cond(exists, lambda: tf.constant(True), note_missing)
+    with tf.control_dependencies([noted]):
+        files = tf.boolean_mask(tf.reshape(path, [1]), tf.reshape(exists, [1]))
+    head = tf.data.TFRecordDataset(files, buffer_size=_READ_BUFFER).ignore_errors()
     # `batch` yields no empty batch, so an empty one marks the end.
     batches = head.batch(_SCAN_BATCH).concatenate(
         tf.data.Dataset.from_tensors(tf.zeros([0], tf.string))
@@ -508,7 +539,7 @@ def _shard_records(path, size, counter):
     def step(offset, records):
         end = tf.equal(tf.size(records), 0)
         out = tf.cond(
-            end & (offset < size),
+            end & (offset < size) & exists,
             lambda: _recover(path, offset, counter.variable("corrupt_record")),
             lambda: records,
         )
@@ -521,6 +552,35 @@ def _shard_records(path, size, counter):
 def _file_sizes(files):
     with concurrent.futures.ThreadPoolExecutor(min(32, len(files))) as pool:
         return list(pool.map(lambda f: tf.io.gfile.stat(f).length, files))
+
+
+@tf.autograph.experimental.do_not_convert
+def _stop_on_missing_shard(ds, counter):
+    """`ds`, raising `InvalidArgumentError` naming the shard once one was found gone.
+
+    The last step of a pipeline, after every `ignore_errors`: checked on every
+    element and once more at the end, so a pipeline whose only shards are gone
+    raises too instead of ending empty.
+    """
+
+    def check(*element):
+        missing = counter.missing_shard.read_value()
+        ok = tf.debugging.Assert(
+            tf.equal(missing, ""),
+            ["keras_preact.data: the TFRecord shard", missing, "is gone (deleted or moved after "
+             "the dataset was built). Restore it, or rebuild the dataset over the shards there "
+             "are."],
+        )  # fmt: skip
+        with tf.control_dependencies([ok]):
+            out = tf.nest.map_structure(tf.identity, element)
+        return out if len(out) > 1 else out[0]
+
+    def dummy(spec):
+        return tf.zeros([d if d is not None else 0 for d in spec.shape], spec.dtype)
+
+    last = tf.data.Dataset.from_tensors(tf.nest.map_structure(dummy, ds.element_spec))
+    last = last.map(check).filter(lambda *_: False)
+    return ds.map(check).concatenate(last)
 
 
 def _checked_num_classes(num_classes, one_hot_classes):
@@ -577,9 +637,27 @@ def encoded_records(
 
     >>> ds = encoded_records(source="tfrecord", split="validation",  # doctest: +SKIP
     ...                      data_dir="/data/imagenet", num_classes=1000)
+
+    A TFRecord shard deleted or moved after the dataset was built stops the
+    iteration with an `InvalidArgumentError` naming it.
     """
-    num_classes = _checked_num_classes(num_classes, None)
     counter = counter or SkipCounter()
+    ds = _encoded_records(
+        source=source, split=split, data_dir=data_dir, training=training,
+        input_context=input_context, seed=seed, deterministic=deterministic,
+        label_offset=label_offset, cycle_length=cycle_length, num_classes=num_classes,
+        counter=counter,
+    )  # fmt: skip
+    return _stop_on_missing_shard(ds, counter) if source == "tfrecord" else ds
+
+
+def _encoded_records(
+    *, source, split, data_dir, training, input_context, seed, deterministic, label_offset,
+    cycle_length, num_classes, counter,
+):  # fmt: skip
+    """`encoded_records` without the final missing-shard check (`imagenet_dataset` makes
+    it after its own `ignore_errors`)."""
+    num_classes = _checked_num_classes(num_classes, None)
     pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     order = bool(deterministic) or not training
@@ -705,17 +783,20 @@ def imagenet_dataset(
             images delivered; None counts into a private one.
         one_hot_classes: emit one-hot labels of this depth (for label smoothing).
         num_classes: labels must lie in `[0, num_classes)`, others are skipped
-            and counted; default `one_hot_classes`. None checks only
-            `label >= 0` for TFRecords and uses a TFDS dataset's declared
-            classes.
+            and counted; default `one_hot_classes`, else `IMAGENET_CLASSES` for
+            TFRecords (ImageNet's 1000) and a TFDS dataset's declared classes.
 
     Returns:
-        A `tf.data.Dataset` of `(images, labels)` batches.
+        A `tf.data.Dataset` of `(images, labels)` batches. A TFRecord shard
+        deleted or moved after the dataset was built stops the iteration with an
+        `InvalidArgumentError` naming it.
     """
     batch = per_replica_batch(batch_size, input_context)
     num_classes = _checked_num_classes(num_classes, one_hot_classes)
+    if num_classes is None and source == "tfrecord":
+        num_classes = IMAGENET_CLASSES  # a label past it would reach the loss unchecked
     counter = counter or SkipCounter()
-    ds = encoded_records(
+    ds = _encoded_records(
         source=source,
         split=split,
         data_dir=data_dir,
@@ -760,4 +841,6 @@ def imagenet_dataset(
             return tf.identity(images), labels
 
     ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
+    if source == "tfrecord":
+        ds = _stop_on_missing_shard(ds, counter)
     return ds.with_options(_options(deterministic or not training)).prefetch(AUTOTUNE)

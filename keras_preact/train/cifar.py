@@ -84,7 +84,13 @@ flags.DEFINE_integer(
     ["source", "data_dir", "dataset"], message="--source=files needs --data_dir."
 )
 def _files_need_a_folder(values):
-    return values["source"] != "files" or bool(values["data_dir"])
+    if values["source"] != "files":
+        return True
+    if values["data_dir"]:
+        problem = sources.files_problem(values["dataset"], values["data_dir"])
+        if problem:
+            raise flags.ValidationError(problem)
+    return bool(values["data_dir"])
 
 
 @flags.multi_flags_validator(["source", "data_dir", "dataset"])

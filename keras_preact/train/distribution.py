@@ -7,6 +7,7 @@ sets the precision policy and resolves `--loop=auto`; it returns a `Run`.
 import contextlib
 import logging
 import os
+import sys
 from typing import NamedTuple
 
 import keras
@@ -27,6 +28,7 @@ class Run(NamedTuple):
 
 def setup(cfg):
     """Seeds, determinism, strategy and precision from `cfg`; returns a `Run`."""
+    quiet_device_start()  # before the seed: seeding can create TensorFlow's devices
     keras.utils.set_random_seed(cfg.seed)
     if cfg.compilation_cache and keras.backend.backend() == "jax":
         # JAX's own JAX_COMPILATION_CACHE_DIR wins: runs of one experiment can share one.
@@ -50,6 +52,48 @@ def setup(cfg):
         loop=loop,
         write_dir=write_dir(strategy, cfg.model_dir),
     )
+
+
+def _nvidia_driver():
+    """Whether an NVIDIA driver is loaded on this (Linux) machine."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 on /dev/null (TensorFlow's C++ logs bypass `sys.stderr`)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def quiet_device_start():
+    """Lets TensorFlow find its devices, with no CUDA errors on a machine without a GPU.
+
+    TensorFlow's CUDA build (the `tensorflow` wheel) logs `failed call to cuInit` at error
+    level the first time it looks for GPUs on a machine with no NVIDIA driver, where there
+    is none to find. There, and only there, that first look runs with stderr silenced;
+    with a driver nothing is hidden, so a GPU that fails to start still says why. Call it
+    before TensorFlow creates anything (it looks once per process); does nothing when
+    TensorFlow is not imported. `TF_CPP_MIN_LOG_LEVEL` cannot do this: TensorFlow reads it
+    when it is imported, which `import keras` does under the TensorFlow backend, and it
+    would hide every later error too.
+    """
+    if "tensorflow" not in sys.modules:
+        return
+    import tensorflow as tf
+
+    if _nvidia_driver():
+        tf.config.list_physical_devices()
+        return
+    with _stderr_silenced():
+        tf.config.list_physical_devices()
 
 
 def enable_compilation_cache(path):

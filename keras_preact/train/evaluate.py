@@ -29,6 +29,7 @@ is built at the evaluation size (the network is fully convolutional).
 
 import json
 import os
+import sys
 import time
 from typing import NamedTuple
 
@@ -36,7 +37,7 @@ import keras
 import numpy as np
 from absl import app, flags
 
-from keras_preact.train import checkpoints, config, modeling, sources
+from keras_preact.train import checkpoints, config, distribution, modeling, sources
 from keras_preact.train import flags as train_flags
 
 train_flags.define_model_flags(
@@ -82,7 +83,7 @@ def _source(values):
     return "tfrecord" if values["dataset"] == "imagenet" else "tfds"
 
 
-@flags.multi_flags_validator(["dataset", "source", "data_dir"])
+@flags.multi_flags_validator(["dataset", "source", "data_dir", "split"])
 def _source_is_readable(values):
     dataset, source = values["dataset"], _source(values)
     if dataset != "imagenet" and source not in ("files", "tfds"):
@@ -92,6 +93,14 @@ def _source_is_readable(values):
     if source in ("files", "tfrecord"):
         if not values["data_dir"]:
             raise flags.ValidationError(f"--source={source} needs --data_dir.")
+        split = "train" if values["split"].startswith("train") else "validation"
+        problem = (
+            sources.files_problem(dataset, values["data_dir"])
+            if source == "files"
+            else sources.tfrecord_problem(values["data_dir"], [split])
+        )
+        if problem:
+            raise flags.ValidationError(problem)
         return True
     problem = sources.tfds_problem(dataset if dataset != "imagenet" else source, values["data_dir"])
     if problem:
@@ -99,25 +108,113 @@ def _source_is_readable(values):
     return True
 
 
+@flags.multi_flags_validator(["dataset", "ten_crop"])
+def _ten_crop_is_for_imagenet(values):
+    if values["ten_crop"] and values["dataset"] != "imagenet":
+        raise flags.ValidationError(
+            f"--ten_crop crops ImageNet-format images (--dataset=imagenet); the "
+            f"--dataset={values['dataset']} test images are evaluated whole."
+        )
+    return True
+
+
+@flags.validator("output")
+def _output_folder_exists(path):
+    if path is None:
+        return True
+    if os.path.isdir(path):
+        raise flags.ValidationError(f"--output={path} is a folder; pass a file name for the JSON.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise flags.ValidationError(f"--output={path}: its folder {folder} does not exist.")
+    return True
+
+
+@flags.multi_flags_validator(["weights", "config"])
+def _run_config_is_sound(values):
+    """The run's `config.json` (found or given) must be JSON whose architecture options the
+    builders take: a hand-edited one fails here, naming the file, the key and the value."""
+    if values["config"] is not None and not os.path.isfile(values["config"]):
+        raise flags.ValidationError(f"--config={values['config']} is not a file.")
+    path = values["config"] or config_path(values["weights"] or "")
+    if path is None:
+        return True
+    try:
+        run = read_run_config(path)
+    except ValueError as e:
+        raise flags.ValidationError(str(e)) from None
+    problem = run_config_problem(run)
+    if problem:
+        raise flags.ValidationError(f"{path}: {problem} Fix the file, or pass --config.")
+    return True
+
+
 FLAGS = flags.FLAGS
+
+
+def config_path(weights):
+    """The `config.json` of the run that wrote the `.weights.h5` file `weights`, or None:
+    next to the file, above `checkpoints/` or above `checkpoints/epoch-NNNN/`."""
+    if not (weights.endswith(".weights.h5") and os.path.isfile(weights)):
+        return None
+    folder = os.path.dirname(os.path.abspath(weights))
+    candidates = [folder, os.path.dirname(folder)]
+    if os.path.basename(candidates[1]) == "checkpoints":
+        candidates.append(os.path.dirname(candidates[1]))
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return os.path.join(candidate, "config.json")
+    return None
+
+
+def read_run_config(path):
+    """The dict of a run's `config.json`; ValueError naming the file if it is not one."""
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable run config.json: {e}.") from None
+    if not isinstance(run, dict):
+        raise ValueError(f"{path} is not a run config.json: it holds no JSON object.")
+    return run
+
+
+def run_config_problem(run):
+    """What in a run's config dict the builders would refuse, in one sentence, or None."""
+    import keras_preact
+    from keras_preact.train.config import SHORTCUT_PARAMS
+
+    allowed = {
+        "model": keras_preact.list_models(),
+        "unit": list(keras_preact.units.UNITS),
+        "shortcut": list(SHORTCUT_PARAMS),
+    }
+    for key, names in allowed.items():
+        if key in run and run[key] not in names:
+            return f'"{key}": {json.dumps(run[key])} is not one of {names}.'
+    layout = run.get("layout")
+    if layout is not None and not isinstance(layout, dict) and layout not in keras_preact.LAYOUTS:
+        return (
+            f'"layout": {json.dumps(layout)} is not one of {list(keras_preact.LAYOUTS)} '
+            "(or a layout's config, a JSON object)."
+        )
+    numbers = {
+        "width_multiplier": (lambda v: v > 0, "a number > 0"),
+        "drop_path_rate": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "num_classes": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
+    }
+    for key, (ok, wanted) in numbers.items():
+        value = run.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and ok(value)):
+            return f'"{key}": {json.dumps(value)} is not {wanted}.'
+    return None
 
 
 def run_config(weights, path=None):
     """The `config.json` of the run that wrote `weights` (a dict), or None."""
-    if path is None and weights.endswith(".weights.h5") and os.path.isfile(weights):
-        folder = os.path.dirname(os.path.abspath(weights))
-        # Next to the file, above checkpoints/ or above checkpoints/epoch-NNNN/.
-        candidates = [folder, os.path.dirname(folder)]
-        if os.path.basename(candidates[1]) == "checkpoints":
-            candidates.append(os.path.dirname(candidates[1]))
-        for candidate in candidates:
-            if os.path.isfile(os.path.join(candidate, "config.json")):
-                path = os.path.join(candidate, "config.json")
-                break
-    if path is None:
-        return None
-    with open(path) as f:
-        return json.load(f)
+    path = path or config_path(weights)
+    return read_run_config(path) if path else None
 
 
 def architecture(cfg, run):
@@ -217,51 +314,26 @@ def build_model(cfg, plan, input_shape, classes):
 
 
 def imagenet_batches(cfg, source, raw, num_classes):
-    """Batches of the evaluation protocol: [0, 255] pixels if `raw`, else normalized with
-    ImageNet's statistics."""
-    import tensorflow as tf
-
-    from keras_preact.data import imagenet_preprocessing as ipp
-    from keras_preact.data import tfdata
-
-    counter = tfdata.SkipCounter()
-    if not cfg.ten_crop:
-        ds = tfdata.imagenet_dataset(
-            source=source,
-            split=cfg.split,
-            data_dir=cfg.data_dir,
-            batch_size=cfg.batch_size,
-            training=False,
-            image_size=cfg.eval_size,
-            eval_resize=cfg.eval_resize,
-            label_offset=cfg.label_offset,
-            counter=counter,
-            normalize=not raw,
-            num_classes=num_classes,
-        )
-    else:
-        records = tfdata.encoded_records(
-            source=source,
-            split=cfg.split,
-            data_dir=cfg.data_dir,
-            deterministic=True,
-            label_offset=cfg.label_offset,
-            num_classes=num_classes,
-            counter=counter,
-        )
-
-        def crops(image_bytes):
-            images = ipp.ten_crop(image_bytes, resize=cfg.eval_resize, crop=cfg.eval_size)
-            return tf.cast(tf.round(images), tf.uint8) if raw else ipp.normalize(images)
-
-        ds = records.map(counter.wrap(crops), num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.ignore_errors().batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator(), counter
+    """Batches of the evaluation protocol (`--max_batches` of them at most), with their
+    skip counter: [0, 255] pixels if `raw`, else normalized with ImageNet's statistics."""
+    return sources.imagenet_eval_batches(
+        source=source,
+        split=cfg.split,
+        data_dir=cfg.data_dir,
+        batch_size=cfg.batch_size,
+        size=cfg.eval_size,
+        resize=cfg.eval_resize,
+        ten_crop=cfg.ten_crop,
+        label_offset=cfg.label_offset,
+        num_classes=num_classes,
+        raw=raw,
+        max_batches=cfg.max_batches,
+    )
 
 
 def memory_batches(cfg, source, raw):
-    """Test-set batches: uint8 pixels if `raw`, else normalized with the training set's
-    statistics (what the trainer computes)."""
+    """Test-set batches (`--max_batches` of them at most): uint8 pixels if `raw`, else
+    normalized with the training set's statistics (what the trainer computes)."""
     from keras_preact.data import numpy_pipeline
 
     (x, _), (xt, yt) = sources.load_arrays(cfg.dataset, source, cfg.data_dir)
@@ -269,13 +341,22 @@ def memory_batches(cfg, source, raw):
     ds = numpy_pipeline.ArrayDataset(
         xt, yt, cfg.batch_size, mean, std, training=False, normalize=not raw
     )
-    return (ds[i] for i in range(len(ds))), xt.shape[1:]
+    count = min(len(ds), cfg.max_batches or len(ds))
+    return (ds[i] for i in range(count)), xt.shape[1:]
 
 
 def main(argv):
     del argv
     start = time.time()
     cfg = config.EvalConfig.from_flags(FLAGS)
+    if cfg.dataset != "imagenet":
+        given = [f"--{k}" for k in ("eval_resize", "eval_size") if cfg.origins[k] == "flag"]
+        if given:
+            raise app.UsageError(
+                f"{' and '.join(given)} crop ImageNet-format images (--dataset=imagenet); the "
+                f"--dataset={cfg.dataset} test images are evaluated whole: leave them out."
+            )
+    distribution.quiet_device_start()
     run = run_config(cfg.weights, cfg.config)
     what = plan(cfg, run)
     # The model normalizes [0, 255] pixels itself when the weights say how.
@@ -300,9 +381,7 @@ def main(argv):
 
     top1 = top5 = n = 0
     nll = 0.0
-    for i, (images, labels) in enumerate(batches):
-        if cfg.max_batches and i >= cfg.max_batches:
-            break
+    for images, labels in batches:  # to the end: the skip counts are exact then
         probs = probabilities(images)
         if cfg.ten_crop:
             probs = probs.mean(1)
@@ -311,6 +390,14 @@ def main(argv):
         top5 += int(np.sum(np.any(ranked[:, :5] == labels[:, None], -1)))
         nll -= float(np.sum(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-30))))
         n += len(labels)
+    counts = counter.counts() if counter else {}
+    skipped = {c: k for c, k in counts.items() if c != "delivered"}
+    # The sizes the images were evaluated at: an in-memory test set is evaluated whole.
+    sizes = (
+        {"eval_resize": cfg.eval_resize, "eval_size": cfg.eval_size, "ten_crop": cfg.ten_crop}
+        if cfg.dataset == "imagenet"
+        else {"eval_size": int(shape[0])}
+    )
     result = {
         "weights": cfg.weights,
         "model": what.options.get("model", model.name),
@@ -322,13 +409,9 @@ def main(argv):
         "top1": top1 / max(n, 1),
         "top5": top5 / max(n, 1),
         "loss": nll / max(n, 1),
-        "eval_resize": cfg.eval_resize,
-        "eval_size": cfg.eval_size,
-        "ten_crop": cfg.ten_crop,
-        "skipped_images": counter.skipped() if counter else 0,
-        "skipped_by_cause": (
-            {c: n for c, n in counter.counts().items() if c != "delivered"} if counter else {}
-        ),
+        **sizes,
+        "skipped_images": sum(skipped.values()),
+        "skipped_by_cause": skipped,
         "wall_time_s": round(time.time() - start, 1),
         "backend": keras.backend.backend(),
     }
@@ -337,9 +420,24 @@ def main(argv):
         checkpoints.write_json_atomic(cfg.output, result)
 
 
+def _one_line_errors(main):
+    """`main`, with a usage error (a conflict found after parsing) or a failed write of
+    `--output` ending the program with its message and exit code 1, as a bad flag does:
+    no traceback, and no help text before it (absl prints the usage for a UsageError)."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (app.UsageError, checkpoints.WriteError) as e:
+            print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    return guarded
+
+
 def run_main():
     """The console entry point: `python -m keras_preact.train.evaluate` or `training/evaluate.py`."""
-    app.run(main)
+    app.run(_one_line_errors(main))
 
 
 if __name__ == "__main__":

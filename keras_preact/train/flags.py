@@ -105,6 +105,9 @@ def define_model_flags(*, model, weights_help):
         )
 
     flags.register_validator("weights", known_weights)
+    flags.register_multi_flags_validator(
+        ["weights", "model", "layout", "unit", "shortcut"], _record_fits_the_net
+    )
 
     def shortcut_params_match(values):
         wanted = SHORTCUT_PARAMS[values["shortcut"]]
@@ -121,6 +124,42 @@ def define_model_flags(*, model, weights_help):
     flags.register_multi_flags_validator(
         ["shortcut", *_all_shortcut_params()], shortcut_params_match
     )
+
+
+def _record_fits_the_net(values):
+    """A weights record (`--weights=fashion_mnist`) must be one for `--model` and agree with
+    `--layout`, `--unit` and `--shortcut`: checked here, not when the model is built."""
+    import keras_preact
+
+    name, model = values["weights"], values["model"]
+    records = keras_preact.weights.RECORDS
+    named = [r for r in records if name in (r.name, r.dataset)]
+    if not named or os.path.isfile(name):  # a file, or no record (`known_weights` says so)
+        return True
+    depth = keras_preact.MODELS[model]["depth"] if model else None
+    fits = [r for r in named if depth is None or r.depth == depth]
+    if not fits:
+        models = sorted({r.model for r in named})
+        others = sorted({r.name for r in records if r.depth == depth}) or "none"
+        raise flags.ValidationError(
+            f"--weights={name} holds weights for {models}, not for --model={model}: pass "
+            f"--model={models[0]} (records for {model}: {others})."
+        )
+    record = keras_preact.weights.get_record(name, depth)
+    layout, layouts = values["layout"], keras_preact.LAYOUTS
+    if layout in layouts and record.layout not in (None, layouts[layout]):
+        raise flags.ValidationError(
+            f"--layout={layout} contradicts --weights={name} ({record.name}), whose file needs "
+            f"--layout={record.layout.name}: leave --layout out to take it from the weights."
+        )
+    for option in ("unit", "shortcut"):
+        wanted = getattr(record, option)
+        if wanted is not None and values[option] != wanted:
+            raise flags.ValidationError(
+                f"--{option}={values[option]} contradicts --weights={name} ({record.name}), "
+                f"trained with --{option}={wanted}: leave --{option} out."
+            )
+    return True
 
 
 def _all_shortcut_params():
@@ -165,6 +204,12 @@ def define_train_flags(config_class):
 
 def _define_run_flags(defaults):
     flags.DEFINE_string("model_dir", None, "Where the run writes everything.", required=True)
+    flags.register_validator(
+        "model_dir",
+        lambda path: path is None or not os.path.exists(path) or os.path.isdir(path),
+        message="is an existing file, not a folder: pass a new folder, or a run's folder to "
+        "resume it.",
+    )
     flags.DEFINE_enum("strategy", "default", STRATEGIES, "Distribution strategy.")
     flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for --strategy=tpu.")
     flags.DEFINE_integer(
@@ -192,10 +237,17 @@ def _define_run_flags(defaults):
         "time_budget",
         None,
         "Wall-clock seconds for this process: when the next epoch would not end within it, "
-        "the run saves a checkpoint at the step boundary, prints the command that resumes "
+        "the run stops after that epoch's checkpoint, prints the command that resumes "
         "it, and exits 0 (preemptible and time-limited jobs).",
     )
     flags.register_validator("time_budget", _positive, message="must be > 0 seconds.")
+    flags.DEFINE_list(
+        "allow_changes",
+        [],
+        "Options a resumed run may change although they change what the run means (batch "
+        "size, schedule, optimizer, seed, ...), or `all`. Without it such a resume is "
+        "refused; the net and the data set can never change.",
+    )
 
     def tpu_named(values):
         if values["strategy"] == "tpu" and not values["tpu"]:

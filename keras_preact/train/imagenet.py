@@ -27,6 +27,7 @@ keras.distribution.DataParallel over the local devices.
 """
 
 import time
+import warnings
 
 from absl import app, flags
 
@@ -37,6 +38,7 @@ from keras_preact.train import (
     loops,
     modeling,
     optimization,
+    resume,
     sources,
 )
 from keras_preact.train import flags as train_flags
@@ -86,7 +88,7 @@ flags.DEFINE_integer(
 )
 
 
-@flags.multi_flags_validator(["source", "data_dir"])
+@flags.multi_flags_validator(["source", "data_dir", "train_split", "eval_split"])
 def _source_is_readable(values):
     if values["source"] == "tfrecord":
         if not values["data_dir"]:
@@ -94,6 +96,11 @@ def _source_is_readable(values):
                 "--source=tfrecord needs --data_dir, the folder of train-* and validation-* "
                 "shards (or pass a TFDS name: --source=imagenet2012 or imagenette)."
             )
+        splits = [values["train_split"], values["eval_split"]]
+        prefixes = sorted({"train" if s.startswith("train") else "validation" for s in splits})
+        problem = sources.tfrecord_problem(values["data_dir"], prefixes)
+        if problem:
+            raise flags.ValidationError(problem)
         return True
     problem = sources.tfds_problem(values["source"], values["data_dir"])
     if problem:
@@ -109,14 +116,30 @@ def _crop_fits(values):
     return values["eval_resize"] >= values["eval_size"]
 
 
+@flags.multi_flags_validator(["batch_size", "num_train_examples", "steps_per_epoch", "source"])
+def _an_epoch_has_a_step(values):
+    images = values["num_train_examples"] or _sizes(values["source"])[1]
+    if values["steps_per_epoch"] is None and values["batch_size"] > images:
+        raise flags.ValidationError(
+            f"--batch_size={values['batch_size']} exceeds the {images} training images "
+            "(--num_train_examples): an epoch would have no step; pass a smaller --batch_size "
+            "or --steps_per_epoch."
+        )
+    return True
+
+
 FLAGS = flags.FLAGS
 #: (classes, training images, validation images) of the known sources; ImageNet otherwise.
 _SIZES = {"imagenette": (10, 9469, 3925)}
 
 
+def _sizes(source):
+    return _SIZES.get(source, (1000, 1_281_167, 50_000))
+
+
 def derive(cfg):
     """The values an ImageNet run computes from its flags (steps, lr, normalization)."""
-    classes, n_train, _ = _SIZES.get(cfg.source, (1000, 1_281_167, 50_000))
+    classes, n_train, _ = _sizes(cfg.source)
     cfg = cfg.derive(
         num_classes=cfg.num_classes or classes,
         num_train_examples=cfg.num_train_examples or n_train,
@@ -218,8 +241,10 @@ def main(argv):
     # 1. Configuration: the flags, once, as a frozen config (values checked at parsing).
     cfg = derive(config.ImagenetConfig.from_flags(FLAGS))
 
-    # 2. Seeds, strategy and precision: variables are created under them.
+    # 2. Seeds, strategy and precision: variables are created under them. One trainer
+    # per run folder.
     run = distribution.setup(cfg)
+    lock = resume.lock(run.write_dir)  # noqa: F841 - held until the process ends
 
     # 3. Data. Skips are counted apart: the training pipeline meets a bad record once per
     # epoch; the final evaluation's counts are taken from one pass (reset before it).
@@ -227,6 +252,11 @@ def main(argv):
 
     from keras_preact.data import tfdata
 
+    # The evaluation set ends where its records end; its length is unknown to Keras (bad
+    # records are dropped on the way), and Keras takes the end of such a finite dataset for
+    # a training set that ran short ("Your input ran out of data"). The training set
+    # repeats, so only the evaluation can end; that warning is for it alone.
+    warnings.filterwarnings("ignore", "Your input ran out of data", UserWarning)
     counter, eval_counter = tfdata.SkipCounter(), tfdata.SkipCounter()
     with tf.device("/CPU:0"):  # a host variable, like the counters'
         scored = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_images_scored")
@@ -238,11 +268,14 @@ def main(argv):
         cfg, run, schedule, input_shape=(cfg.image_size, cfg.image_size, 3), classes=cfg.num_classes
     )
     cfg = cfg.derive(decayed_weights=built.decayed)
-    checkpoints.write_config(cfg, run)
 
-    # 5. Resume from the last completed epoch, if the run was interrupted.
+    # 5. Resume from the last checkpoint, if the run was interrupted and its options are
+    # the recorded ones (checked before anything is written).
+    changed = resume.check(cfg, cfg.model_dir)
+    checkpoints.write_config(cfg, run, resume.history(cfg.model_dir, changed))
     checkpointer = checkpoints.Checkpointer(cfg.model_dir, run.write_dir, export=built.export)
-    initial_epoch = checkpointer.restore(built.model).epoch
+    restored = checkpointer.restore(built.model)
+    initial_epoch = restored.epoch
 
     # 6. Train, within --time_budget when one is given.
     budget = loops.time_budget(cfg, start)
@@ -254,6 +287,7 @@ def main(argv):
         eval_data_fn,
         checkpointer=checkpointer,
         initial_epoch=initial_epoch,
+        initial_step=restored.step,
         budget=budget,
     )
     if loops.stopped_by_budget(cfg, budget, history):
@@ -288,7 +322,7 @@ def main(argv):
 
 def run_main():
     """The console entry point: `python -m keras_preact.train.imagenet` or `training/imagenet.py`."""
-    app.run(main)
+    loops.run(main)
 
 
 if __name__ == "__main__":

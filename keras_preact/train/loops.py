@@ -204,6 +204,9 @@ def run(main):
                 flush=True,
             )
             sys.exit(128 + signal.SIGINT)
+        except app.UsageError as e:  # a check after parsing: one line, not the help text
+            print(f"FATAL Flags parsing error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
         except tuple(kind for kind, _ in _STOPS) as e:
             code = next(c for kind, c in _STOPS if isinstance(e, kind))
             print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -25,6 +25,8 @@ import shlex
 import socket
 import sys
 
+from keras_preact.train import checkpoints
+
 #: Options whose change makes the checkpoint unloadable, or the task another.
 ARCHITECTURE = (
     "model",
@@ -82,10 +84,18 @@ def lock(folder):
 
     Raises:
         RunLocked: another live process holds it; the message names that process.
+        checkpoints.WriteError: the folder cannot be written (read-only, no permission).
     """
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, ".lock")
-    handle = open(path, "a+")  # noqa: SIM115 - held for the process's lifetime
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - held for the process's lifetime
+    except OSError as e:
+        raise checkpoints.WriteError(
+            e.errno,
+            f"Cannot write in --model_dir={folder}: {e.strerror or e}. Give the run a "
+            "folder it can write to.",
+        ) from None
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock

@@ -1,10 +1,14 @@
-"""Where the data comes from: the in-memory datasets, and whether a TFDS source can load.
+"""Where the data comes from: the in-memory datasets, and whether a source can load.
 
-`check_tfds` runs while the flags are parsed: a TFDS dataset that is not prepared in
-`--data_dir` and cannot be downloaded fails at once with what to do instead, not after
-TFDS's ten download retries (about three and a half minutes offline).
+`tfds_problem`, `files_problem` and `tfrecord_problem` run while the flags are parsed: a
+TFDS dataset that is not prepared in `--data_dir` and cannot be downloaded fails at once
+with what to do instead, not after TFDS's ten download retries (about three and a half
+minutes offline), and a `--data_dir` without the dataset's files fails before any model
+is built, naming the files it needs.
 """
 
+import glob
+import os
 import socket
 
 #: The in-memory datasets of `cifar.py` and `evaluate.py`, with their number of classes.
@@ -71,6 +75,71 @@ def tfds_problem(name, data_dir, *, can_reach=reachable):
     return None
 
 
+#: The files `--source=files` reads, per dataset: alternatives, any one of which will do
+#: (`keras_preact.data.idx` and `keras_preact.data.cifar_files` read them).
+_IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte"]  # fmt: skip
+_CIFAR = {
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", ["data_batch_1", "test_batch"]),
+    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train", "test"]),
+}
+
+
+def files_problem(dataset, data_dir):
+    """Why `--source=files --data_dir=DATA_DIR` cannot load `dataset`, or None if it can.
+
+    Only looks for the files (names, not contents), so it is cheap enough for a flag check.
+
+    Example:
+
+    >>> files_problem("fashion_mnist", "/usr/share/datasets/fashion-mnist")  # doctest: +SKIP
+    """
+    where = f"--data_dir={data_dir}"
+    if not os.path.isdir(data_dir):
+        return f"{where} is not a folder; pass the folder that holds the {dataset} files."
+    if dataset == "fashion_mnist":
+        found = lambda stem: any(  # noqa: E731
+            os.path.isfile(os.path.join(data_dir, stem + s)) for s in (".gz", "")
+        )
+        missing = [stem for stem in _IDX if not found(stem)]
+        if not missing:
+            return None
+        return (
+            f"{where} lacks the Fashion-MNIST IDX files {[m + '[.gz]' for m in missing]}; "
+            "Debian's copy: apt-get install dataset-fashion-mnist, then "
+            "--data_dir=/usr/share/datasets/fashion-mnist."
+        )
+    tarball, folder, batches = _CIFAR[dataset]
+    if os.path.isfile(os.path.join(data_dir, tarball)):
+        return None
+    for root in (os.path.join(data_dir, folder), data_dir):
+        if all(os.path.isfile(os.path.join(root, b)) for b in batches):
+            return None
+    return (
+        f"{where} holds neither {tarball} nor its extracted folder {folder}/ (the "
+        f"python version of {dataset} from https://www.cs.toronto.edu/~kriz/cifar.html)."
+    )
+
+
+def tfrecord_problem(data_dir, prefixes):
+    """Why `--source=tfrecord --data_dir=DATA_DIR` has no `PREFIX-*` shards for each of
+    `prefixes` (`"train"`, `"validation"`), or None if it has them (a `gs://` folder is
+    checked when it is read)."""
+    if "://" in data_dir:
+        return None
+    if not os.path.isdir(data_dir):
+        return f"--data_dir={data_dir} is not a folder; pass the folder of the TFRecord shards."
+    folder = glob.escape(data_dir)
+    missing = [p for p in prefixes if not glob.glob(os.path.join(folder, f"{p}-*"))]
+    if not missing:
+        return None
+    return (
+        f"--data_dir={data_dir} has no {' and no '.join(p + '-*' for p in missing)} "
+        "ImageNet-format TFRecord shards (train-00000-of-01024, validation-00000-of-00128, "
+        "...: docs/training.md, 'Input pipeline'); or pass a TFDS name as --source."
+    )
+
+
 def load_arrays(dataset, source, data_dir):
     """`((x_train, y_train), (x_test, y_test))` of an in-memory dataset, uint8 / int64."""
     if source == "files":
@@ -84,3 +153,48 @@ def load_arrays(dataset, source, data_dir):
     from keras_preact.data import tfdata
 
     return tfdata.load_tfds_arrays(dataset, data_dir=data_dir)
+
+
+def imagenet_eval_batches(
+    *, source, split, data_dir, batch_size, size, resize, ten_crop=False, label_offset=1,
+    num_classes=None, raw=False, max_batches=None,
+):  # fmt: skip
+    """`(batches, counter)`: the evaluation protocol's numpy batches of ImageNet-format data
+    and the `tfdata.SkipCounter` of the records it dropped (`evaluate.py`).
+
+    Each image is resized to `resize` (shorter side) and centre-cropped to `size`, the
+    trainers' evaluation (`preprocess_eval`), or with `ten_crop` gives the four corner and
+    centre crops and their mirrors, `(batch, 10, size, size, 3)`. Pixels are uint8 in
+    [0, 255] if `raw`, else normalized with ImageNet's statistics.
+
+    With `max_batches`, only the first `max_batches * batch_size` records are read and the
+    pipeline ends there, so the counts, read once `batches` is exhausted, are exact: those
+    of these records (a dropped record leaves its batch one image short). A pipeline cut
+    after decoding would still be decoding records when it is stopped, and count them.
+    """
+    import tensorflow as tf
+
+    from keras_preact.data import imagenet_preprocessing as ipp
+    from keras_preact.data import tfdata
+
+    counter = tfdata.SkipCounter()
+    records = tfdata.encoded_records(
+        source=source,
+        split=split,
+        data_dir=data_dir,
+        deterministic=True,
+        label_offset=label_offset,
+        num_classes=num_classes,
+        counter=counter,
+    )
+    if max_batches:
+        records = records.take(max_batches * batch_size)
+    view = ipp.ten_crop if ten_crop else ipp.preprocess_eval
+
+    def pixels(image_bytes):
+        images = view(image_bytes, resize=resize, crop=size)
+        return tf.cast(tf.round(images), tf.uint8) if raw else ipp.normalize(images)
+
+    ds = records.map(counter.wrap(pixels), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors(log_warning=True).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.as_numpy_iterator(), counter
