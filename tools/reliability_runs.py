@@ -86,7 +86,13 @@ class Trainer:
             return json.load(f)
 
     def leftovers(self):
-        return [p for p in glob.glob(self.file("**/*"), recursive=True) if ".tmp" in p]
+        """Temporary files and folders (hidden ones included) under the run folder."""
+        return [
+            os.path.join(root, name)
+            for root, dirs, files in os.walk(self.model_dir)
+            for name in dirs + files
+            if ".tmp" in name
+        ]
 
 
 def finished(t, epochs, steps):
@@ -110,8 +116,8 @@ def kill_trial(t, rng, *, at_write):
     if at_write:
         pattern, deadline = t.file("checkpoints/.tmp-*"), time.time() + 300
         while not glob.glob(pattern) and time.time() < deadline:
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.05))
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, 0.005))  # a checkpoint of this net takes ~20 ms
     else:
         time.sleep(rng.uniform(0.5, 6.0))
     proc.kill()

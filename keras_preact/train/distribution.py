@@ -80,14 +80,16 @@ def quiet_device_start():
     level the first time it looks for GPUs on a machine with no NVIDIA driver, where there
     is none to find. There, and only there, that first look runs with stderr silenced;
     with a driver nothing is hidden, so a GPU that fails to start still says why. Call it
-    before TensorFlow creates anything (it looks once per process); does nothing when
-    TensorFlow is not imported. `TF_CPP_MIN_LOG_LEVEL` cannot do this: TensorFlow reads it
+    before TensorFlow creates anything (it looks once per process; `keras.utils.
+    set_random_seed` imports TensorFlow whenever it is installed, under every backend);
+    does nothing without TensorFlow. `TF_CPP_MIN_LOG_LEVEL` cannot do this: TensorFlow reads it
     when it is imported, which `import keras` does under the TensorFlow backend, and it
     would hide every later error too.
     """
-    if "tensorflow" not in sys.modules:
+    try:
+        import tensorflow as tf
+    except ImportError:
         return
-    import tensorflow as tf
 
     if _nvidia_driver():
         tf.config.list_physical_devices()
