@@ -73,7 +73,7 @@ def _stderr_silenced():
         os.close(saved)
 
 
-def quiet_device_start():
+def quiet_device_start(*, if_imported=False):
     """Lets TensorFlow find its devices, with no CUDA errors on a machine without a GPU.
 
     TensorFlow's CUDA build (the `tensorflow` wheel) logs `failed call to cuInit` at error
@@ -82,19 +82,17 @@ def quiet_device_start():
     with a driver nothing is hidden, so a GPU that fails to start still says why. Call it
     before TensorFlow creates anything (it looks once per process; `keras.utils.
     set_random_seed` imports TensorFlow whenever it is installed, under every backend);
-    does nothing without TensorFlow. `TF_CPP_MIN_LOG_LEVEL` cannot do this: TensorFlow reads it
+    does nothing without TensorFlow (or, with `if_imported`, before it is imported). `TF_CPP_MIN_LOG_LEVEL` cannot do this: TensorFlow reads it
     when it is imported, which `import keras` does under the TensorFlow backend, and it
     would hide every later error too.
     """
-    try:
-        import tensorflow as tf
-    except ImportError:
+    if if_imported and "tensorflow" not in sys.modules:
         return
-
-    if _nvidia_driver():
-        tf.config.list_physical_devices()
-        return
-    with _stderr_silenced():
+    with contextlib.nullcontext() if _nvidia_driver() else _stderr_silenced():
+        try:  # the import too: under absl's logging it can start the CUDA platform
+            import tensorflow as tf
+        except ImportError:
+            return
         tf.config.list_physical_devices()
 
 

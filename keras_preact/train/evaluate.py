@@ -437,6 +437,7 @@ def _one_line_errors(main):
 
 def run_main():
     """The console entry point: `python -m keras_preact.train.evaluate` or `training/evaluate.py`."""
+    distribution.quiet_device_start(if_imported=True)  # absl's start-up makes TF look, loudly
     app.run(_one_line_errors(main))
 
 

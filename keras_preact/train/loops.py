@@ -214,6 +214,9 @@ def run(main):
         finally:
             signal.signal(signal.SIGTERM, previous)
 
+    from keras_preact.train import distribution
+
+    distribution.quiet_device_start(if_imported=True)  # absl's start-up makes TF look, loudly
     app.run(guarded)
 
 
