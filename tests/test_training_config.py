@@ -205,9 +205,14 @@ def _check_errors(got, expected):
 
 
 def test_bad_cifar_flags_fail_at_parsing(tmp_path):
-    base = [f"--model_dir={tmp_path}", "--source=files", f"--data_dir={tmp_path}"]
+    data = tmp_path / "data"  # the parse-time check looks at file names only
+    data.mkdir()
+    (data / "cifar-10-python.tar.gz").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    base = [f"--model_dir={tmp_path}", "--source=files", f"--data_dir={data}"]
     cases = {
         "ok": [],
+        "empty data_dir": [f"--data_dir={tmp_path / 'empty'}"],
         "batch_size=0": ["--batch_size=0"],
         "batch_size=-8": ["--batch_size=-8"],
         "epochs=0": ["--epochs=0"],
@@ -232,6 +237,7 @@ def test_bad_cifar_flags_fail_at_parsing(tmp_path):
     cases = {name: base + argv for name, argv in cases.items()}
     expected = {
         "ok": None,
+        "empty data_dir": ["holds neither cifar-10-python.tar.gz nor", "cifar-10-batches-py"],
         "batch_size=0": ["--batch_size=0", "positive"],
         "batch_size=-8": ["--batch_size=-8", "positive"],
         "epochs=0": ["--epochs=0"],
