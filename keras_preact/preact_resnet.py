@@ -12,10 +12,12 @@ every deviation from the paper.
 
 import dataclasses
 import difflib
+import inspect
 import numbers
 import operator
 import os
 import re
+import textwrap
 
 import keras
 
@@ -216,15 +218,17 @@ def _widths(family, block, width_multiplier):
     return widths
 
 
-def _input_shape(family, input_shape, data_format, input_tensor, record):
+def _input_shape(family, input_shape, data_format, input_tensor, record, include_top):
     given, tensor_shape = input_shape, None
     if input_tensor is not None:
         tensor_shape = tuple(None if s is None else int(s) for s in input_tensor.shape[1:])
         input_shape = tensor_shape if input_shape is None else input_shape
-    if input_shape is None and record is not None:
-        input_shape = record.default_input_shape(data_format)
     if input_shape is None:
-        default = FAMILIES[family]["input_shape"]
+        default = record.default_input_shape("channels_last") if record is not None else None
+        default = default or FAMILIES[family]["input_shape"]
+        if not include_top:
+            # As keras.applications: a backbone takes any height and width by default.
+            default = (None, None, default[-1])
         input_shape = default if data_format == "channels_last" else default[-1:] + default[:2]
     ok = isinstance(input_shape, (list, tuple)) and len(input_shape) == 3
     ok = ok and all(
@@ -438,7 +442,9 @@ def _resolve(
         classes = record.classes if record is not None and record.classes else None
     if classes is None:
         classes = 10 if family == "cifar" else 1000
-    input_shape, channels = _input_shape(family, input_shape, data_format, input_tensor, record)
+    input_shape, channels = _input_shape(
+        family, input_shape, data_format, input_tensor, record, include_top
+    )
     return _Architecture(
         family=family,
         block=block,
@@ -767,8 +773,10 @@ def PreActResNet(
         input_tensor: optional Keras tensor to build the model on.
         input_shape: `(height, width, channels)` (or channels first); spatial sides may be
             None. Defaults: `input_tensor`'s shape, else the weights record's, else
-            (32, 32, 3) CIFAR, (224, 224, 3) ImageNet. With `input_tensor` it must match
-            the tensor's shape (a None entry matches any size), or it raises.
+            (32, 32, 3) CIFAR, (224, 224, 3) ImageNet; with `include_top=False` the height
+            and width default to None (any size, as keras.applications). With
+            `input_tensor` it must match the tensor's shape (a None entry matches any
+            size), or it raises.
         pooling: with `include_top=False`: None (4D output), `"avg"` or `"max"`.
         classes: number of classes (default: the weights', else 10 CIFAR, 1000 ImageNet).
         classifier_activation: activation of the classifier (a `keras.activations` name or
@@ -902,78 +910,118 @@ def _named(model_name, kwargs):
     return PreActResNet(**MODELS[model_name], **kwargs)
 
 
-def PreActResNet18(**kwargs):
-    """Pre-activation ResNet-18: ImageNet family, basic units, (2, 2, 2, 2) per stage."""
-    return _named("PreActResNet18", kwargs)
+def _doc_sections(doc):
+    """`PreActResNet`'s docstring as `{heading: lines}` (the text before "Args:" is "")."""
+    sections, heading = {"": []}, ""
+    for line in doc.splitlines():
+        if line.startswith("    ") and not line.startswith("     ") and line.strip().endswith(":"):
+            heading = line.strip()[:-1]
+            sections[heading] = []
+        else:
+            sections[heading].append(line)
+    return sections
 
 
-def PreActResNet34(**kwargs):
-    """Pre-activation ResNet-34: ImageNet family, basic units, (3, 4, 6, 3) per stage."""
-    return _named("PreActResNet34", kwargs)
+#: keras.applications' arguments, which the named builders list first, in its order.
+_KERAS_ARGS = ("include_top", "weights", "input_tensor", "input_shape", "pooling", "classes",
+               "classifier_activation")  # fmt: skip
 
 
-def PreActResNet50(**kwargs):
-    """Pre-activation ResNet-50: ImageNet family, bottleneck units, (3, 4, 6, 3) per stage."""
-    return _named("PreActResNet50", kwargs)
+def _named_parameters(row):
+    """The generic builder's keyword parameters that the row leaves open, keras' first."""
+    params = inspect.signature(PreActResNet).parameters.values()
+    params = [p for p in params if p.kind is p.KEYWORD_ONLY and p.name not in row]
+    order = {name: i for i, name in enumerate(_KERAS_ARGS)}
+    return sorted(params, key=lambda p: order.get(p.name, len(order)))
 
 
-def PreActResNet101(**kwargs):
-    """Pre-activation ResNet-101: ImageNet family, bottleneck units, (3, 4, 23, 3) per stage."""
-    return _named("PreActResNet101", kwargs)
+def _args_entries(lines):
+    """The `Args:` section as `{name: lines}` (an 8-space name line and its deeper
+    continuation lines)."""
+    entries, name = {}, None
+    for line in lines:
+        if line.startswith(" " * 8) and not line.startswith(" " * 9):
+            name = line.strip().split(":")[0]
+            entries[name] = []
+        if name is not None and line.strip():
+            entries[name].append(line)
+    return entries
 
 
-def PreActResNet152(**kwargs):
-    """Pre-activation ResNet-152: ImageNet family, bottleneck units, (3, 8, 36, 3) per stage."""
-    return _named("PreActResNet152", kwargs)
+def _named_doc(model_name, row, params):
+    depth, family, block, blocks = (row[k] for k in ("depth", "family", "block", "stage_blocks"))
+    records = [r.name for r in kp_weights.list_records(model=model_name)]
+    if records:
+        weights = f"Weights records: {', '.join(repr(r) for r in records)} (`docs/weights.md`)."
+    else:
+        weights = "No published weights; `weights=` also takes a weights file."
+    fixed = ", ".join(f"{k}={row[k]!r}" for k in ("depth", "family", "block", "stage_blocks"))
+    size = "224x224x3 and 1000 classes" if family == "imagenet" else "32x32x3 and 10 classes"
+    intro = textwrap.fill(
+        f"`keras_preact.PreActResNet({fixed})`, taking every other argument of the generic "
+        f"builder. Default input {size}; with `include_top=False`, any height and width. "
+        f"{weights} Architecture, layer names and every deviation from the paper: "
+        "`docs/models.md`.",
+        width=88,
+        initial_indent="    ",
+        subsequent_indent="    ",
+        break_on_hyphens=False,
+    )
+    sections = _doc_sections(PreActResNet.__doc__)
+    entries = _args_entries(sections["Args"])
+    args = "\n".join(line for p in params for line in entries[p.name])
+    returns = "\n".join(sections["Returns"]).rstrip()
+    return f"""Pre-activation ResNet-{depth} (He et al., ECCV 2016): {family} family, {block} units,
+    {blocks} per stage.
+
+{intro}
+
+    Args:
+{args}
+
+    Returns:
+{returns}
+
+    Raises:
+        ValueError: for an invalid argument value, naming it and the allowed values.
+        TypeError: for an unknown keyword, or one of the four fixed above.
+
+    Example:
+
+        model = keras_preact.{model_name}(weights=None, include_top=False, pooling="avg")
+    """
 
 
-def PreActResNet200(**kwargs):
-    """Pre-activation ResNet-200: ImageNet family, bottleneck units, (3, 24, 36, 3) per stage."""
-    return _named("PreActResNet200", kwargs)
+def _named_builder(model_name):
+    """The entry point `model_name`: a `PreActResNet` row whose signature and docstring are
+    derived from the generic builder's, so `help()` and IDEs show every argument."""
+    row = MODELS[model_name]
+
+    def builder(**kwargs):
+        return _named(model_name, kwargs)
+
+    params = _named_parameters(row)
+    builder.__signature__ = inspect.Signature(params)
+    builder.__name__ = builder.__qualname__ = model_name
+    builder.__doc__ = _named_doc(model_name, row, params)
+    return builder
 
 
-def PreActResNet20(**kwargs):
-    """Pre-activation ResNet-20: CIFAR family, basic units, 3 per stage."""
-    return _named("PreActResNet20", kwargs)
+PreActResNet18 = _named_builder("PreActResNet18")
+PreActResNet34 = _named_builder("PreActResNet34")
+PreActResNet50 = _named_builder("PreActResNet50")
+PreActResNet101 = _named_builder("PreActResNet101")
+PreActResNet152 = _named_builder("PreActResNet152")
+PreActResNet200 = _named_builder("PreActResNet200")
+PreActResNet20 = _named_builder("PreActResNet20")
+PreActResNet32 = _named_builder("PreActResNet32")
+PreActResNet44 = _named_builder("PreActResNet44")
+PreActResNet56 = _named_builder("PreActResNet56")
+PreActResNet110 = _named_builder("PreActResNet110")
+PreActResNet164 = _named_builder("PreActResNet164")
+PreActResNet1001 = _named_builder("PreActResNet1001")
 
-
-def PreActResNet32(**kwargs):
-    """Pre-activation ResNet-32: CIFAR family, basic units, 5 per stage."""
-    return _named("PreActResNet32", kwargs)
-
-
-def PreActResNet44(**kwargs):
-    """Pre-activation ResNet-44: CIFAR family, basic units, 7 per stage."""
-    return _named("PreActResNet44", kwargs)
-
-
-def PreActResNet56(**kwargs):
-    """Pre-activation ResNet-56: CIFAR family, basic units, 9 per stage."""
-    return _named("PreActResNet56", kwargs)
-
-
-def PreActResNet110(**kwargs):
-    """Pre-activation ResNet-110: CIFAR family, basic units, 18 per stage."""
-    return _named("PreActResNet110", kwargs)
-
-
-def PreActResNet164(**kwargs):
-    """Pre-activation ResNet-164: CIFAR family, bottleneck units, 18 per stage."""
-    return _named("PreActResNet164", kwargs)
-
-
-def PreActResNet1001(**kwargs):
-    """Pre-activation ResNet-1001: CIFAR family, bottleneck units, 111 per stage."""
-    return _named("PreActResNet1001", kwargs)
-
-
-_BUILDERS = {
-    f.__name__: f
-    for f in (PreActResNet18, PreActResNet34, PreActResNet50, PreActResNet101,
-              PreActResNet152, PreActResNet200, PreActResNet20, PreActResNet32,
-              PreActResNet44, PreActResNet56, PreActResNet110, PreActResNet164,
-              PreActResNet1001)
-}  # fmt: skip
+_BUILDERS = {name: globals()[name] for name in MODELS}
 
 
 def list_models():
@@ -1008,15 +1056,67 @@ def _downsamples(model, prefix):
     )
 
 
-def feature_extractor(model):
-    """A backbone view of a built model: a `keras.Model` returning a dict of stage outputs.
+def _feature_levels(model):
+    """`{level: layer name}` of a built model: `"stem"` (conv1, after its BN-ReLU where the
+    layout has one), then each stage's output (see `feature_extractor`)."""
+    names = [layer.name for layer in model.layers]
+    unit_outs = {}
+    for n in names:
+        if n.endswith("_out") and "_block" in n:
+            unit_outs.setdefault(n.split("_block")[0], []).append(n)
+    if not unit_outs:
+        raise ValueError(f"Model {model.name!r} has no `conv*_block*_out` layers.")
+    levels = {}
+    for stem in ("conv1_relu", "conv1_conv"):
+        if stem in names:
+            levels["stem"] = stem
+            break
+    for stage, outs in unit_outs.items():
+        levels[stage] = outs[-1]
+        # downsample_in="last_unit": a later unit that strides already has the next stage's
+        # resolution; the stage's feature is the output just before it.
+        for prev, n in zip(outs, outs[1:]):
+            if _downsamples(model, n[: -len("_out")]):
+                levels[stage] = prev
+                break
+    if "post_relu" in names:
+        # Pre-activation sums are not normalized; the deepest feature is the final BN-ReLU.
+        levels[list(unit_outs)[-1]] = "post_relu"
+    return levels
 
-    Keys are the stage names (`"conv2"` ... `"conv5"` for ImageNet, `"conv2"` ... `"conv4"`
-    for CIFAR); values the stage's last unit output (with `downsample_in="last_unit"`, the
-    output before the stage's strided last unit, so strides stay 4/8/16/32), except that
-    the deepest stage uses the final `post_relu` where the network has one, since
-    pre-activation sums are not normalized (timm's `features_only` makes the same choice).
-    Built on the same layers, so it shares weights with `model`.
+
+def feature_extractor(model, out_indices=None):
+    """A backbone view of a built model: a `keras.Model` returning a dict of feature maps.
+
+    The feature levels, in order (timm's `features_only` / `out_indices` convention):
+
+    | index | key | ImageNet family: stride, channels (x width_multiplier) | CIFAR family |
+    | --- | --- | --- | --- |
+    | 0 | `"stem"` | 2, 64 (`conv1`, before the max-pool) | 1, 16 |
+    | 1 | `"conv2"` | 4, 64 basic / 256 bottleneck | 1, 16 / 64 |
+    | 2 | `"conv3"` | 8, 128 / 512 | 2, 32 / 128 |
+    | 3 | `"conv4"` | 16, 256 / 1024 | 4, 64 / 256 |
+    | 4 | `"conv5"` | 32, 512 / 2048 | (none) |
+
+    The stem level is conv1's output, after its BN-ReLU where the layout has one; a stage's
+    level is its last unit's output (with `downsample_in="last_unit"`, the output before the
+    stage's strided last unit, so the strides stay as listed), except that the deepest
+    stage uses the final `post_relu` where the network has one, since pre-activation sums
+    are not normalized (timm's `features_only` makes the same choice). Built on the same
+    layers, so it shares weights with `model`.
+
+    Args:
+        model: a model built by this package (any `include_top`).
+        out_indices: the levels to return, as indices into the table (negative ones count
+            from the deepest); default: every stage, `(1, 2, 3, 4)` ImageNet and
+            `(1, 2, 3)` CIFAR.
+
+    Returns:
+        A `keras.Model` whose output is a dict `{key: feature map}`, in index order.
+
+    Raises:
+        ValueError: for a model without this package's layer names, or an out_indices
+            entry that is not an int in range or repeats one (the message lists the levels).
 
     Example:
 
@@ -1025,30 +1125,40 @@ def feature_extractor(model):
     >>> backbone = keras_preact.feature_extractor(model)
     >>> {k: tuple(v.shape[1:3]) for k, v in backbone.output.items()}
     {'conv2': (16, 16), 'conv3': (8, 8), 'conv4': (4, 4), 'conv5': (2, 2)}
+    >>> backbone = keras_preact.feature_extractor(model, out_indices=(0, -1))
+    >>> {k: tuple(v.shape[1:3]) for k, v in backbone.output.items()}
+    {'stem': (32, 32), 'conv5': (2, 2)}
     """
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"feature_extractor expects a built keras.Model, got {model!r}; build one first, "
             "e.g. feature_extractor(keras_preact.get_model('PreActResNet20'))."
         )
-    names = [layer.name for layer in model.layers]
-    unit_outs = {}
-    for n in names:
-        if n.endswith("_out") and "_block" in n:
-            unit_outs.setdefault(n.split("_block")[0], []).append(n)
-    if not unit_outs:
-        raise ValueError(f"Model {model.name!r} has no `conv*_block*_out` layers.")
-    stages = {}
-    for stage, outs in unit_outs.items():
-        stages[stage] = outs[-1]
-        # downsample_in="last_unit": a later unit that strides already has the next stage's
-        # resolution; the stage's feature is the output just before it.
-        for prev, n in zip(outs, outs[1:]):
-            if _downsamples(model, n[: -len("_out")]):
-                stages[stage] = prev
-                break
-    outputs = {k: model.get_layer(v).output for k, v in stages.items()}
-    if "post_relu" in names:
-        outputs[list(stages)[-1]] = model.get_layer("post_relu").output
+    levels = _feature_levels(model)
+    keys = list(levels)
+    if out_indices is None:
+        out_indices = range(1, len(keys))
+    allowed = ", ".join(f"{i}: {k!r}" for i, k in enumerate(keys))
+    if not isinstance(out_indices, (list, tuple, range)):
+        raise ValueError(
+            f"Invalid out_indices={out_indices!r}: expected a list or tuple of level indices "
+            f"of {model.name!r} ({allowed}; negative ones count from the end)."
+        )
+    picked = []
+    for i in out_indices:
+        ok = isinstance(i, numbers.Integral) and not isinstance(i, bool)
+        if not ok or not -len(keys) <= i < len(keys):
+            raise ValueError(
+                f"Invalid out_indices={tuple(out_indices)!r}: {i!r} is not a level of "
+                f"{model.name!r}. Allowed: ints in [{-len(keys)}, {len(keys) - 1}] ({allowed})."
+            )
+        key = keys[int(i)]
+        if key in picked:
+            raise ValueError(
+                f"Invalid out_indices={tuple(out_indices)!r}: level {key!r} is named twice."
+            )
+        picked.append(key)
+    picked.sort(key=keys.index)
+    outputs = {k: model.get_layer(levels[k]).output for k in picked}
     inputs = model.input if len(model.inputs) == 1 else model.inputs
     return keras.Model(inputs, outputs, name=f"{model.name}_features")

@@ -500,6 +500,31 @@ def test_feature_extractor_stage_strides():
     assert shapes == {"conv2": (16, 16), "conv3": (8, 8), "conv4": (4, 4)}  # strides 1, 2, 4
 
 
+def test_feature_extractor_out_indices():
+    model = keras_preact.PreActResNet18(include_top=False, input_shape=(64, 64, 3))
+    features = keras_preact.feature_extractor(model, out_indices=(-1, 0, 2))
+    assert list(features.output) == ["stem", "conv3", "conv5"]  # level order
+    shapes = {k: tuple(v.shape[1:]) for k, v in features.output.items()}
+    assert shapes == {"stem": (32, 32, 64), "conv3": (8, 8, 128), "conv5": (2, 2, 512)}
+    assert features.output["stem"] is model.get_layer("conv1_relu").output
+    # No stem BN-ReLU in the timm layout: the stem level is the conv itself.
+    timm = keras_preact.PreActResNet18(include_top=False, input_shape=(64, 64, 3), layout="timm")
+    stem = keras_preact.feature_extractor(timm, out_indices=[0]).output["stem"]
+    assert stem is timm.get_layer("conv1_conv").output
+    cifar = tiny(depth=14, include_top=False)
+    assert list(keras_preact.feature_extractor(cifar, out_indices=range(4)).output) == [
+        "stem", "conv2", "conv3", "conv4"
+    ]  # fmt: skip
+    levels = r"0: 'stem', 1: 'conv2', 2: 'conv3', 3: 'conv4'"
+    for bad in ((4,), (0, -5, 1), ("conv2",), (True,)):
+        with pytest.raises(ValueError, match=rf"Allowed: ints in \[-4, 3\] \({levels}\)"):
+            keras_preact.feature_extractor(cifar, out_indices=bad)
+    with pytest.raises(ValueError, match="level 'conv4' is named twice"):
+        keras_preact.feature_extractor(cifar, out_indices=(3, -1))
+    with pytest.raises(ValueError, match=r"out_indices=2: expected a list or tuple"):
+        keras_preact.feature_extractor(cifar, out_indices=2)
+
+
 def test_import_does_not_import_tensorflow(backend):
     if backend == "tensorflow":
         pytest.skip("TensorFlow is the backend")
