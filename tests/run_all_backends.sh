@@ -19,7 +19,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
 fi
-if ! python -c "import keras_preact, tensorflow, tensorflow_datasets, jax, torch, pytest, xdist, h5py, safetensors, torchfile, skimage" 2>/dev/null; then
+if ! python -c "import keras_preact, tensorflow, tensorflow_datasets, jax, torch, pytest, xdist, h5py, safetensors, torchfile, skimage, build" 2>/dev/null; then
   quiet() { grep -v "^WARNING: Location" || true; }
   python -m pip install -q --upgrade pip 2>&1 | quiet
   # torch pinned first: 2.13.0 is the CPU build here; an unpinned torch pulls CUDA wheels.
