@@ -39,6 +39,12 @@ MODES = {
     "fashion_mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
 }
 
+#: keras.applications' `mode=` names: "tf" and "torch" are two of the modes above; "caffe"
+#: is RGB -> BGR minus keras' ImageNet BGR mean, in [0, 255] units, with no scaling.
+KERAS_MODES = {"tf": "inception", "torch": "imagenet_torch", "caffe": None}
+_KERAS_NAME = {ours: theirs for theirs, ours in KERAS_MODES.items() if ours}
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
 _CLASS_INDEX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_class_index.json")
 
 
@@ -177,52 +183,117 @@ def _built_model_mode(weights, model):
     return own_mode
 
 
-def preprocess_input(x, weights=None, *, model=None, data_format=None):
-    """Maps RGB (or grey) images in [0, 255] to the input the weights were trained on.
+def _data_format(data_format):
+    if data_format in (None, "channels_last", "channels_first"):
+        return data_format or keras.config.image_data_format()
+    hint = ""
+    if isinstance(data_format, str) and data_format in KERAS_MODES:
+        hint = f" To normalize with keras.applications' mode, pass mode={data_format!r}."
+    elif isinstance(data_format, str) or not isinstance(data_format, type(None)):
+        hint = (
+            " The second positional argument is data_format, as in keras.applications; pass "
+            f"a record or mode by keyword: weights={data_format!r}."
+        )
+    raise ValueError(
+        f"Invalid data_format={data_format!r}. Allowed: None, 'channels_last', "
+        f"'channels_first'.{hint}"
+    )
 
-    Each weights record names its normalization; this resolves the record the way the
-    builder does, so `preprocess_input(x, "imagenet", model="PreActResNet200")` applies what
-    `PreActResNet200(weights="imagenet")` needs. (Models built with
+
+def _keras_mode(mode, weights, model):
+    """(mean, std, bgr) in [0, 255] units for `mode=` with any `weights=`/`model=`, which
+    must name the same normalization."""
+    if not (isinstance(mode, str) and mode in KERAS_MODES):
+        raise ValueError(
+            f"Invalid mode={mode!r}. Allowed: {sorted(KERAS_MODES)} (keras.applications' "
+            f"modes); this package's own modes {sorted(MODES)} go in weights=."
+        )
+    if weights is not None or model is not None:
+        ours = _mode(weights, model)
+        if KERAS_MODES[mode] != ours:
+            raise ValueError(
+                f"mode={mode!r} contradicts weights={getattr(weights, 'name', weights)!r} / "
+                f"model={getattr(model, 'name', model)!r}, whose preprocessing is {ours!r}"
+                f"{f' (mode={_KERAS_NAME[ours]!r})' if ours in _KERAS_NAME else ''}. Pass "
+                "one of them alone."
+            )
+    if mode == "caffe":
+        return CAFFE_BGR_MEAN, (1.0, 1.0, 1.0), True
+    mean, std = MODES[KERAS_MODES[mode]]
+    return tuple(m * 255.0 for m in mean), tuple(v * 255.0 for v in std), False
+
+
+def preprocess_input(x, data_format=None, mode=None, *, weights=None, model=None):
+    """Maps RGB (or grey) images in [0, 255] to the input a model's weights were trained on.
+
+    Called as keras.applications' `preprocess_input(x, data_format=None, mode=...)`, or
+    with this package's weights records: each record names its normalization, and
+    `preprocess_input(x, weights="imagenet", model="PreActResNet200")` applies what
+    `PreActResNet200(weights="imagenet")` needs. One of `mode`, `weights` or `model` is
+    required: the records differ, so there is no default. (Models built with
     `include_preprocessing=True` take [0, 255] pixels and need none of this.)
+
+    | way | normalization |
+    | --- | --- |
+    | `mode="tf"`, `weights="inception"` | `x / 127.5 - 1` |
+    | `mode="torch"`, `weights="imagenet_torch"` | `(x / 255 - mean) / std`, ImageNet RGB statistics |
+    | `mode="caffe"` | RGB to BGR, minus the ImageNet BGR mean (103.939, 116.779, 123.68), no scaling |
+    | `weights="fashion_mnist"` | `(x / 255 - 0.28604) / 0.35302` |
 
     Args:
         x: images, `(..., H, W, C)` for channels_last or `(..., C, H, W)`; a numpy array
-            (returns float32 numpy) or a backend tensor (returns a tensor).
+            (returns float32 numpy) or a backend or symbolic Keras tensor (returns a
+            tensor).
+        data_format: `"channels_last"` or `"channels_first"`; default: Keras' config.
+        mode: keras.applications' `"caffe"`, `"tf"` or `"torch"`.
         weights: a record name (`"imagenet:timm_a1h_in1k"`; a bare dataset name such as
             `"imagenet"` with `model=`, or alone if all its records agree), a
-            `WeightsRecord`, or a mode: `"inception"`, `"imagenet_torch"`, `"fashion_mnist"`.
-            Default: the record of `model`, when it is a built model.
-        model: a builder name (`"PreActResNet200"`), or a model built by this package (its
-            `weights_record` is used when `weights` is None). With both, they must agree:
-            `weights` then names the model's record, its dataset, or a record or mode of
-            the same preprocessing.
-        data_format: `"channels_last"` or `"channels_first"`; default: Keras' config.
+            `WeightsRecord`, or one of this package's modes: `"inception"`,
+            `"imagenet_torch"`, `"fashion_mnist"`.
+        model: a builder name (`"PreActResNet200"`), or a model built by this package with
+            weights (its `weights_record` is used when `weights` is None). With both, they
+            must agree: `weights` then names the model's record, its dataset, or a record
+            or mode of the same preprocessing. With `mode`, both must mean that mode.
 
     Returns:
         The normalized images, float32.
 
     Raises:
-        ValueError: for an unknown record or mode, a dataset whose records disagree (listing
-            them), `weights` that contradict `model` (naming both), or images whose channels
-            do not match the normalization.
+        ValueError: when none of mode, weights and model is given (listing the three), for
+            an unknown mode, record or data format, a dataset whose records disagree
+            (listing them), arguments that contradict each other (naming them), or images
+            whose channels do not match the normalization.
 
     Example:
 
     >>> import numpy as np
-    >>> from keras_preact.imagenet_utils import preprocess_input
-    >>> preprocess_input(np.array([[[[0, 127.5, 255]]]]), "inception").tolist()
+    >>> from keras_preact import preprocess_input
+    >>> x = np.array([[[[0, 127.5, 255]]]])
+    >>> preprocess_input(x, mode="tf").tolist()
     [[[[-1.0, 0.0, 1.0]]]]
+    >>> preprocess_input(x, weights="inception").tolist()
+    [[[[-1.0, 0.0, 1.0]]]]
+    >>> [round(v, 3) for v in preprocess_input(x, "channels_last", "caffe").ravel().tolist()]
+    [151.061, 10.721, -123.68]
     """
-    mean, std = MODES[_mode(weights, model)]
-    if data_format not in (None, "channels_last", "channels_first"):
+    data_format = _data_format(data_format)
+    if mode is not None:
+        mean, std, bgr = _keras_mode(mode, weights, model)
+    elif weights is not None or model is not None:
+        mean, std = MODES[_mode(weights, model)]
+        mean, std, bgr = tuple(m * 255.0 for m in mean), tuple(v * 255.0 for v in std), False
+    else:
         raise ValueError(
-            f"Invalid data_format={data_format!r}. Allowed: None, 'channels_last', "
-            "'channels_first'."
+            "preprocess_input needs the normalization, given one of three ways: "
+            f"mode={sorted(KERAS_MODES)} (keras.applications' modes); weights= a record name "
+            f"(e.g. 'imagenet:fb_torch', 'fashion_mnist') or a mode in {sorted(MODES)}; or "
+            "model= a builder name with weights= a dataset, or a model built with weights."
         )
-    data_format = data_format or keras.config.image_data_format()
     axis = -1 if data_format == "channels_last" else -3
     shape = [1] * 3
     shape[axis] = len(mean)
+    m = np.reshape(np.asarray(mean, np.float32), shape)
+    s = np.reshape(np.asarray(std, np.float32), shape)
     if isinstance(x, (np.ndarray, list, tuple, int, float)):
         x = np.asarray(x, np.float32)
         channels = x.shape[axis] if x.ndim >= 3 else None
@@ -231,14 +302,14 @@ def preprocess_input(x, weights=None, *, model=None, data_format=None):
                 f"Images of shape {x.shape} have {channels} channels on axis {axis} "
                 f"({data_format}); the preprocessing expects {len(mean)}."
             )
-        m = np.reshape(np.asarray(mean, np.float32) * 255.0, shape)
-        s = np.reshape(np.asarray(std, np.float32) * 255.0, shape)
+        if bgr:
+            x = np.flip(x, axis)
         return ((x - m) / s).astype(np.float32)
     ops = keras.ops
     x = ops.cast(x, "float32")
-    m = ops.reshape(ops.convert_to_tensor(np.asarray(mean, np.float32) * 255.0), shape)
-    s = ops.reshape(ops.convert_to_tensor(np.asarray(std, np.float32) * 255.0), shape)
-    return (x - m) / s
+    if bgr:
+        x = ops.flip(x, axis=len(x.shape) + axis)
+    return (x - ops.convert_to_tensor(m)) / ops.convert_to_tensor(s)
 
 
 @functools.lru_cache(maxsize=1)

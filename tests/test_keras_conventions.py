@@ -130,3 +130,98 @@ def test_input_shape_checks_stay_with_open_sizes(name, too_small):
 def test_record_channels_stay_with_open_sizes():
     model = keras_preact.PreActResNet20(weights="fashion_mnist", include_top=False)
     assert tuple(model.input.shape) == (None, None, None, 1)
+
+
+# -- preprocess_input: keras.applications' modes -------------------------------------------------
+
+
+def _keras_preprocess(x, data_format, mode):
+    from keras.applications import imagenet_utils as keras_utils
+
+    # keras normalizes float numpy input in place: give it a copy.
+    x = x.copy() if isinstance(x, np.ndarray) else x
+    return to_numpy(keras_utils.preprocess_input(x, data_format=data_format, mode=mode))
+
+
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch"])
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("kind", ["float", "uint8", "tensor", "single_image"])
+def test_preprocess_input_modes_match_keras_applications(mode, data_format, kind):
+    rng = np.random.default_rng(0)
+    shape = (2, 5, 4, 3) if data_format == "channels_last" else (2, 3, 5, 4)
+    x = rng.uniform(0, 255, shape).astype("float32")
+    if kind == "uint8":
+        x = x.astype("uint8")
+    elif kind == "single_image":
+        x = x[0]
+    expected = _keras_preprocess(x, data_format, mode)
+    given = keras.ops.convert_to_tensor(x) if kind == "tensor" else x
+    out = keras_preact.preprocess_input(given, data_format, mode)
+    assert isinstance(out, np.ndarray) == (kind != "tensor")
+    np.testing.assert_allclose(to_numpy(out), expected, rtol=1e-5, atol=1e-4)
+    keyword = keras_preact.preprocess_input(given, data_format=data_format, mode=mode)
+    np.testing.assert_allclose(to_numpy(keyword), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_preprocess_input_on_symbolic_input_and_the_default_data_format():
+    inputs = keras.Input((4, 4, 3))
+    model = keras.Model(inputs, keras_preact.preprocess_input(inputs, mode="caffe"))
+    x = np.random.default_rng(1).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
+    expected = _keras_preprocess(x, None, "caffe")
+    np.testing.assert_allclose(to_numpy(model.predict(x, verbose=0)), expected, rtol=1e-5)
+    keras.config.set_image_data_format("channels_first")  # restored by conftest
+    x = np.transpose(x, (0, 3, 1, 2))
+    np.testing.assert_allclose(
+        keras_preact.preprocess_input(x, mode="caffe"), _keras_preprocess(x, None, "caffe"),
+        rtol=1e-5,
+    )  # fmt: skip
+
+
+def test_preprocess_input_modes_agree_with_the_records():
+    x = np.random.default_rng(2).uniform(0, 255, (1, 2, 2, 3)).astype("float32")
+    pairs = [("tf", dict(weights="inception")), ("tf", dict(weights="imagenet:keras")),
+             ("torch", dict(weights="imagenet:fb_torch")),
+             ("torch", dict(weights="imagenet", model="PreActResNet200"))]  # fmt: skip
+    for mode, ours in pairs:
+        np.testing.assert_allclose(
+            keras_preact.preprocess_input(x, mode=mode), keras_preact.preprocess_input(x, **ours)
+        )
+        # Both given: fine when they name the same normalization.
+        keras_preact.preprocess_input(x, mode=mode, **ours)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        (
+            (),
+            {},
+            r"needs the normalization, given one of three ways: mode=\['caffe', 'tf', "
+            r"'torch'\].*weights=.*model=",
+        ),
+        ((None, "inception"), {}, r"mode='inception'. Allowed: \['caffe', 'tf', 'torch'\]"),
+        (
+            ("inception",),
+            {},
+            r"data_format='inception'.*second positional argument is "
+            r"data_format.*weights='inception'",
+        ),
+        (("tf",), {}, r"data_format='tf'.*pass mode='tf'"),
+        (("NHWC",), {"mode": "tf"}, r"data_format='NHWC'. Allowed: None, 'channels_last'"),
+        (
+            (),
+            {"mode": "caffe", "weights": "inception"},
+            r"mode='caffe' contradicts weights='inception'.*preprocessing is 'inception' "
+            r"\(mode='tf'\)",
+        ),
+        (
+            (),
+            {"mode": "tf", "weights": "imagenet:fb_torch"},
+            r"mode='tf' contradicts.*'imagenet_torch' \(mode='torch'\)",
+        ),
+    ],
+)
+def test_preprocess_input_errors_name_the_ways(args, kwargs, match):
+    x = np.zeros((1, 2, 2, 3), "float32")
+    with pytest.raises(ValueError, match=match):
+        keras_preact.preprocess_input(x, *args, **kwargs)

@@ -61,24 +61,24 @@ def test_preprocess_input_refuses_weights_that_contradict_the_model(fashion_mode
     x = np.full((1, 2, 2, 3), 200.0)
     with pytest.raises(ValueError, match=r"weights='imagenet:fb_torch'.*imagenet_torch.*"
                        r"contradicts.*'fashion_mnist:e6'.*fashion_mnist"):  # fmt: skip
-        preprocess_input(x, "imagenet:fb_torch", model=fashion_model)
+        preprocess_input(x, weights="imagenet:fb_torch", model=fashion_model)
     with pytest.raises(ValueError, match=r"weights='inception'.*contradicts.*fashion_mnist:e6"):
-        preprocess_input(x, "inception", model=fashion_model)
+        preprocess_input(x, weights="inception", model=fashion_model)
     with pytest.raises(ValueError, match=r"weights='imagenet'.*contradicts.*fashion_mnist:e6"):
-        preprocess_input(x, "imagenet", model=fashion_model)
+        preprocess_input(x, weights="imagenet", model=fashion_model)
     # A builder name and a record for another builder contradict each other as well.
     with pytest.raises(ValueError, match=r"imagenet:fb_torch.*PreActResNet200.*PreActResNet50"):
-        preprocess_input(x, "imagenet:fb_torch", model="PreActResNet50")
+        preprocess_input(x, weights="imagenet:fb_torch", model="PreActResNet50")
 
 
 def test_preprocess_input_accepts_weights_that_agree_with_the_model(fashion_model):
     x = np.full((1, 2, 2, 1), 255.0)
     expected = (1 - 0.2860406) / 0.35302424
     for weights in (None, "fashion_mnist", "fashion_mnist:e6"):
-        np.testing.assert_allclose(preprocess_input(x, weights, model=fashion_model), expected,
+        np.testing.assert_allclose(preprocess_input(x, weights=weights, model=fashion_model), expected,
                                    rtol=1e-6)  # fmt: skip
     record = kp_weights.get_record("fashion_mnist:e6")
-    np.testing.assert_allclose(preprocess_input(x, record, model=fashion_model), expected,
+    np.testing.assert_allclose(preprocess_input(x, weights=record, model=fashion_model), expected,
                                rtol=1e-6)  # fmt: skip
 
 

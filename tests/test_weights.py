@@ -675,16 +675,16 @@ def test_decode_predictions():
 
 def test_preprocess_input_follows_each_record():
     x = np.array([[[[0.0, 127.5, 255.0]]]])
-    np.testing.assert_allclose(preprocess_input(x, "imagenet:timm_a1h_in1k"), [[[[-1, 0, 1]]]])
+    np.testing.assert_allclose(preprocess_input(x, weights="imagenet:timm_a1h_in1k"), [[[[-1, 0, 1]]]])
     np.testing.assert_allclose(
-        preprocess_input(x, kp_weights.get_record("imagenet", 152)), [[[[-1, 0, 1]]]]
+        preprocess_input(x, weights=kp_weights.get_record("imagenet", 152)), [[[[-1, 0, 1]]]]
     )
-    fb = preprocess_input(np.full((1, 1, 1, 3), 255.0), "imagenet:fb_torch")
+    fb = preprocess_input(np.full((1, 1, 1, 3), 255.0), weights="imagenet:fb_torch")
     np.testing.assert_allclose(fb[0, 0, 0], (1 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225], rtol=1e-6)  # fmt: skip
-    t = preprocess_input(keras.ops.ones((1, 2, 2, 1)) * 255.0, "fashion_mnist")
+    t = preprocess_input(keras.ops.ones((1, 2, 2, 1)) * 255.0, weights="fashion_mnist")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(t), (1 - 0.2860406) / 0.35302424, rtol=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match=r"Unknown preprocessing"):
-        preprocess_input(x, "caffe")
+        preprocess_input(x, weights="caffe")
 
 
 # -- Our Fashion-MNIST weights -----------------------------------------------------------------
@@ -705,7 +705,7 @@ def test_fashion_mnist_weights_classify_real_test_images():
     model = keras_preact.PreActResNet20(
         weights="fashion_mnist", input_shape=(28, 28, 1), classes=10
     )
-    x = preprocess_input(x_test[pick], record, data_format="channels_last")
+    x = preprocess_input(x_test[pick], weights=record, data_format="channels_last")
     pred = np.argmax(model.predict(x, batch_size=250, verbose=0), axis=-1)
     accuracy = float(np.mean(pred == y_test[pick]))
     # The record's accuracy is on all 10,000 images; 1,000 of them vary by ~1 point.
@@ -719,18 +719,18 @@ def test_a_bare_dataset_name_whose_records_disagree_raises():
     x = np.full((1, 1, 1, 3), 200.0)
     with pytest.raises(ValueError, match=r"'imagenet' names records with different.*"
                        r"PreActResNet200 imagenet:fb_torch: imagenet_torch.*model="):  # fmt: skip
-        preprocess_input(x, "imagenet")
+        preprocess_input(x, weights="imagenet")
     # With the builder name it resolves the record the builder resolves.
-    r200 = preprocess_input(x, "imagenet", model="PreActResNet200")
+    r200 = preprocess_input(x, weights="imagenet", model="PreActResNet200")
     np.testing.assert_allclose(r200[0, 0, 0], (200 / 255 - np.array([0.485, 0.456, 0.406]))
                                / [0.229, 0.224, 0.225], rtol=1e-6)  # fmt: skip
     assert r200.min() > 1.3  # not inception's 0.57
-    np.testing.assert_allclose(preprocess_input(x, "imagenet", model="PreActResNet50"),
+    np.testing.assert_allclose(preprocess_input(x, weights="imagenet", model="PreActResNet50"),
                                200 / 127.5 - 1, rtol=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match=r"model='ResNet50'"):
-        preprocess_input(x, "imagenet", model="ResNet50")
+        preprocess_input(x, weights="imagenet", model="ResNet50")
     with pytest.raises(ValueError, match=r"data_format='NHWC'"):
-        preprocess_input(x, "inception", data_format="NHWC")
+        preprocess_input(x, weights="inception", data_format="NHWC")
 
 
 def test_the_model_remembers_its_record_and_includes_its_preprocessing(tmp_path):

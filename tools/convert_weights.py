@@ -104,7 +104,7 @@ def main():
     # Smooth random images (blurred noise) look more like photos than white noise does.
     raw = rng.uniform(0, 255, (args.batch, side // 8, side // 8, 3))
     raw = np.repeat(np.repeat(raw, 8, axis=1), 8, axis=2).astype(np.float32)
-    x = imagenet_utils.preprocess_input(raw, record, data_format="channels_last")
+    x = imagenet_utils.preprocess_input(raw, weights=record, data_format="channels_last")
     ours = keras.ops.convert_to_numpy(model(x, training=False))
     try:
         theirs = REFERENCES[record.format](record, path, x)

@@ -41,7 +41,7 @@ def main():
     reloaded = keras_preact.get_model(args.model, input_shape=(28, 28, 1), classes=10,
                                       weights=args.out)  # fmt: skip
     _, (x_test, y_test) = idx.load_fashion_mnist(args.data_dir)
-    x = keras_preact.preprocess_input(x_test, "fashion_mnist", data_format="channels_last")
+    x = keras_preact.preprocess_input(x_test, weights="fashion_mnist", data_format="channels_last")
     pred = np.argmax(reloaded.predict(x, batch_size=500, verbose=0), axis=-1)
     print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes, sha256 "
           f"{kp_weights.file_digest(args.out)}); test top-1 {100 * np.mean(pred == y_test):.2f}% "
