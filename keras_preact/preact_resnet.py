@@ -27,6 +27,7 @@ from keras_preact import scan as kp_scan
 from keras_preact import shortcuts as kp_shortcuts
 from keras_preact import units as kp_units
 from keras_preact import weights as kp_weights
+from keras_preact._optional import MissingDependency, require
 from keras_preact.context import BuildContext, torch_linear_init
 from keras_preact.layout import LAYOUTS, Layout
 
@@ -613,7 +614,7 @@ def _weights_file_structure(filepath):
     Keras names a Functional model's groups by layer class and order (`layers/conv2d_7`,
     `layers/scan_1`), not by layer name, so a `Scan` layer shows as `layers/scan*`.
     """
-    import h5py
+    h5py = require("h5py")
 
     if not isinstance(filepath, (str, os.PathLike)):
         return None
@@ -661,6 +662,8 @@ def _load_other_structure(model, filepath, scanned, optimizer_state, **kwargs):
             twin.load_weights(path, **kwargs)
         else:  # with its checks of the file against the twin's variables
             kp_weights.load_weights_file(twin, path)
+    except MissingDependency:
+        raise
     except Exception as e:
         first_line = str(e).strip().split("\n")[0]  # Keras appends whole variable values
         raise ValueError(

@@ -22,10 +22,12 @@ import http.client
 import json
 import math
 import os
+import pathlib
 import struct
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import keras
@@ -33,6 +35,7 @@ import numpy as np
 
 from keras_preact import convert
 from keras_preact import shortcuts as kp_shortcuts
+from keras_preact._optional import MissingDependency, require
 from keras_preact.layout import LAYOUTS, Layout
 
 #: The layout and preprocessing each upstream file format implies when a local file has
@@ -574,7 +577,7 @@ def _download_once(url, tmp, timeout):
         print(f"Downloaded {done} bytes in {time.monotonic() - start:.1f} s.", flush=True)
 
 
-def _download(url, dest, policy):
+def _download(url, dest, policy, mirrored=False):
     """Downloads `url` to a temporary name beside `dest` (a progress bar on a terminal, one
     line otherwise), with `policy`'s timeout and retries; returns the temporary path once
     the server's announced size (if any) has arrived in full."""
@@ -595,9 +598,14 @@ def _download(url, dest, policy):
                       flush=True)  # fmt: skip
                 time.sleep(wait)
                 continue
+            where = (
+                f"Does the mirror ({MIRROR_ENV}) hold {os.path.basename(dest)}?"
+                if mirrored
+                else "Offline, or behind a proxy?"
+            )
             raise OSError(
                 f"Download of {url} failed after {attempt} attempt{'s' * (attempt > 1)}: {e}. "
-                "Nothing was cached. Offline, or behind a proxy? Download the file by another "
+                f"Nothing was cached. {where} Download the file by another "
                 f"route, then copy it to {dest} (the cache, under the record's file name) or "
                 f"pass its path: weights='/path/to/{os.path.basename(dest)}' (docs/weights.md, "
                 "'Offline use')."
@@ -645,7 +653,7 @@ def _incomplete(path, fmt):
             if size != 8 + length + end:
                 return f"{size} bytes, the header describes {8 + length + end}"
         elif fmt in ("keras_h5", "keras_preact_h5"):
-            import h5py
+            h5py = require("h5py")
 
             with h5py.File(path, "r"):
                 pass
@@ -704,6 +712,49 @@ def _cached_is_good(path, record):
     return True
 
 
+#: The environment variable that redirects weight downloads to a mirror: a base URL
+#: (`https://`, `http://`, `file://`) or a local folder holding the files under their
+#: records' `file_name`.
+MIRROR_ENV = "KERAS_PREACT_WEIGHTS_MIRROR"
+
+
+def source_url(record, mirror=None):
+    """The URL `fetch` downloads `record`'s file from.
+
+    Without a mirror (`mirror`, default `$KERAS_PREACT_WEIGHTS_MIRROR`; unset or empty:
+    none) that is `record.url`. With one, it is the record's `file_name` under the mirror:
+    `<base URL>/<file_name>` for a URL, `file://<folder>/<file_name>` for a folder, which
+    must exist and hold the file. A mirrored file is checked exactly as a download from
+    `record.url` would be (the published hash, or the format's completeness check).
+    """
+    mirror = os.environ.get(MIRROR_ENV) if mirror is None else mirror
+    if not mirror:
+        return record.url
+    name = record.file_name or os.path.basename(urllib.parse.urlsplit(record.url).path)
+    scheme = urllib.parse.urlsplit(mirror).scheme.lower()
+    if scheme in ("http", "https", "file"):
+        return f"{mirror.rstrip('/')}/{urllib.parse.quote(name)}"
+    if len(scheme) > 1:  # (one letter: a Windows drive)
+        raise ValueError(
+            f"{MIRROR_ENV}={mirror!r}: expected an https://, http:// or file:// base URL or a "
+            "local folder."
+        )
+    folder = os.path.abspath(os.path.expanduser(mirror))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"{MIRROR_ENV}={mirror!r}: no such folder. Set it to the folder or base URL that "
+            "holds the weights files under their records' file names, or unset it to "
+            "download from the records' own URLs."
+        )
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"The weights mirror {folder} ({MIRROR_ENV}) has no {name}, the file of "
+            f"{record.name}. Copy it there from {record.url}, or unset {MIRROR_ENV}."
+        )
+    return pathlib.Path(path).as_uri()
+
+
 def fetch(record, cache_dir=None, policy=None):
     """The local path of `record`'s file: shipped, or downloaded into the Keras cache.
 
@@ -715,6 +766,8 @@ def fetch(record, cache_dir=None, policy=None):
     corrupt or tampered file, or one that cannot be read at all) is removed with a message
     naming it and downloaded again. `policy` (a `DownloadPolicy`; default
     `DownloadPolicy.from_env()`) sets the timeouts, retries and the lock wait.
+    `$KERAS_PREACT_WEIGHTS_MIRROR` redirects the download to a mirror URL or a local
+    folder (`source_url`); the checks stay the same.
     """
     policy = policy or DownloadPolicy.from_env()
     if record.shipped:
@@ -737,24 +790,30 @@ def fetch(record, cache_dir=None, policy=None):
     with _exclusive(path, policy):
         if _cached_is_good(path, record):
             return path
+        url = source_url(record)
+        again = "call again to download it anew"
+        if url != record.url:
+            again = (
+                f"the mirror's copy ({MIRROR_ENV}) is not the published file of "
+                f"{record.name} ({record.url}): replace it"
+            )
         for stale in glob.glob(glob.escape(path) + ".part*"):  # killed downloads: no one
             os.remove(stale)  # else can be writing them while we hold the lock
-        tmp = _download(record.url, path, policy)
+        tmp = _download(url, path, policy, mirrored=url != record.url)
         try:
             if record.file_hash:
                 actual = file_digest(tmp, record.hash_algorithm)
                 if actual != record.file_hash:
                     raise ValueError(
-                        f"Hash mismatch for {record.url}: expected {record.hash_algorithm} "
-                        f"{record.file_hash}, got {actual}. Nothing was cached; call again "
-                        "to download it anew."
+                        f"Hash mismatch for {url}: expected {record.hash_algorithm} "
+                        f"{record.file_hash}, got {actual}. Nothing was cached; {again}."
                     )
             else:
                 why = _incomplete(tmp, record.format)
                 if why is not None:
                     raise ValueError(
-                        f"The download of {record.url} is not a complete {record.format} file "
-                        f"({why}). Nothing was cached; call again to download it anew."
+                        f"The download of {url} is not a complete {record.format} file "
+                        f"({why}). Nothing was cached; {again}."
                     )
             digest = file_digest(tmp)
             os.replace(tmp, path)
@@ -771,7 +830,7 @@ def _read(path, fmt, *, downloaded, expected=None):
     (`convert.ShapeError`) is raised as it is: the file may be fine, for another model."""
     try:
         return convert.read_tensors(path, fmt, expected=expected)
-    except convert.ShapeError:
+    except (convert.ShapeError, MissingDependency):
         raise
     except Exception as e:  # h5py's OSError, safetensors' SafetensorError, a KeyError, ...
         what = "Delete it to download it again" if downloaded else "Re-export or re-download it"
@@ -866,7 +925,7 @@ def _check_declared_sizes(path, largest):
     model's size: a scanned net's stacked variable holds several units' weights), before
     anything is read: Keras reads each dataset whole before it compares shapes, and a file
     of a few KB can declare gigabytes."""
-    import h5py
+    h5py = require("h5py")
 
     try:
         f = h5py.File(path, "r")

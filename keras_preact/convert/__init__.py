@@ -9,6 +9,7 @@ then checks every tensor against the model before setting any.
 
 import os
 
+from keras_preact._optional import require
 from keras_preact.convert import keras_h5, timm, torch7
 
 #: format name -> the module whose `read(path)` returns the neutral form.
@@ -33,7 +34,7 @@ def detect_format(path):
     with open(path, "rb") as f:
         head = f.read(8)
     if head == b"\x89HDF\r\n\x1a\n":
-        import h5py
+        h5py = require("h5py")
 
         try:
             f = h5py.File(path, "r")

@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from keras_preact._optional import require
+
 
 def _decode(x):
     return x.decode("utf8") if isinstance(x, bytes) else str(x)
@@ -35,7 +37,7 @@ def read(path, expected=None):
     one the model has no place for raises too (except `predictions`, skipped when the model
     has none). Without `expected`, datasets larger than `MAX_ELEMENTS` raise.
     """
-    import h5py
+    h5py = require("h5py")
 
     tensors = {}
     with h5py.File(path, "r") as f:
@@ -87,7 +89,7 @@ STORAGE_DTYPES = ("float32", "float16")
 
 
 def write(path, tensors, dtype="float32"):
-    import h5py
+    h5py = require("h5py")
 
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed: {STORAGE_DTYPES}.")

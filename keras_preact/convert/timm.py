@@ -11,6 +11,8 @@ import re
 
 import numpy as np
 
+from keras_preact._optional import require
+
 _BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
        "running_var": "moving_variance"}  # fmt: skip
 _BLOCK = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)")
@@ -64,6 +66,6 @@ def convert_state_dict(state):
 
 
 def read(path):
-    from safetensors.numpy import load_file
+    load_file = require("safetensors.numpy").load_file
 
     return convert_state_dict(load_file(path))

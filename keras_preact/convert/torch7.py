@@ -33,6 +33,8 @@ import struct
 
 import numpy as np
 
+from keras_preact._optional import require
+
 #: Torch7 tensor and storage classes -> element type.
 _TENSORS = {f"torch.{k}Tensor".encode(): v for k, v in (
     ("Byte", np.uint8), ("Char", np.int8), ("Short", np.int16), ("Int", np.int32),
@@ -45,7 +47,7 @@ _TYPE_TORCH = 4  # torchfile.TYPE_TORCH
 
 
 def _checked_reader_class():
-    import torchfile
+    torchfile = require("torchfile")
 
     class _CheckedReader(torchfile.T7Reader):
         """A `torchfile.T7Reader` that reads tensors and storages itself, checked.
@@ -297,7 +299,7 @@ def preact_scope(tensors):
 
 
 def read(path):
-    import torchfile
+    torchfile = require("torchfile")
 
     try:
         with open(path, "rb") as f:

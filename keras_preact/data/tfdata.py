@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from keras_preact._optional import require
 from keras_preact.data import imagenet_preprocessing as ipp
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -173,7 +174,7 @@ def load_tfds_arrays(name, data_dir=None, download=True):
     Returns:
         `((x_train, y_train), (x_test, y_test))` as uint8 / int64 arrays.
     """
-    import tensorflow_datasets as tfds
+    tfds = require("tensorflow_datasets")
 
     out = []
     for split in ("train", "test"):
@@ -697,7 +698,7 @@ def _encoded_records(
             deterministic=order,
         ).ignore_errors(log_warning=True)
     else:
-        import tensorflow_datasets as tfds
+        tfds = require("tensorflow_datasets")
 
         read_config = tfds.ReadConfig(
             input_context=input_context,

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from keras_preact._optional import require
 from keras_preact.train import metrics
 from keras_preact.weights import file_digest
 
@@ -86,7 +87,7 @@ def _close_h5(path):
     object is collected or at exit, fail again on a full disk, and crash the interpreter.
     Truncating the file first gives the final flush room to succeed.
     """
-    import h5py
+    h5py = require("h5py")
 
     target = os.path.abspath(path)
     for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
@@ -136,7 +137,7 @@ def _save_weights(model, path, name=None, attrs=None):
     try:
         model.save_weights(path, overwrite=True)
         if attrs:
-            import h5py
+            h5py = require("h5py")
 
             with h5py.File(path, "a") as f:
                 f.attrs.update(attrs)
@@ -187,7 +188,7 @@ def _csv_text(rows):
 
 def _best_record(path):
     """The `{"monitor", "value", "epoch"}` stored in a `best.weights.h5`, or None."""
-    import h5py
+    h5py = require("h5py")
 
     try:
         with h5py.File(path, "r") as f:

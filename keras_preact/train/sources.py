@@ -11,6 +11,8 @@ import glob
 import os
 import socket
 
+from keras_preact._optional import MissingDependency, require
+
 #: The in-memory datasets of `cifar.py` and `evaluate.py`, with their number of classes.
 MEMORY_DATASETS = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
 #: The host each TFDS builder downloads from (tensorflow_datasets' builders' URLs).
@@ -42,12 +44,9 @@ def tfds_problem(name, data_dir, *, can_reach=reachable):
         can_reach: `host -> bool`, the network check (replaced in tests).
     """
     try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        return (
-            "tensorflow_datasets is not installed (pip install tensorflow-datasets); "
-            "or read the files directly with --source=files."
-        )
+        tfds = require("tensorflow_datasets")
+    except MissingDependency as e:
+        return f"{e} Or read the files directly with --source=files."
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         return None
