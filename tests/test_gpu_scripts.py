@@ -243,7 +243,25 @@ def test_paper_tables_records_stopped_diverged_and_failed_runs(tmp_path):
     assert math.isnan(results["r110_conv1x1", 0]["final_test_error"])  # diverged: none
     assert curves["r110_identity", 0][0]["epoch"] == 1
     md = pt.markdown(results)
-    assert "| 1x1 conv | 12.22 | diverged | 0 |" in md and "| identity | 6.61 |  | 0 |" in md
+    assert "| 1x1 conv | 12.22 | diverged |  | 0 |" in md and "| identity | 6.61 |  |  | 0 |" in md
+
+
+def test_paper_tables_backend_picks_the_loop_and_the_table_gives_the_training_loss(capsys):
+    """`--backend=tensorflow` trains with model.fit; Table 1 has the final training loss."""
+    pt = _script("paper_tables")
+    jax_cmd = pt.trainer_command(pt.parse_args(["--part=r110_identity"]), "r110_identity", 0)
+    args = pt.parse_args(["--part=r110_identity", "--backend=tensorflow", "--model=PreActResNet56"])
+    cmd = pt.trainer_command(args, "r110_identity", 0)
+    assert "--loop=jax" in jax_cmd and "--loop=fit" in cmd and "--loop=jax" not in cmd
+    assert "--model=PreActResNet56" in cmd
+    with pytest.raises(SystemExit):
+        pt.parse_args(["--backend=numpy"])
+    assert "--backend: invalid choice: 'numpy'" in capsys.readouterr().err
+    done = dict(status="done", final_test_error=0.0712, final_train_loss=0.25, seed=0,
+                model="PreActResNet56")  # fmt: skip
+    md = pt.markdown({("r110_identity", 0): done, ("r110_identity", 1): {**done, "seed": 1,
+                      "final_test_error": 0.0732, "final_train_loss": 0.35}})  # fmt: skip
+    assert "| identity | 6.61 | 7.22 ± 0.14 | 0.300 | 0,1 |" in md
 
 
 def test_recipe_smoke(runs):
@@ -257,6 +275,7 @@ def test_recipe_smoke(runs):
         assert 0.0 <= recipe[key]["top1_flip_tta"] <= 100.0
     assert recipe["epochs"] == 2 and recipe["test_images"] == 40 and recipe["loop"] == "jax"
     assert recipe["erasing"] == 0.5 and recipe["weight_decay"] == 5e-4
+    assert 0 < recipe["train_seconds"] <= recipe["trainer_wall_time_s"]
     # The float32 export measures what the trainer's final evaluation measured (to one image).
     summary = json.loads((root / "recipe" / "summary.json").read_text())
     assert abs(recipe["float32"]["top1"] - 100 * summary["test_top1"]) <= 100 / 40 + 1e-6

@@ -84,11 +84,12 @@ def test_resume_after_sigkill(tmp_path, loop):
     assert summary["epochs_run"] == epochs  # the whole run, not only the last process
     assert summary["epochs_run_this_process"] == epochs - summary["resumed_from_epoch"]
     # One row per epoch (none lost or repeated across the kill), each with the learning
-    # rate of the schedule at the step the epoch ended.
+    # rate of the schedule at the step the epoch ended and the epoch's time (every loop).
     schedule = optimization.WarmupSchedule(0.05, epochs * steps, decay="cosine", warmup_steps=5)
     rows = _log_rows(model_dir)
     assert [int(r["epoch"]) for r in rows] == list(range(epochs))
     for row in rows:
+        assert 0 < float(row["epoch_time_s"]) < 300, row
         expected = float(schedule((int(row["epoch"]) + 1) * steps))
         np.testing.assert_allclose(float(row["lr"]), expected, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(summary["final_lr"], float(schedule(epochs * steps)), atol=1e-8)

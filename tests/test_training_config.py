@@ -608,7 +608,8 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")
 def test_evaluate_a_weights_record(tmp_path):
     """`evaluate.py --weights=fashion_mnist` builds the record's model with the record's own
-    normalization and scores like the record says (92.38 % on all 10,000 test images)."""
+    normalization and scores like the record says (its top-1 is on all 10,000 test images;
+    1,000 of them vary by about a point)."""
     out_json = tmp_path / "eval.json"
     run(
         [
@@ -626,4 +627,6 @@ def test_evaluate_a_weights_record(tmp_path):
     result = json.loads(out_json.read_text())
     assert result["model"] == "PreActResNet20" and result["examples"] == 1000
     np.testing.assert_allclose(result["normalization"], [[0.2860406], [0.35302424]])
-    assert result["top1"] > 0.88, result
+    from keras_preact import weights as kp_weights
+
+    assert result["top1"] >= kp_weights.get_record("fashion_mnist").top1 / 100 - 0.03, result

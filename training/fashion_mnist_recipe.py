@@ -138,6 +138,11 @@ def measure_exports(args, run_cfg):
     return results, model.count_params(), len(x)
 
 
+def _total(seconds):
+    """The sum of the epochs' times, or None where a `log.csv` lacks them."""
+    return None if np.isnan(seconds).any() else round(float(np.sum(seconds)), 1)
+
+
 def copy_out(args, names):
     from keras_preact.train.checkpoints import write_atomic
 
@@ -204,7 +209,7 @@ def main(argv=None):
         "epochs": len(rows),
         "test_images": test_images,
         "last_epoch_top1": round(100.0 * rows[-1]["val_top1"], 2),
-        "train_seconds": round(float(np.nansum([r["epoch_time_s"] for r in rows])), 1),
+        "train_seconds": _total([r.get("epoch_time_s", np.nan) for r in rows]),
         "trainer_wall_time_s": trained["wall_time_s"],
         "eval_seconds": round(time.time() - began, 1),
         **results,

@@ -3,7 +3,7 @@ r"""The paper's Tables 1 and 2 on Fashion-MNIST: every shortcut and unit variant
 He et al. 2016, Table 1 (ResNet-110, original unit, the shortcuts of Fig. 2) and Table 2
 (ResNet-110 and -164, the units of Fig. 4), on Fashion-MNIST beside the paper's CIFAR-10
 errors. Each (variant, seed) is one run of the package's trainer, `python -m
-keras_preact.train.cifar --loop=jax --pipeline=numpy` (no TensorFlow needed), in
+keras_preact.train.cifar --loop=jax --pipeline=numpy` (no TensorFlow needed) by default, in
 `MODEL_DIR/runs/VARIANT/seedN`, `--procs` at a time on the one device, with one compilation
 cache (a variant's second seed skips the compile). On a GPU box, a cloud VM or a cluster job:
 
@@ -15,8 +15,10 @@ cache (a variant's second seed skips the compile). On a GPU box, a cloud VM or a
 `--part` (a comma list): 1 = Table 1; 2 = Table 2's ResNet-110 units (its "original" row is
 Table 1's identity run); 3 = its ResNet-164 units; a name in `VARIANTS`; `all`; `report`
 only rewrites the outputs from the runs in `--model_dir` (copy several machines' `runs/`
-into one to merge them). `--model=PreActResNet56` replaces every variant's network; other
-flags go to every trainer (`--scan_units` compiles deep nets faster; `--mixed_precision`).
+into one to merge them). `--model=PreActResNet56` replaces every variant's network;
+`--backend=tensorflow` (or `torch`) trains with Keras `model.fit` instead of the jitted JAX
+loop (on some CPUs the faster one); other flags go to every trainer (`--scan_units` compiles
+deep nets faster; `--mixed_precision`; `--steps_per_epoch` for shorter epochs).
 Schedule, the paper's in `--epochs`: SGD momentum 0.9, batch 128, weight decay 1e-4, lr 0.01
 for 400 steps, then 0.1, divided by 10 at 50 % and 75 % of the epochs; random crop and flip.
 
@@ -118,6 +120,7 @@ RESULT_FIELDS = "table variant model unit shortcut seed epochs final_test_error"
 RESULT_FIELDS += "best_test_error final_train_loss status wall_time_s paper_cifar10_error".split()
 CURVE_FIELDS = ["variant", "seed", "epoch", "lr", "train_loss", "test_error", "epoch_time_s"]
 OUTPUTS = [f"paper_tables{s}" for s in (".csv", "_curves.csv", ".md", "_table1.png", "_table2.png")]
+BACKENDS = ("jax", "tensorflow", "torch")  # jax: the jitted loop; the others: model.fit
 RUN_RECORD = "paper_tables_run.json"  # this script's record of a run: status, wall time
 
 
@@ -133,6 +136,12 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--model", default=None, help="replaces every variant's network")
     p.add_argument("--procs", type=int, default=2, help="trainer processes at once")
+    p.add_argument(
+        "--backend",
+        default="jax",
+        choices=BACKENDS,
+        help="the trainers' Keras backend: jax (--loop=jax) or tensorflow, torch (--loop=fit)",
+    )
     p.add_argument("--time_budget", type=float, default=None, help="seconds for the command")
     p.add_argument("--smoke", action="store_true", help="PreActResNet20, 2 x 3 steps, CPU")
     args, args.trainer_flags = p.parse_known_args(argv)
@@ -165,9 +174,10 @@ def run_status(folder):
 def trainer_command(args, variant, seed, budget_s=math.inf):
     """The trainer's command line of one run (it resumes by itself from its folder)."""
     v, epochs = VARIANTS[variant], args.epochs
+    loop = "jax" if args.backend == "jax" else "fit"
     return [
         *(sys.executable, "-m", "keras_preact.train.cifar", "--dataset=fashion_mnist"),
-        *("--source=files", f"--data_dir={args.data_dir}", "--loop=jax", "--pipeline=numpy"),
+        *("--source=files", f"--data_dir={args.data_dir}", f"--loop={loop}", "--pipeline=numpy"),
         *(f"--model={args.model or f'PreActResNet{v.depth}'}", f"--unit={v.unit}"),
         *(f"--{k}={x}" for k, x in v.shortcut.items()),
         *(f"--model_dir={run_dir(args.model_dir, variant, seed)}", f"--seed={seed}", *SCHEDULE),
@@ -202,11 +212,11 @@ def record_run(folder, code, seconds, log_offset):
 def train(args, todo):
     """Runs `todo`'s trainers, `--procs` at a time, while `--time_budget` allows."""
     deadline = START + args.time_budget - REPORT_RESERVE_S if args.time_budget else math.inf
-    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    if args.smoke:  # a smoke run's cost is compilation: the CPU, little XLA optimization
+    env = {**os.environ, "KERAS_BACKEND": args.backend, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    if args.backend == "jax" and args.smoke:  # a smoke run's cost is compilation: little XLA
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
         env.setdefault("JAX_PLATFORMS", "cpu")
-    else:  # the trainers' one cache: a variant's second seed compiles nothing
+    elif args.backend == "jax":  # the trainers' one cache: a variant's second seed compiles nothing
         env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(f"{args.model_dir}/jax_cache")
 
     def run(variant, seed):
@@ -275,6 +285,12 @@ def _error_cell(rows):
     return text + (f" ({diverged} diverged)" if diverged else "")
 
 
+def _loss_cell(rows):
+    """The final training loss, mean over the finished seeds."""
+    done = [r["final_train_loss"] for r in rows if r["status"] == "done"]
+    return f"{mean(done):.3f}" if done else ""
+
+
 def markdown(results):
     """Both tables, the Fashion-MNIST errors beside the paper's CIFAR-10 ones."""
     runs = {n: [r for (v, _), r in results.items() if v == n] for n in VARIANTS}
@@ -282,10 +298,12 @@ def markdown(results):
     models = ", ".join(sorted({r["model"] for r in results.values()})) or "none yet"
     lines = [
         "Fashion-MNIST test error (%) after the last epoch, mean ± standard deviation over "
-        f"the finished seeds, beside the paper's CIFAR-10 test error (%). Networks: {models}.",
+        "the finished seeds, beside the paper's CIFAR-10 test error (%); Table 1 also gives "
+        f"the last epoch's training loss (mean over the finished seeds). Networks: {models}.",
         "", "Table 1 (ResNet-110, original unit; shortcuts of Fig. 2):", "",
-        "| shortcut | paper CIFAR-10 | Fashion-MNIST | seeds |", "| --- | --- | --- | --- |",
-        *(f"| {VARIANTS[n].label} | {VARIANTS[n].paper} | {cell(n)} | "
+        "| shortcut | paper CIFAR-10 | Fashion-MNIST | training loss | seeds |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {VARIANTS[n].label} | {VARIANTS[n].paper} | {cell(n)} | {_loss_cell(runs[n])} | "
           f"{','.join(str(r['seed']) for r in runs[n])} |" for n in TABLE1),
         "", "Table 2 (units of Fig. 4; identity shortcuts):", "",
         "| unit | paper ResNet-110 | Fashion-MNIST ResNet-110 | paper ResNet-164 | "

@@ -171,16 +171,26 @@ class MaxSteps(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class LearningRate(keras.callbacks.Callback):
-    """Adds `lr`, the learning rate at the end of the epoch, to the epoch's logs.
+class EpochLogs(keras.callbacks.Callback):
+    """Adds `lr`, the learning rate at the end of the epoch, and `epoch_time_s`, the epoch's
+    wall time, to the epoch's logs (a loop that timed the epoch itself keeps its value).
 
-    Listed before the checkpoint and TensorBoard so `log.csv` and TensorBoard see it (the custom loop logs
-    the same value).
+    Listed before the checkpoint and TensorBoard so `log.csv` and TensorBoard see them: every
+    loop's `log.csv` has the same columns.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.began = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.began = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["lr"] = metrics.learning_rate(self.model.optimizer)
+            if self.began is not None:
+                logs.setdefault("epoch_time_s", time.time() - self.began)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -249,9 +259,9 @@ class TimeBudget(keras.callbacks.Callback):
 
 
 def epoch_callbacks(checkpointer):
-    """What every loop does at an epoch end: log the learning rate, check that the logs and
-    weights are finite, then save the checkpoint (which writes `log.csv`)."""
-    return [LearningRate(), FiniteCheck(), EpochCheckpoint(checkpointer)]
+    """What every loop does at an epoch end: log the learning rate and the epoch's time, check
+    that the logs and weights are finite, then save the checkpoint (which writes `log.csv`)."""
+    return [EpochLogs(), FiniteCheck(), EpochCheckpoint(checkpointer)]
 
 
 def fit_callbacks(
