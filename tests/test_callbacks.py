@@ -50,3 +50,27 @@ def test_time_budget_counts_the_longest_epoch_and_works_without_a_model(monkeypa
     # After 30 s, 30 + 1.1 * 30 <= 65; after 35 s the next epoch, taken to last as long as
     # the longest (1.1 * 30 s), would end past 65 s.
     assert budget.stopped and budget.longest == 30.0
+
+
+def test_epoch_logs_time_the_training_not_the_validation():
+    """`epoch_time_s` under model.fit ends where validation starts, as in the other loops."""
+    import time
+
+    import keras
+    import numpy as np
+
+    from keras_preact.train.callbacks import EpochLogs
+
+    class SlowValidation(keras.callbacks.Callback):
+        def on_test_end(self, logs=None):
+            time.sleep(1.0)
+
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(logs))
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = np.zeros((8, 2), "float32")
+    model.fit(x, x[:, :1], validation_data=(x, x[:, :1]), epochs=2, verbose=0,
+              callbacks=[EpochLogs(), SlowValidation(), record])  # fmt: skip
+    assert [round(float(logs["lr"]), 4) for logs in seen] == [0.01, 0.01]
+    assert all(0 < logs["epoch_time_s"] < 1.0 for logs in seen), seen

@@ -173,7 +173,8 @@ class MaxSteps(keras.callbacks.Callback):
 
 class EpochLogs(keras.callbacks.Callback):
     """Adds `lr`, the learning rate at the end of the epoch, and `epoch_time_s`, the epoch's
-    wall time, to the epoch's logs (a loop that timed the epoch itself keeps its value).
+    training time (up to its validation, as the JAX and custom loops time it; a loop that
+    timed the epoch itself keeps its value), to the epoch's logs.
 
     Listed before the checkpoint and TensorBoard so `log.csv` and TensorBoard see them: every
     loop's `log.csv` has the same columns.
@@ -181,16 +182,20 @@ class EpochLogs(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.began = None
+        self.began = self.trained = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.began = time.time()
+        self.began, self.trained = time.time(), None
+
+    def on_test_begin(self, logs=None):  # fit's validation: the epoch's training has ended
+        if self.began is not None and self.trained is None:
+            self.trained = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["lr"] = metrics.learning_rate(self.model.optimizer)
             if self.began is not None:
-                logs.setdefault("epoch_time_s", time.time() - self.began)
+                logs.setdefault("epoch_time_s", (self.trained or time.time()) - self.began)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
