@@ -177,6 +177,21 @@ def _keras(depth, md5, top1, top5, params):
     )  # fmt: skip
 
 
+#: What the Fashion-MNIST records share: the network, its input, file format and normalization.
+_FASHION_MNIST = dict(
+    model="PreActResNet20",
+    dataset="fashion_mnist",
+    classes=10,
+    input_shape=(28, 28, 1),
+    layout=LAYOUTS["paper"],
+    format="keras_preact_h5",
+    hash_algorithm="sha256",
+    license="Apache-2.0 (keras-preact)",
+    num_params=273_370,
+    eval_size=28,
+    preprocessing="fashion_mnist",
+)
+
 #: Every record. Hashes: keras' md5 from `WEIGHTS_HASHES` in keras/src/applications/resnet.py;
 #: Hugging Face and fb.resnet.torch publish none with the file (see docs/weights.md).
 RECORDS = [
@@ -208,24 +223,14 @@ RECORDS = [
         preprocessing="imagenet_torch",
     ),  # fmt: skip
     WeightsRecord(
-        model="PreActResNet20",
+        **_FASHION_MNIST,
         tag="e6",
-        dataset="fashion_mnist",
-        classes=10,
-        input_shape=(28, 28, 1),
-        layout=LAYOUTS["paper"],
         source="keras-preact: training/cifar.py, exported by tools/export_weights.py",
-        format="keras_preact_h5",
         shipped="weights_files/preact_resnet20_fashion_mnist.h5",
         file_hash="03c9e1553559eb811a62f335217722c6b0150115568b4cf0af52cc7cf1107b8b",
-        hash_algorithm="sha256",
-        license="Apache-2.0 (keras-preact)",
-        num_params=273_370,
         top1=92.38,
         metrics_source="measured here: top-1 on all 10,000 Fashion-MNIST test images "
         "(tools/export_weights.py, TensorFlow CPU)",
-        eval_size=28,
-        preprocessing="fashion_mnist",
         command="python training/cifar.py --dataset=fashion_mnist --source=files "
         "--data_dir=/usr/share/datasets/fashion-mnist --model=PreActResNet20 --epochs=6 "
         "--batch_size=128 --lr_schedule=cosine --base_lr=0.1 --warmup_steps=200 "
@@ -234,25 +239,15 @@ RECORDS = [
         "--out keras_preact/weights_files/preact_resnet20_fashion_mnist.h5",
     ),  # fmt: skip
     WeightsRecord(
-        model="PreActResNet20",
+        **_FASHION_MNIST,
         tag="e42",
-        dataset="fashion_mnist",
-        classes=10,
-        input_shape=(28, 28, 1),
-        layout=LAYOUTS["paper"],
         source="keras-preact: training/fashion_mnist_recipe.py (the package's trainer, "
         "model.fit on TensorFlow, 2 CPU cores, 75 min)",
-        format="keras_preact_h5",
         shipped="weights_files/preact_resnet20_fashion_mnist_e42.h5",
         file_hash="f94d3ac7266a50a2204b864eae52665f60fb34e3687e9c95c467377495e4c7cb",
-        hash_algorithm="sha256",
-        license="Apache-2.0 (keras-preact)",
-        num_params=273_370,
         top1=94.79,
         metrics_source="measured here: top-1 on all 10,000 Fashion-MNIST test images, one "
         "28x28 view (training/evaluate.py; 94.75 with flip test-time augmentation)",
-        eval_size=28,
-        preprocessing="fashion_mnist",
         command="KERAS_BACKEND=tensorflow python training/fashion_mnist_recipe.py "
         "--data_dir=/usr/share/datasets/fashion-mnist --model_dir=runs/fmnist_r20_e42 "
         "--batch_size=128 --width_multiplier=1 --epochs=42 --time_budget=6600  # then "
