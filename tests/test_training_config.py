@@ -140,6 +140,18 @@ _FLAG_NAMES = textwrap.dedent("""
 """)
 
 
+def test_jit_compile_unset_follows_keras_default_per_backend():
+    """An unset --jit_compile compiles the train step under JAX only (Keras' `"auto"` there;
+    an uncompiled JAX step runs op by op); a given value wins on every backend."""
+    from keras_preact.train import distribution
+
+    assert config.TrainConfig().jit_compile is None
+    for backend, default in (("jax", True), ("tensorflow", False), ("torch", False)):
+        assert distribution.resolve_jit_compile(None, backend) is default
+        assert distribution.resolve_jit_compile(True, backend) is True
+        assert distribution.resolve_jit_compile(False, backend) is False
+
+
 @pytest.mark.parametrize("trainer", ["cifar", "imagenet"])
 def test_every_option_has_its_flag(trainer):
     """Each option of the trainer's config that is not computed by the run is a flag of the

@@ -184,7 +184,7 @@ class TrainConfig(ModelConfig):
     label_smoothing: float = 0.0
     # Execution.
     mixed_precision: bool = False
-    jit_compile: bool = False
+    jit_compile: bool | None = None  # None: on under JAX only (`distribution.setup`)
     compilation_cache: bool = True
     seed: int = 0
     deterministic: bool = False

@@ -23,6 +23,7 @@ class Run(NamedTuple):
     replicas: int
     chief: bool  # this worker writes the run's files
     loop: str  # "fit" or "custom" (`--loop=auto` resolved)
+    jit_compile: bool  # XLA-compile the train step (an unset `--jit_compile` resolved)
     write_dir: str  # `model_dir` on the chief, a scratch folder on other workers
 
 
@@ -50,8 +51,23 @@ def setup(cfg):
         replicas=num_replicas(strategy),
         chief=is_chief(strategy),
         loop=loop,
+        jit_compile=resolve_jit_compile(cfg.jit_compile),
         write_dir=write_dir(strategy, cfg.model_dir),
     )
+
+
+def resolve_jit_compile(jit_compile, backend=None):
+    """`--jit_compile`, or where it is unset (None) the backend's default: on under JAX.
+
+    Keras' own default (`jit_compile="auto"`) compiles JAX's train step: left uncompiled,
+    JAX runs it one operation at a time, several times slower, and with a model
+    replicated over CPU devices (`--strategy=mirrored`) each operation's collectives can
+    stall past XLA's rendezvous timeout, which aborts the process. Under TensorFlow the
+    step stays a (non-XLA) `tf.function`, and PyTorch runs eagerly, as Keras does there.
+    """
+    if jit_compile is not None:
+        return bool(jit_compile)
+    return (backend or keras.backend.backend()) == "jax"
 
 
 def _nvidia_driver():

@@ -348,7 +348,13 @@ def _define_optimizer_flags(defaults):
 
 def _define_execution_flags():
     flags.DEFINE_bool("mixed_precision", False, "float16 compute on GPU, bfloat16 on TPU/CPU.")
-    flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+    flags.DEFINE_bool(
+        "jit_compile",
+        None,
+        "XLA-compile the train step. Default: on under the JAX backend (as Keras' "
+        "jit_compile='auto'; an uncompiled JAX step runs op by op), off under TensorFlow "
+        "and PyTorch.",
+    )
     flags.DEFINE_bool(
         "compilation_cache",
         True,

@@ -118,7 +118,7 @@ def _train(cfg, run, built, train_data, val_data_fn, *, checkpointer, initial_ep
             initial_epoch=initial_epoch,
             val_dist_dataset_fn=val_data_fn,
             max_steps=cfg.max_steps,
-            jit_compile=cfg.jit_compile,
+            jit_compile=run.jit_compile,
             verbose=cfg.verbose,
             label_smoothing=cfg.label_smoothing,
             budget=budget,
@@ -243,6 +243,7 @@ def finish(cfg, run, built, *, history, initial_epoch, start, **results):
         "backend": keras.backend.backend(),
         "replicas": run.replicas,
         "loop": run.loop,
+        "jit_compile": run.jit_compile,
         "model_dir": cfg.model_dir,
     }
     if run.chief:

@@ -229,7 +229,7 @@ def build(cfg, run, schedule, *, input_shape, classes):
                 optimizer=optimizer,
                 loss=optimization.SparseCrossentropy(cfg.label_smoothing),
                 metrics=metrics.top_k_metrics(classes),
-                jit_compile=cfg.jit_compile,
+                jit_compile=run.jit_compile,
             )
         else:  # the custom loop scales its loss itself; the JAX loop runs in bfloat16
             model.compile(optimizer=optimizer, auto_scale_loss=run.loop == "custom")
