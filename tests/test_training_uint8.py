@@ -94,6 +94,10 @@ def test_trainer_trains_alike_on_host_and_device_normalization(tmp_path):
             "--lr_schedule=constant",
             "--base_lr=0.05",
             "--verbose=0",
+            # Op by op on every backend: XLA fuses the normalization into the first
+            # convolution differently in the two programs (float32 rounding apart by
+            # ~4e-4 after three steps under JAX's default jit), which is not what moved.
+            "--nojit_compile",
             flag,
         ]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
