@@ -74,7 +74,14 @@ def cifar_pipelines(batch, seed=0):
         out["tfdata"] = {}
         for normalize in (True, False):
             ds = tfdata.array_dataset(
-                x, y, batch_size=batch, training=True, mean=mean, std=std, normalize=normalize
+                x,
+                y,
+                batch_size=batch,
+                training=True,
+                mean=mean,
+                std=std,
+                normalize=normalize,
+                num_batches=1,
             )
             out["tfdata"][normalize] = (*batch_bytes(next(iter(ds))), None)
     return out, (x[:batch], y[:batch], mean, std)

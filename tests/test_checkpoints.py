@@ -1,8 +1,10 @@
-"""keras_preact/train/checkpoints.py: one epoch's checkpoint is one unit, whatever stops the save.
+"""keras_preact/train/checkpoints.py and runlog.py: one checkpoint is one unit, whatever
+stops the save; `log.csv` and the best model follow the committed checkpoint.
 
-Unit tests use a tiny compiled model (all backends, a few seconds); one subprocess test kills
-a real `training/cifar.py` run between the checkpoint's writes (jax only: the code under
-test is backend-independent).
+Unit tests use a tiny compiled model (all backends, a few seconds) and save the way the
+controller does (`controller.Controller.save`); one subprocess test kills a real
+`training/cifar.py` run between the checkpoint's writes (jax only: the code under test is
+backend-independent).
 """
 
 import csv
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 from trainer_runs import REPO, small_cnn
 
-from keras_preact.train import checkpoints, optimization
+from keras_preact.train import checkpoints, config, controller, fs, optimization, runlog
 
 
 class Killed(BaseException):
@@ -58,7 +60,40 @@ def _rows(model_dir):
 
 
 def _leftovers(root):
-    return [p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if ".tmp" in p]
+    found = glob.glob(os.path.join(root, "**", "*"), recursive=True)
+    found += glob.glob(os.path.join(root, "**", ".*"), recursive=True)
+    return [p for p in found if ".tmp" in p]
+
+
+class Saver:
+    """Saves and restores as a run does: `controller.Controller.save`, `Store.restore`."""
+
+    def __init__(self, model_dir):
+        self.store = checkpoints.Store(model_dir)
+        self.log = runlog.RunLog(model_dir)
+        self.model_dir = model_dir
+
+    def save(self, model, *, epoch, logs, step=0):
+        class Runner:  # the model's variables are the state
+            sync, gather = (lambda self: None), (lambda self, value: [value])
+
+        runner = Runner()
+        runner.model = model
+        cfg = config.get_config(None, "cifar", verbose=0).derive(steps_per_epoch=3)
+        ctl = controller.Controller(cfg, runner, None, store=self.store, log=self.log, chief=False)
+        iterations = _steps(model)
+        if step:
+            ctl.save(epoch, step, iterations, partial=controller.add_sums({}, {}))
+        else:
+            ctl.save(epoch, 0, iterations, logs=logs)
+
+    def restore(self, model):
+        restored = self.store.restore(model)
+        self.log.restore(restored.state)
+        return restored
+
+    def history(self):
+        return self.log.history()
 
 
 def _two_epochs(model_dir, monkeypatch=None, kill_at=None):
@@ -67,7 +102,7 @@ def _two_epochs(model_dir, monkeypatch=None, kill_at=None):
     Returns the variables after each epoch, and where the disk image of the kill was copied.
     """
     model = _model()
-    saver = checkpoints.Checkpointer(model_dir)
+    saver = Saver(model_dir)
     _train(model)
     saver.save(model, epoch=1, logs={"loss": 1.0, "val_top1": 0.5})
     after = {1: _values(model)}
@@ -107,9 +142,7 @@ def _renames_in_a_save(tmp_path, monkeypatch):
         )
     model = _model()
     _train(model)
-    checkpoints.Checkpointer(str(tmp_path / "count")).save(
-        model, epoch=1, logs={"loss": 1.0, "val_top1": 0.5}
-    )
+    Saver(str(tmp_path / "count")).save(model, epoch=1, logs={"loss": 1.0, "val_top1": 0.5})
     monkeypatch.undo()
     return len(count)
 
@@ -124,11 +157,11 @@ def test_a_kill_between_the_writes_leaves_one_whole_checkpoint(tmp_path, monkeyp
         model_dir = str(tmp_path / f"run{kill_at}")
         after, image = _two_epochs(model_dir, monkeypatch, kill_at)
         model = _model()
-        resumer = checkpoints.Checkpointer(image)
+        resumer = Saver(image)
         restored = resumer.restore(model)
         seen.add(restored.epoch)
         assert restored.epoch in (1, 2), kill_at
-        assert restored.steps == _steps(model) == 3 * restored.epoch, (kill_at, restored)
+        assert restored.iterations == _steps(model) == 3 * restored.epoch, (kill_at, restored)
         for a, b in zip(after[restored.epoch], _values(model)):
             np.testing.assert_array_equal(a, b)
         assert _rows(image) == list(range(restored.epoch)), kill_at
@@ -152,9 +185,9 @@ def test_a_truncated_or_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
         f.truncate(os.path.getsize(weights) // 2)
     model = _model()
     with caplog.at_level("WARNING"):
-        restored = checkpoints.Checkpointer(model_dir).restore(model)
+        restored = Saver(model_dir).restore(model)
     assert weights in caplog.text
-    assert (restored.epoch, restored.steps) == (1, 3)
+    assert (restored.epoch, restored.iterations) == (1, 3)
     for a, b in zip(after[1], _values(model)):
         np.testing.assert_array_equal(a, b)
     assert _rows(model_dir) == [0]
@@ -164,11 +197,11 @@ def test_a_truncated_or_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     with open(weights, "r+b") as f:
         f.seek(os.path.getsize(weights) - 8)
         f.write(b"\xff" * 8)
-    assert checkpoints.Checkpointer(model_dir).restore(_model()).epoch == 1
+    assert Saver(model_dir).restore(_model()).epoch == 1
     with open(os.path.join(model_dir, "checkpoints", "epoch-0001", "state.json"), "w") as f:
         f.write('{"epoch": ')
     with pytest.raises(RuntimeError, match="epoch-0001/state.json.*JSONDecodeError") as e:
-        checkpoints.Checkpointer(model_dir).restore(_model())
+        Saver(model_dir).restore(_model())
     assert weights in str(e.value) and "Delete that folder" in str(e.value)
 
 
@@ -203,7 +236,7 @@ def test_a_full_disk_gives_one_clear_error_and_leaves_the_previous_checkpoint(
 ):
     model_dir = str(tmp_path / "run")
     model = _model()
-    saver = checkpoints.Checkpointer(model_dir)
+    saver = Saver(model_dir)
     _train(model)
     saver.save(model, epoch=1, logs={"loss": 1.0})
     epoch1 = _values(model)
@@ -220,12 +253,12 @@ def test_a_full_disk_gives_one_clear_error_and_leaves_the_previous_checkpoint(
     still_open = [fid.name for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)]
     assert not [n for n in still_open if str(tmp_path).encode() in n], still_open
     fresh = _model()
-    assert checkpoints.Checkpointer(model_dir).restore(fresh).epoch == 1
+    assert Saver(model_dir).restore(fresh).epoch == 1
     for a, b in zip(epoch1, _values(fresh)):
         np.testing.assert_array_equal(a, b)
     # With room again, the same save goes through.
     saver.save(model, epoch=2, logs={"loss": 0.5})
-    assert checkpoints.Checkpointer(model_dir).restore(_model()).epoch == 2
+    assert Saver(model_dir).restore(_model()).epoch == 2
 
 
 def test_a_full_disk_on_the_other_files(tmp_path, monkeypatch):
@@ -235,13 +268,13 @@ def test_a_full_disk_on_the_other_files(tmp_path, monkeypatch):
     _full_disk(monkeypatch, "weights")
     path = str(tmp_path / "final.weights.h5")
     with pytest.raises(OSError, match=f"Could not write {path}: No space left"):
-        checkpoints.save_model_weights_atomic(model, path)
+        checkpoints.save_model_weights(model, path)
     monkeypatch.undo()
     monkeypatch.setattr(
         json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
     )
     with pytest.raises(OSError, match="summary.json: No space left"):
-        checkpoints.write_summary(str(tmp_path), {"epochs_run": 1})
+        runlog.write_summary(str(tmp_path), {"epochs_run": 1})
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []
 
@@ -250,10 +283,10 @@ def test_a_rerun_after_deleting_checkpoints_keeps_the_better_best(tmp_path):
     model_dir = str(tmp_path / "run")
     good = _model()
     _train(good)
-    checkpoints.Checkpointer(model_dir).save(good, epoch=1, logs={"val_top1": 0.681})
+    Saver(model_dir).save(good, epoch=1, logs={"val_top1": 0.681})
     shutil.rmtree(os.path.join(model_dir, "checkpoints"))
     worse = _model()
-    rerun = checkpoints.Checkpointer(model_dir)
+    rerun = Saver(model_dir)
     assert rerun.restore(worse).epoch == 0
     _train(worse, 1)
     rerun.save(worse, epoch=1, logs={"val_top1": 0.1015})
@@ -261,11 +294,8 @@ def test_a_rerun_after_deleting_checkpoints_keeps_the_better_best(tmp_path):
     best.load_weights(os.path.join(model_dir, "best.weights.h5"))
     for a, b in zip(good.get_weights(), best.get_weights()):
         np.testing.assert_array_equal(a, b)
-    with open(os.path.join(model_dir, "best.json")) as f:
-        assert json.load(f) == {"monitor": "val_top1", "value": 0.681, "epoch": 1}
-    # The file carries its own record too: best.json lost (a kill between the two) is fine.
-    os.remove(os.path.join(model_dir, "best.json"))
-    assert checkpoints.Checkpointer(model_dir).best == 0.681
+    # The file carries its own record, written with it in one atomic write.
+    assert runlog.RunLog(model_dir).best == 0.681
     # The rerun's log starts over (its epochs are new); the earlier one is kept aside.
     assert _rows(model_dir) == [0]
     (kept,) = glob.glob(os.path.join(model_dir, "log.replaced-*.csv"))
@@ -273,30 +303,37 @@ def test_a_rerun_after_deleting_checkpoints_keeps_the_better_best(tmp_path):
 
 
 def test_the_previous_format_still_resumes(tmp_path):
-    """`checkpoints/latest.weights.h5` + `latest.json` of earlier versions."""
+    """A checkpoint folder of the previous version (renamed into place whole; `state.json`
+    with `steps` and `step_in_epoch`) resumes; its leftover temporary folder is removed."""
     model_dir = tmp_path / "run"
-    (model_dir / "checkpoints").mkdir(parents=True)
+    folder = model_dir / "checkpoints" / "epoch-0001"
+    folder.mkdir(parents=True)
+    (model_dir / "checkpoints" / ".tmp-epoch-0002-123").mkdir()
     model = _model()
     _train(model)
-    model.save_weights(str(model_dir / "checkpoints" / "latest.weights.h5"))
-    state = {"epoch": 1, "steps": 3, "best": 0.5, "logs": {"loss": 1.0}}
-    (model_dir / "checkpoints" / "latest.json").write_text(json.dumps(state))
-    (model_dir / "log.csv").write_text("epoch,loss\n0,1.0\n1,0.9\n")  # a row after the checkpoint
+    model.save_weights(str(folder / "model.weights.h5"))
+    weights = str(folder / "model.weights.h5")
+    record = {"bytes": os.path.getsize(weights), "sha256": checkpoints.digest(weights)}
+    state = {"format": 2, "epoch": 1, "step_in_epoch": 0, "steps": 3, "best": 0.5,
+             "rows": [{"epoch": 0, "loss": 1.0}], "weights": record}  # fmt: skip
+    (folder / "state.json").write_text(json.dumps(state))
+    (model_dir / "log.csv").write_text("epoch,loss\n0,1.0\n1,0.9\n")  # a row after it
     fresh = _model()
-    saver = checkpoints.Checkpointer(str(model_dir))
-    assert saver.restore(fresh) == (1, 3, 0.5, 0)
+    saver = Saver(str(model_dir))
+    restored = saver.restore(fresh)
+    assert (restored.epoch, restored.step, restored.iterations) == (1, 0, 3)
     assert _rows(model_dir) == [0]
     _train(fresh)
     saver.save(fresh, epoch=2, logs={"loss": 0.5})
-    assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch-0002"]
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch-0001", "epoch-0002"]
     assert _rows(model_dir) == [0, 1] and saver.history()["loss"] == [1.0, 0.5]
 
 
 def test_atomic_weights_and_json(tmp_path):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     path = str(tmp_path / "w.weights.h5")
-    checkpoints.save_weights_atomic(model, path)
-    checkpoints.write_json_atomic(str(tmp_path / "s.json"), {"epoch": 1})
+    checkpoints.save_weights(model, path)
+    fs.write_json_atomic(str(tmp_path / "s.json"), {"epoch": 1})
     assert sorted(os.listdir(tmp_path)) == ["s.json", "w.weights.h5"]
 
 
@@ -326,11 +363,11 @@ def test_checkpointer_restores_the_optimizer(tmp_path, loop):
             keras.ops.convert_to_tensor(np.full(v.shape, i + 1.0, "float32")) for v in variables
         ]
         model.optimizer.apply(grads, variables)
-    checkpoints.Checkpointer(str(tmp_path)).save(model, epoch=1, logs={"loss": 1.0})
+    Saver(str(tmp_path)).save(model, epoch=1, logs={"loss": 1.0})
     fresh = compiled_model()
     assert int(keras.ops.convert_to_numpy(fresh.optimizer.iterations)) == 0
-    restored = checkpoints.Checkpointer(str(tmp_path)).restore(fresh)
-    assert restored.epoch == 1 and restored.steps == 3
+    restored = Saver(str(tmp_path)).restore(fresh)
+    assert restored.epoch == 1 and restored.iterations == 3
     saved, loaded = numpy_values(model.optimizer.variables), numpy_values(fresh.optimizer.variables)
     assert len(saved) == len(loaded) > 2
     for a, b in zip(saved, loaded):
@@ -346,11 +383,11 @@ def test_checkpointer_restores_the_optimizer(tmp_path, loop):
 
 def test_checkpointer_refuses_a_model_without_optimizer(tmp_path):
     with pytest.raises(ValueError, match="compile it with its optimizer"):
-        checkpoints.Checkpointer(str(tmp_path)).save(small_cnn(), epoch=1, logs={})
+        checkpoints.Store(str(tmp_path)).save(small_cnn(), epoch=1, state={})
 
 
 # Runs training/cifar.py, SIGKILLed right after the rename that puts epoch 2's weights in
-# place (the K-th rename into checkpoints/ of a weights file or an epoch folder).
+# place (the K-th rename into checkpoints/ of a weights file).
 _KILLER = r"""
 import os, re, runpy, signal, sys
 pattern, nth = re.compile(os.environ["KILL_AFTER_RENAME"]), int(os.environ["KILL_NTH"])
@@ -375,10 +412,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     keras.backend.backend() != "jax", reason="backend-independent; run once, under jax"
 )
 def test_cifar_killed_between_the_writes_resumes_exactly(tmp_path):
-    """A real run SIGKILLed right after epoch 2's weights land, before anything else of that
-    save, resumes at epoch 2: it ends with the planned steps, one log row per epoch and a
-    summary of the whole run. (The exact batch order across a resume, and so the final
-    weights, are checked by test_training_cifar.py::test_resume_continues_momentum_exactly.)"""
+    """A real run SIGKILLed right after epoch 2's weights land, before its state.json (the
+    commit), resumes at epoch 1: it ends with the planned steps, one log row per epoch and
+    a summary of the whole run. (The exact batch order across a resume, and so the final
+    weights, are checked by test_training_cifar.py.)"""
     from test_training_cifar import _cifar_cmd
     from trainer_runs import fake_cifar, run
 
@@ -387,7 +424,7 @@ def test_cifar_killed_between_the_writes_resumes_exactly(tmp_path):
     cmd = _cifar_cmd(data, model_dir, "--epochs=2", "--steps_per_epoch=2", "--pipeline=numpy")
     env = dict(
         os.environ,
-        KILL_AFTER_RENAME=r"checkpoints/(latest\.weights\.h5|epoch-\d+)$",
+        KILL_AFTER_RENAME=r"checkpoints/epoch-\d+/model\.weights\.h5$",
         KILL_NTH="2",
     )
     first = subprocess.run(
@@ -395,10 +432,10 @@ def test_cifar_killed_between_the_writes_resumes_exactly(tmp_path):
     )
     assert first.returncode == -9, first.stdout[-2000:] + first.stderr[-2000:]
     rerun = run(cmd)
-    assert "2 epoch(s) done, optimizer step 4," in rerun.stdout
+    assert "1 epoch(s) done, optimizer step 2," in rerun.stdout
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["steps"] == 4, summary  # no epoch trained twice
     assert summary["epochs_run"] == 2 and len(summary["train_loss_per_epoch"]) == 2
-    assert summary["resumed_from_epoch"] == 2 and summary["epochs_run_this_process"] == 0
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs_run_this_process"] == 1
     assert _rows(str(model_dir)) == [0, 1]
     assert _leftovers(str(model_dir)) == []

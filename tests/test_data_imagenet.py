@@ -439,3 +439,81 @@ def test_one_counter_for_several_input_pipelines(tmp_path, small_photos):
     data = strategy.distribute_datasets_from_function(dataset_fn)
     assert sum(len(labels) for _, labels in data) == 6
     assert counter.counts() == _counts(unparsable=2, bad_label=2, delivered=6)
+
+
+# ----------------------------------------------------------------------------
+# The training stream at a position: an epoch's stream, and a resume inside it.
+
+
+@pytest.fixture(scope="module")
+def stream_shards(tmp_path_factory, small_photos):
+    """Two train shards of the small photos (labels 0-4), with an undecodable image and
+    a record with a bad label among them."""
+    folder = tmp_path_factory.mktemp("stream")
+    records = [_example(p, i % 5 + 1) for i, p in enumerate(small_photos)]
+    records[3] = _example(b"\xff\xd8\xff\xe0 not a jpeg", 2)
+    records[8] = _example(small_photos[8], 0)  # label -1 after label_offset
+    for shard in range(2):
+        with tf.io.TFRecordWriter(str(folder / f"train-0000{shard}-of-00002")) as writer:
+            for record in records[shard::2]:
+                writer.write(record)
+    return folder
+
+
+def _stream(folder, **kwargs):
+    """A deterministic training stream of uint8 images: 9 records, 8 images a pass."""
+    return _shard_dataset(
+        folder, "train", batch_size=3, training=True, image_size=16, shuffle_buffer=4,
+        deterministic=True, normalize=False, num_classes=5, seed=7, **kwargs,
+    )  # fmt: skip
+
+
+def _take(ds, batches):
+    return [tuple(t.numpy() for t in batch) for _, batch in zip(range(batches), ds)]
+
+
+@pytest.fixture(scope="module")
+def straight(stream_shards):
+    """Six batches of epoch 0's stream, and its `StreamPosition.records(k)` for k = 0..6."""
+    position = tfdata.StreamPosition()
+    iterator = iter(_stream(stream_shards, position=position))
+    batches, records = [], [position.records(0)]
+    for _ in range(6):
+        batches.append(tuple(t.numpy() for t in next(iterator)))
+        records.append(position.records(len(batches)))  # as a trainer reads it
+    with pytest.raises(ValueError, match="batches=99 is not noted"):
+        position.records(99)
+    return batches, records
+
+
+def test_a_stream_resumed_at_its_position_continues_batch_for_batch(stream_shards, straight):
+    """`skip_records=position.records(k)` gives the uninterrupted stream's batches from
+    k + 1 on, images and labels: over the undecodable image and the end of a pass."""
+    batches, records = straight
+    assert records[0] == 0 and records == sorted(records) and records[-1] > 2 * 9
+    position = tfdata.StreamPosition()  # one for every resume: each build resets it
+    for k in range(1, 5):
+        resumed = _take(_stream(stream_shards, skip_records=records[k], position=position), 2)
+        for (xa, ya), (xb, yb) in zip(batches[k : k + 2], resumed, strict=True):
+            np.testing.assert_array_equal(ya, yb)
+            np.testing.assert_array_equal(xa, xb)
+        # The resumed stream notes the uninterrupted one's positions: a resume resumes.
+        assert [position.records(j) for j in range(3)] == records[k : k + 3]
+
+
+def test_every_epoch_is_a_stream_of_its_own(stream_shards, straight):
+    epoch1, again = (_take(_stream(stream_shards, epoch=1), 3) for _ in range(2))
+    labels = [np.concatenate([y for _, y in b]) for b in (straight[0][:3], epoch1)]
+    assert sorted(labels[0][:8]) == sorted(labels[1][:8])  # one pass, another order
+    assert not np.array_equal(labels[0], labels[1])
+    for (xa, ya), (xb, yb) in zip(epoch1, again, strict=True):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(xa, xb)
+
+
+def test_skipped_records_are_not_decoded(stream_shards):
+    counter = tfdata.SkipCounter()
+    _take(_stream(stream_shards, skip_records=300, counter=counter), 1)
+    # 33 passes read, each with its undecodable image; decoded: a few batches, prefetched.
+    started = int(counter.variable("undecodable").numpy())
+    assert started < 60, started

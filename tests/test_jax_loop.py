@@ -63,26 +63,26 @@ def test_jax_loop_matches_fit_and_each_resumes_the_others_checkpoint(data, tmp_p
 
 
 @pytest.mark.slow
-def test_time_budget_stops_at_an_epoch_end_and_the_same_command_resumes(data, tmp_path):
-    """`--time_budget` stops after epoch 1 with a checkpoint and a resume hint; the same
-    command (here through the wheel's entry point) resumes from the epoch-1 checkpoint (the
-    files `model.fit` writes too) and ends at the step count of two epochs."""
+def test_time_budget_stops_at_a_step_and_the_same_command_resumes(data, tmp_path):
+    """A spent `--time_budget` stops after the first step (a process always trains one) with
+    a checkpoint at that step and a resume hint; the command without the budget (here
+    through `python -m`) resumes at that step and ends at the step count of two epochs."""
     d = str(tmp_path / "run")
-    cmd = cifar_cmd(data, d, *SHORT, "--epochs=2", "--loop=jax", "--time_budget=1")
-    out = run(cmd)
+    cmd = cifar_cmd(data, d, *SHORT, "--epochs=2", "--loop=jax")
+    out = run([*cmd, "--time_budget=1"])
     text = out.stdout + out.stderr
-    assert "Stopped by --time_budget=1 s after epoch 1/2" in text
+    assert "Stopped by --time_budget=1 s at step 1 of epoch 1 (" in text
     assert "Resume with the same command:" in text and "--time_budget=1" in text
-    assert sorted(os.listdir(os.path.join(d, "checkpoints", "epoch-0001"))) == [
+    assert sorted(os.listdir(os.path.join(d, "checkpoints", "epoch-0000-step-000001"))) == [
         "model.weights.h5",
         "state.json",
     ]
     assert not os.path.exists(os.path.join(d, "summary.json"))  # not finished
     cmd[1:2] = ["-m", "keras_preact.train.cifar"]  # `python -m`: the same trainer
     out = run(cmd)
-    assert "1 epoch(s) done, optimizer step 4" in out.stdout + out.stderr
+    assert "0 epoch(s) and 1 step(s) of the next done, optimizer step 1" in out.stdout
     summary = _summary(d)
-    assert (summary["steps"], summary["epochs_run"], summary["resumed_from_epoch"]) == (8, 2, 1)
+    assert (summary["steps"], summary["epochs_run"], summary["resumed_from_epoch"]) == (8, 2, 0)
     assert [r["epoch"] for r in _log(d)] == [0, 1]
     with open(os.path.join(d, "config.json")) as f:
         assert json.load(f)["loop"] == "jax"

@@ -1,86 +1,27 @@
-"""Training runs that stop loudly and lose nothing: divergence, two trainers on one folder,
-a resume with changed options, SIGTERM and Ctrl-C (docs/reliability.md).
+"""Training runs that stop loudly and lose nothing: a resume with changed options (the
+net, the meaning, the precision, a derived value, the optimizer's shape), SIGTERM and
+Ctrl-C (docs/reliability.md). Divergence and the controller's stops: test_controller.py;
+two trainers on one folder: test_fs.py.
 
-The in-process tests use a tiny compiled model (every backend, a few seconds). The signal
-tests run a real trainer and signal it: the `fit` loop under TensorFlow, the JAX loop under
-JAX (the code they test does not depend on the backend otherwise).
+The signal tests run a real trainer and signal it: the `fit` loop under TensorFlow, the JAX
+loop under JAX (the code they test does not depend on the backend otherwise).
 """
 
-import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import keras
-import numpy as np
 import pytest
-from trainer_runs import REPO, fake_cifar, small_cnn
+from trainer_runs import REPO, fake_cifar, run
 
-from keras_preact.data import numpy_pipeline
-from keras_preact.train import callbacks, checkpoints, config, resume
+from keras_preact.train import config, resume
 
-
-def _compiled():
-    keras.utils.set_random_seed(0)
-    model = small_cnn()
-    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
-    return model
-
-
-def _data():
-    rng = np.random.default_rng(0)
-    return rng.normal(size=(16, 6, 6, 2)).astype("float32"), np.arange(16) % 2
-
-
-class _Overflow(keras.callbacks.Callback):
-    """Makes a kernel infinite at the end of epoch `at` (1-based), as an exploding run's
-    weights overflow while each batch loss it reported was still finite."""
-
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.at:
-            kernel = self.model.get_layer("fc").kernel
-            kernel.assign(np.full(kernel.shape, np.inf, "float32"))
-
-
-def test_divergence_stops_the_run_and_keeps_the_finite_checkpoints(tmp_path):
-    model, (x, y) = _compiled(), _data()
-    checkpointer = checkpoints.Checkpointer(str(tmp_path))
-    cbs = [_Overflow(at=3), *callbacks.epoch_callbacks(checkpointer)]
-    with pytest.raises(callbacks.Diverged, match=r"epoch 3: .*1 of \d+ weight tensors"):
-        model.fit(x, y, batch_size=8, epochs=4, callbacks=cbs, verbose=0)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["epoch-0001", "epoch-0002"]
-    assert len(checkpointer.history()["loss"]) == 2
-
-
-def test_non_finite_metrics_stop_the_run(tmp_path):
-    model = _compiled()
-    with pytest.raises(callbacks.Diverged, match=r"epoch 5: val_loss=nan not finite"):
-        callbacks.check_finite(model, {"loss": 5.5e23, "val_loss": float("nan")}, 5)
-    callbacks.check_finite(model, {"loss": 5.5e23, "val_loss": 1.0}, 5)  # finite: allowed
-
-
-def test_a_second_trainer_on_a_folder_is_refused_naming_the_first(tmp_path):
-    held = resume.lock(str(tmp_path))
-    with pytest.raises(resume.RunLocked, match=rf"pid {os.getpid()} on .* another --model_dir"):
-        resume.lock(str(tmp_path))
-    held.close()  # the holder ends (as a killed process's lock is dropped by the kernel)
-    resume.lock(str(tmp_path)).close()  # its leftover file is taken over
-
-
-def test_a_read_only_folder_gives_one_clear_error(tmp_path, monkeypatch):
-    def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system")
-
-    monkeypatch.setattr(os, "makedirs", read_only)
-    with pytest.raises(checkpoints.WriteError, match=r"--model_dir=.*run: Read-only file system"):
-        resume.lock(str(tmp_path / "run"))
+RUN = types.SimpleNamespace(policy="float32")  # what resume.check reads of a `Run`
 
 
 def _cfg(**values):
@@ -92,7 +33,10 @@ def _recorded_run(tmp_path, **values):
     """A run folder with a checkpoint and the config.json of `_cfg(**values)`."""
     os.makedirs(tmp_path / "checkpoints" / "epoch-0001")
     with open(tmp_path / "config.json", "w") as f:
-        json.dump(_cfg(**values).derive(steps_per_epoch=10).record(), f)
+        json.dump(
+            {**_cfg(**values).derive(steps_per_epoch=10).record(), "precision_policy": RUN.policy},
+            f,
+        )
     return str(tmp_path)
 
 
@@ -103,7 +47,7 @@ def test_a_resume_with_another_net_is_refused_before_anything_is_written(tmp_pat
         cfg = _cfg(**change, allow_changes=["all"]).derive(steps_per_epoch=10)
         name = next(iter(change))
         with pytest.raises(resume.ResumeRefused, match=rf"--{name}: .* new --model_dir"):
-            resume.check(cfg, model_dir)
+            resume.check(cfg, RUN, model_dir)
     assert (tmp_path / "config.json").read_bytes() == before
 
 
@@ -111,38 +55,66 @@ def test_a_resume_that_changes_the_run_needs_allow_changes_and_is_recorded(tmp_p
     model_dir = _recorded_run(tmp_path)
     changed = _cfg(batch_size=32).derive(steps_per_epoch=5)
     with pytest.raises(resume.ResumeRefused, match=r"--batch_size: 16 -> 32.*--allow_changes="):
-        resume.check(changed, model_dir)
+        resume.check(changed, RUN, model_dir)
     allowed = _cfg(batch_size=32, allow_changes=["batch_size"]).derive(steps_per_epoch=5)
-    found = resume.check(allowed, model_dir)
+    found = resume.check(allowed, RUN, model_dir)
     assert found["batch_size"] == (16, 32)
-    assert resume.history(model_dir, found)[-1]["changed"]["batch_size"] == {"from": 16, "to": 32}
+    at = types.SimpleNamespace(epoch=1, step=0, iterations=10, state={"epoch": 1})
+    assert resume.history(model_dir, found, at)[-1]["changed"]["batch_size"] == {
+        "from": 16,
+        "to": 32,
+    }
     # Harmless: more epochs (a step schedule), verbosity.
-    assert set(resume.check(_cfg(epochs=5, verbose=2).derive(steps_per_epoch=10), model_dir)) >= {
+    cfg = _cfg(epochs=5, verbose=2).derive(steps_per_epoch=10)
+    assert set(resume.check(cfg, RUN, model_dir)) >= {
         "epochs",
         "verbose",
     }
     # A cosine schedule stretched by more epochs: allowed, its new length recorded.
     model_dir = _recorded_run(tmp_path / "cosine", lr_schedule="cosine")
-    found = resume.check(_cfg(lr_schedule="cosine", epochs=5).derive(steps_per_epoch=10), model_dir)
+    cfg = _cfg(lr_schedule="cosine", epochs=5).derive(steps_per_epoch=10)
+    found = resume.check(cfg, RUN, model_dir)
     assert found["total_steps"] == (20, 50)
 
 
-def test_a_mid_epoch_checkpoint_resumes_the_same_batches(tmp_path):
-    model = _compiled()
-    x = np.zeros((40, 6, 6, 2), np.uint8)
-    stream = numpy_pipeline.ArrayDataset(x, np.arange(40) % 2, 4, [0.5], [0.5], training=True)
-    stream.epoch = 1
-    uninterrupted = [stream[i][0] for i in range(len(stream))]
-    checkpointer = checkpoints.Checkpointer(str(tmp_path), data=stream)
-    checkpointer.save(model, epoch=1, logs={"loss": 1.0})
-    checkpointer.save(model, epoch=1, logs={}, step=3)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["epoch-0001", "epoch-0001-step-000003"]
-    resumed = numpy_pipeline.ArrayDataset(x, np.arange(40) % 2, 4, [0.5], [0.5], training=True)
-    restored = checkpoints.Checkpointer(str(tmp_path), data=resumed).restore(_compiled())
-    assert (restored.epoch, restored.step) == (1, 3)
-    assert len(resumed) == len(stream) - 3
-    for i in range(len(resumed)):
-        np.testing.assert_array_equal(resumed[i][0], uninterrupted[3 + i])
+def test_a_changed_precision_or_a_derived_value_is_refused(tmp_path):
+    """The precision policy (the same --mixed_precision on another kind of machine) and a
+    value derived from a harmless option (new --data_dir with other data: other steps per
+    epoch) change the run: refused unless named in --allow_changes."""
+    model_dir = _recorded_run(tmp_path)
+    cfg = _cfg().derive(steps_per_epoch=10)
+    bfloat16 = types.SimpleNamespace(policy="mixed_bfloat16")
+    with pytest.raises(resume.ResumeRefused, match=r"--precision_policy: 'float32' -> 'mixed_b"):
+        resume.check(cfg, bfloat16, model_dir)
+    allowed = _cfg(allow_changes=["precision_policy"]).derive(steps_per_epoch=10)
+    assert resume.check(allowed, bfloat16, model_dir)["precision_policy"][1] == "mixed_bfloat16"
+    moved = _cfg(data_dir="/elsewhere").derive(steps_per_epoch=9)
+    with pytest.raises(resume.ResumeRefused, match=r"--steps_per_epoch: 10 -> 9.*total_steps"):
+        resume.check(moved, RUN, model_dir)
+
+
+def test_a_resume_whose_optimizer_does_not_fit_is_refused_until_restarted(tmp_path):
+    """Momentum 0 -> 0.9 adds the optimizer's momentum buffers: the resume is refused naming
+    why and --restart_optimizer, and config.json keeps no trace of it; with the flag the run
+    resumes at its step with the weights kept."""
+    data = fake_cifar(tmp_path / "data")
+    d = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "keras_preact.train.cifar", "--dataset=cifar10",
+           "--source=files", f"--data_dir={data}", f"--model_dir={d}", "--batch_size=16",
+           "--steps_per_epoch=2", "--pipeline=numpy", "--verbose=0"]  # fmt: skip
+    run([*cmd, "--epochs=1", "--momentum=0"])
+    before = open(os.path.join(d, "config.json"), "rb").read()
+    more = [*cmd, "--epochs=2", "--momentum=0.9", "--allow_changes=momentum"]
+    refused = subprocess.run(more, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 5, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "optimizer state has" in refused.stderr and "--restart_optimizer" in refused.stderr
+    assert open(os.path.join(d, "config.json"), "rb").read() == before
+    out = run([*more, "--restart_optimizer"])
+    assert "1 epoch(s) done, optimizer step 2," in out.stdout
+    summary = json.load(open(os.path.join(d, "summary.json")))
+    assert summary["steps"] == 4 and summary["epochs_run"] == 2
+    resumes = json.load(open(os.path.join(d, "config.json")))["resumes"]
+    assert len(resumes) == 1 and set(resumes[0]["changed"]) >= {"momentum", "restart_optimizer"}
 
 
 def _trainer(model_dir, data_dir, loop, *extra):

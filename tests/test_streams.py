@@ -38,22 +38,28 @@ def _numpy_epoch(arrays, epoch, **kw):
     return [ds[i] for i in range(STEPS)]
 
 
-def _tf_epochs(arrays, epochs, start_batch=0, input_context=None, batch=B):
+def _tf_batches(arrays, start_batch, num_batches, input_context=None, deterministic=False):
     x, y = arrays
     ds = tfdata.array_dataset(
         x,
         y,
-        batch_size=batch,
+        batch_size=B,
         training=True,
         mean=[0.5] * 3,
         std=[0.25] * 3,
         seed=SEED,
         normalize=False,
         start_batch=start_batch,
+        num_batches=num_batches,
         input_context=input_context,
+        deterministic=deterministic,
     )
-    it = iter(ds)
-    return [[tuple(t.numpy() for t in next(it)) for _ in range(STEPS)] for _ in range(epochs)]
+    return [tuple(t.numpy() for t in batch) for batch in ds]
+
+
+def _tf_epochs(arrays, epochs, start_batch=0, **kw):
+    batches = _tf_batches(arrays, start_batch, epochs * STEPS, **kw)
+    return [batches[e * STEPS : (e + 1) * STEPS] for e in range(epochs)]
 
 
 def test_both_streams_hold_the_same_examples_in_every_batch(arrays):
@@ -87,9 +93,36 @@ def test_both_streams_augment_alike(arrays):
 
 def test_a_resumed_tf_stream_continues_where_it_stopped(arrays):
     straight = _tf_epochs(arrays, 3)
-    resumed = _tf_epochs(arrays, 1, start_batch=lambda: 2 * STEPS)
+    resumed = _tf_epochs(arrays, 1, start_batch=2 * STEPS)
     for (_, a), (_, b) in zip(straight[2], resumed[0]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_deterministic_stream_started_at_a_batch_augments_it_alike(arrays):
+    """Batch b of a stream started at b is the uninterrupted stream's, images included."""
+    straight = _tf_batches(arrays, 0, 2 * STEPS, deterministic=True)
+    for start in (1, STEPS - 2, STEPS + 5):  # the second start crosses a pass
+        resumed = _tf_batches(arrays, start, 4, deterministic=True)
+        for (xa, ya), (xb, yb) in zip(straight[start : start + 4], resumed, strict=True):
+            np.testing.assert_array_equal(ya, yb)
+            np.testing.assert_array_equal(xa, xb)
+
+
+def test_the_training_stream_runs_no_python(arrays):
+    """No `from_generator` (a TPU host cannot run it): no generator or py_func op."""
+    x, y = arrays
+    for deterministic in (False, True):
+        ds = tfdata.array_dataset(
+            x, y, batch_size=B, training=True, mean=[0.5] * 3, std=[0.25] * 3,
+            deterministic=deterministic, num_batches=3,
+        )  # fmt: skip
+        graph = tf.compat.v1.GraphDef.FromString(ds._as_serialized_graph().numpy())
+        nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+        ops = {node.op for node in nodes}
+        assert "TensorSliceDataset" in ops
+        assert not {op for op in ops if "PyFunc" in op or "Generator" in op}, ops
+    with pytest.raises(ValueError, match="num_batches"):
+        tfdata.array_dataset(x, y, batch_size=B, training=True, mean=[0.5] * 3, std=[0.25] * 3)
 
 
 def test_input_pipelines_share_each_global_batch(arrays):

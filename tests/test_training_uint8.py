@@ -39,7 +39,9 @@ def test_tfdata_array_pipeline_ships_uint8():
     from keras_preact.data import tfdata
 
     x, y = _arrays()
-    kw = dict(batch_size=8, training=True, mean=MEAN, std=STD, seed=3, deterministic=True)
+    kw = dict(
+        batch_size=8, training=True, mean=MEAN, std=STD, seed=3, deterministic=True, num_batches=1
+    )
     xf, yf = next(iter(tfdata.array_dataset(x, y, **kw)))
     xu, yu = next(iter(tfdata.array_dataset(x, y, normalize=False, **kw)))
     assert xf.dtype == "float32" and xu.dtype == "uint8"

@@ -144,7 +144,7 @@ def _total(seconds):
 
 
 def copy_out(args, names):
-    from keras_preact.train.checkpoints import write_atomic
+    from keras_preact.train.fs import write_atomic
 
     for name in names if args.out else ():
         os.makedirs(args.out, exist_ok=True)
@@ -156,7 +156,7 @@ def main(argv=None):
     args = parse_args(argv)
     import keras
 
-    from keras_preact.train import checkpoints, distribution
+    from keras_preact.train import distribution, fs
 
     if args.smoke:
         distribution.smoke_environment()
@@ -165,6 +165,12 @@ def main(argv=None):
     # 1. Train (or resume) with the package's trainer, within the budget less the reserve.
     if not os.path.exists(path("summary.json")):
         budget = args.time_budget and args.time_budget - FINAL_RESERVE_S - (time.time() - START)
+        if budget is not None and budget < 1:  # the trainer refuses a budget <= 0
+            raise SystemExit(
+                f"--time_budget={args.time_budget:g} leaves no time to train after the "
+                f"{FINAL_RESERVE_S:.0f} s kept for the final evaluation and the export; "
+                f"pass more than {FINAL_RESERVE_S + time.time() - START + 1:.0f} s."
+            )
         loop = "jax" if keras.backend.backend() == "jax" else "fit"
         code = subprocess.run(trainer_command(args, loop, budget)).returncode
         if code:
@@ -216,14 +222,14 @@ def main(argv=None):
         "export": export,
         "elapsed_s": round(time.time() - START, 1),
     }
-    checkpoints.write_json_atomic(path("recipe.json"), recipe)
+    fs.write_json_atomic(path("recipe.json"), recipe)
     print(json.dumps(recipe, indent=1), flush=True)
     copy_out(args, OUTPUTS)
     return 0
 
 
 if __name__ == "__main__":
-    from keras_preact.train.checkpoints import WriteError
+    from keras_preact.train.fs import WriteError
 
     try:
         sys.exit(main())

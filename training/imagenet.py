@@ -1,9 +1,7 @@
 """`python training/imagenet.py ...` runs `python -m keras_preact.train.imagenet ...` (docs/training.md)."""
 
-from absl import flags
-
 from keras_preact.train import imagenet
 
-flags.adopt_module_key_flags(imagenet)  # `--help` lists its flags
+imagenet.define_flags()  # where the program starts: `--help` lists them
 if __name__ == "__main__":
     imagenet.run_main()

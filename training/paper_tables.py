@@ -48,13 +48,13 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import NamedTuple
 
-from keras_preact.train.checkpoints import (
+from keras_preact.train.config import SHORTCUT_PARAMS
+from keras_preact.train.fs import (
     WriteError,
     write_atomic,
     write_json_atomic,
     write_text_atomic,
 )
-from keras_preact.train.config import SHORTCUT_PARAMS
 
 START = time.time()
 

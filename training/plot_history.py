@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags
 
-from keras_preact.train.checkpoints import WriteError, write_atomic
+from keras_preact.train.fs import WriteError, write_atomic
 
 flags.DEFINE_string("model_dir", None, "Run folder holding log.csv.", required=True)
 flags.DEFINE_string("output", None, "PNG path (default: model_dir/curves.png).")

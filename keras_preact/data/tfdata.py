@@ -4,6 +4,11 @@ TensorFlow is imported here and never by `import keras_preact`. Every builder
 takes a `tf.distribute.InputContext` (or None) and returns a dataset of
 per-replica batches for that input pipeline, ready for
 `strategy.distribute_datasets_from_function`.
+
+A training dataset is built at a position of its stream, without Python in the
+graph (a TPU host runs it): `array_dataset` from a global batch,
+`imagenet_dataset` for an epoch and a number of records of it to skip, noting
+in a `StreamPosition` where each batch it produces leaves the stream.
 """
 
 import concurrent.futures
@@ -88,14 +93,20 @@ def array_dataset(
     deterministic=False,
     normalize=True,
     start_batch=0,
+    num_batches=None,
 ):
     """Dataset of CIFAR-style batches from uint8 arrays held in memory.
+
+    A training dataset is the stretch `[start_batch, start_batch + num_batches)` of global
+    batches of one endless stream: a trainer builds it afresh at its position (an epoch,
+    or a run resumed mid-epoch). It is built from index arrays, without Python in the
+    graph (no `from_generator`), so it runs where a TPU host runs it.
 
     Args:
         images: uint8 `(N, H, W, C)`.
         labels: int `(N,)`.
         batch_size: the global batch size.
-        training: shuffle, repeat, augment and drop the remainder.
+        training: shuffle, augment and drop the remainder.
         mean: per-channel mean, [0, 1] units.
         std: per-channel standard deviation, [0, 1] units.
         input_context: `tf.distribute.InputContext`, or None for one pipeline.
@@ -103,13 +114,16 @@ def array_dataset(
         flip: random horizontal flips.
         seed: seed of the example order and the augmentation. The training order is
             `numpy_pipeline.example_order`'s, the numpy pipeline's: global batch `b` holds
-            the same examples in both (with several input pipelines, their per-replica
-            batches together).
-        deterministic: stateless random augmentation ops.
-        start_batch: the global batch the training stream starts at (an int, or a
-            callable read when iteration starts: a resumed run's position).
+            the same examples in both (with several input pipelines, each takes its share
+            of every global batch: their per-replica batches together).
+        deterministic: stateless augmentation, seeded by `(seed, slot)` with slot
+            `b * batch_size + i` for the i-th example of global batch `b`: a stream
+            started at `b` augments it as the uninterrupted stream does. Otherwise
+            stateful random ops (faster, not reproducible).
         normalize: map images to float32 `(x / 255 - mean) / std`; if False, batches stay
             uint8 (4x fewer bytes to the accelerator) and the model normalizes them.
+        start_batch: the global batch (an int) the training stream starts at.
+        num_batches: the global batches of a training dataset (required when training).
 
     Returns:
         A `tf.data.Dataset` of `(float32 images, int64 labels)` batches (uint8 images
@@ -118,15 +132,14 @@ def array_dataset(
     Example:
 
     >>> x = np.zeros((16, 28, 28, 1), np.uint8); y = np.zeros(16, np.int64)
-    >>> ds = array_dataset(x, y, batch_size=8, training=True, mean=[0.5], std=[0.5])
-    >>> next(iter(ds))[0].shape
-    TensorShape([8, 28, 28, 1])
+    >>> ds = array_dataset(x, y, batch_size=8, training=True, mean=[0.5], std=[0.5],
+    ...                    start_batch=3, num_batches=2)
+    >>> [tuple(x.shape) for x, _ in ds]
+    [(8, 28, 28, 1), (8, 28, 28, 1)]
     """
-    from keras_preact.data import numpy_pipeline
-
     batch = per_replica_batch(batch_size, input_context)
     labels = np.asarray(labels, np.int64)
-    sharded = input_context is not None and input_context.num_input_pipelines > 1
+    pipelines = input_context.num_input_pipelines if input_context else 1
     mean = tf.constant(mean, tf.float32)
     std = tf.constant(std, tf.float32)
 
@@ -135,37 +148,50 @@ def array_dataset(
 
     if not training:
         ds = tf.data.Dataset.from_tensor_slices((images, labels))
-        if sharded:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        if pipelines > 1:
+            ds = ds.shard(pipelines, input_context.input_pipeline_id)
     else:
-
-        def order():
-            start = start_batch() if callable(start_batch) else start_batch
-            yield from numpy_pipeline.example_order(len(images), batch_size, seed, start)
-
-        ds = tf.data.Dataset.from_generator(
-            order, output_signature=tf.TensorSpec((None,), tf.int64)
-        ).unbatch()
-        if sharded:  # every pipeline takes its share of each global batch
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        index, slot = _stream_indices(len(images), batch_size, seed, start_batch, num_batches)
+        if pipelines > 1:  # every pipeline takes its share of each global batch
+            share = slice(input_context.input_pipeline_id, None, pipelines)
+            index, slot = index[share], slot[share]
         x_all, y_all = tf.constant(images), tf.constant(labels)
-        ds = ds.map(lambda i: (tf.gather(x_all, i), tf.gather(y_all, i)))
-        if deterministic:
-            ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))
-            ds = ds.map(
-                lambda xy, s: (cifar_augment(xy[0], padding=padding, flip=flip, seed=s), xy[1]),
-                num_parallel_calls=AUTOTUNE,
-            )
-        else:
-            ds = ds.map(
-                lambda x, y: (cifar_augment(x, padding=padding, flip=flip), y),
-                num_parallel_calls=AUTOTUNE,
-            )
+
+        def augment(i, s):
+            s = tf.stack([tf.constant(seed, tf.int64), s]) if deterministic else None
+            image = cifar_augment(tf.gather(x_all, i), padding=padding, flip=flip, seed=s)
+            return image, tf.gather(y_all, i)
+
+        ds = tf.data.Dataset.from_tensor_slices((index, slot))
+        ds = ds.map(augment, num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch, drop_remainder=training)
     if normalize:
         ds = ds.map(normalize_batch, num_parallel_calls=AUTOTUNE)
     # The element order is the stream's (parallel maps must keep it).
     return ds.with_options(_options(True)).prefetch(AUTOTUNE)
+
+
+def _stream_indices(n, batch_size, seed, start_batch, num_batches):
+    """The example indices of global batches `[start_batch, start_batch + num_batches)` of
+    `numpy_pipeline.example_order`'s stream, and their slots `b * batch_size + i`."""
+    from keras_preact.data import numpy_pipeline
+
+    _check_counts(start_batch=start_batch, num_batches=num_batches)
+    if n < batch_size:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
+    need, chunks = num_batches * batch_size, []
+    for chunk in numpy_pipeline.example_order(n, batch_size, seed, start_batch):
+        chunks.append(chunk)
+        if sum(map(len, chunks)) >= need:
+            break
+    slot = start_batch * batch_size + np.arange(need, dtype=np.int64)
+    return np.concatenate(chunks)[:need].astype(np.int64), slot
+
+
+def _check_counts(**values):
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0; got {value!r}.")
 
 
 def load_tfds_arrays(name, data_dir=None, download=True):
@@ -296,6 +322,70 @@ class SkipCounter:
         """`fn(image_bytes) -> image` as `(image_bytes, label) -> (image, label)`, counted as
         `undecodable` when it raises (use with `ignore_errors()`)."""
         return self.guard("undecodable", lambda image_bytes, label: (fn(image_bytes), label))
+
+
+class StreamPosition:
+    """Where an ImageNet training stream stands, batch by batch, in records of its epoch.
+
+    `imagenet_dataset(training=True, position=...)` notes for every batch it produces the
+    records of the epoch's record stream consumed up to and including that batch:
+    `skip_records` plus the index just past the batch's last record. The index is taken
+    before decoding, so records dropped as undecodable count too. A trainer that has taken
+    `k` batches from the iterator saves `records(k)`; building the epoch's stream again
+    with `skip_records=records(k)` continues at batch `k + 1` (exactly under
+    `deterministic=True`). The pipeline runs ahead of its consumer (prefetching); the
+    notes of the last `size` batches it produced are kept.
+
+    One position follows one input pipeline; `imagenet_dataset` resets it, so one object
+    can serve epoch after epoch. Create it outside `strategy.scope()`, so that its
+    variables are plain variables on the host's CPU.
+
+    Example:
+
+    >>> position = StreamPosition()
+    >>> position.reset(skip_records=40)
+    >>> position.records(0)
+    40
+    """
+
+    def __init__(self, size=4096):
+        self.size = size
+        self._skip = 0
+        self._stream = 0  # which stream notes belong to: a reset disowns older ones
+        # init_scope: created eagerly even when a dataset function is being traced.
+        with tf.init_scope(), tf.device("/CPU:0"):
+            zeros = tf.zeros([size], tf.int64)
+            self._records = tf.Variable(zeros, trainable=False, name="position_records")
+            self._batches = tf.Variable(zeros, trainable=False, name="position_batches")
+
+    def reset(self, skip_records=0):
+        """Starts a new stream after `skip_records` records; an older stream's notes (an
+        iterator still prefetching) no longer count."""
+        self._skip = int(skip_records)
+        self._stream += 1
+
+    def records(self, batches):
+        """Records of the epoch's stream consumed by the first `batches` batches produced
+        (per-replica batches of this input pipeline; 0 gives `skip_records`)."""
+        if batches == 0:
+            return self._skip
+        slot = batches % self.size
+        records = int(self._records[slot].numpy())
+        if batches < 0 or int(self._batches[slot].numpy()) != self._tag(batches):
+            raise ValueError(
+                f"batches={batches!r} is not noted: the pipeline has not produced that batch, "
+                f"or has produced {self.size} more since (only the last {self.size} are kept)."
+            )
+        return records
+
+    def note(self, batch, index):
+        """In a dataset map: batch number `batch` (from 1) holds records up to `max(index)`."""
+        slot = batch % self.size
+        with tf.control_dependencies([self._records[slot].assign(tf.reduce_max(index) + 1)]):
+            return self._batches[slot].assign(self._tag(batch))
+
+    def _tag(self, batch):
+        return batch + (self._stream << 40)
 
 
 def parse_example(serialized, label_offset=1):
@@ -749,6 +839,9 @@ def imagenet_dataset(
     counter=None,
     one_hot_classes=None,
     num_classes=None,
+    epoch=0,
+    skip_records=0,
+    position=None,
 ):
     """The ImageNet input pipeline.
 
@@ -757,6 +850,15 @@ def imagenet_dataset(
     run in one parallel map. Records that cannot be read or parsed, labels
     outside `[0, num_classes)` and undecodable images are dropped and counted
     by cause in `counter`, with the images delivered (see `SkipCounter`).
+
+    A training dataset is epoch `epoch`'s stream, built afresh for every epoch
+    (a trainer takes its steps from it): this pipeline's shards in an order drawn
+    from `(seed, epoch)`, their records interleaved and shuffled, the decoded
+    ones batched; pass after pass, each in an order of its own, without end.
+    Under `deterministic=True` the stream is a fixed function of `(seed, epoch)`
+    (and of TensorFlow's global seed, which tf.data's shuffles read; the trainers
+    set it from the run's seed). Otherwise parallel reads and maps may reorder
+    it locally, and a resume at a position is exact up to that reordering.
 
     Args:
         source: `"tfrecord"` (shards `train-*` / `validation-*` in `data_dir`),
@@ -776,7 +878,8 @@ def imagenet_dataset(
         normalize: subtract the mean and divide by the std here; if False the
             batches are uint8 and normalization runs on the accelerator.
         seed: seed of shuffles and augmentation.
-        deterministic: fixed order and stateless augmentation.
+        deterministic: fixed order and stateless augmentation, each record's
+            seeded by its index in the epoch's record stream.
         shuffle_buffer: number of encoded records in the shuffle buffer.
         label_offset: subtracted from TFRecord labels (1 for the TF scripts).
         cycle_length: shards read in parallel.
@@ -786,62 +889,75 @@ def imagenet_dataset(
         num_classes: labels must lie in `[0, num_classes)`, others are skipped
             and counted; default `one_hot_classes`, else `IMAGENET_CLASSES` for
             TFRecords (ImageNet's 1000) and a TFDS dataset's declared classes.
+        epoch: the epoch whose stream a training dataset is.
+        skip_records: records of the epoch's record stream (parsed, with a good
+            label, shuffled) to skip, read but not decoded: a mid-epoch resume
+            at `StreamPosition.records(k)` continues at the stream's batch k + 1.
+        position: a `StreamPosition` noting the stream's position after every
+            training batch; reset here.
 
     Returns:
         A `tf.data.Dataset` of `(images, labels)` batches. A TFRecord shard
         deleted or moved after the dataset was built stops the iteration with an
         `InvalidArgumentError` naming it.
+
+    Example:
+
+    >>> position = StreamPosition()
+    >>> ds = imagenet_dataset(source="tfrecord", split="train",  # doctest: +SKIP
+    ...     data_dir="/data/imagenet", batch_size=256, training=True, epoch=3,
+    ...     skip_records=saved_records, position=position)
     """
     batch = per_replica_batch(batch_size, input_context)
     num_classes = _checked_num_classes(num_classes, one_hot_classes)
     if num_classes is None and source == "tfrecord":
         num_classes = IMAGENET_CLASSES  # a label past it would reach the loss unchecked
+    _check_counts(epoch=epoch, skip_records=skip_records)
     counter = counter or SkipCounter()
+    if training:  # one seed per epoch: every epoch's stream starts afresh
+        seed = int(np.random.default_rng([seed, epoch]).integers(2**31 - 1))
     ds = _encoded_records(
-        source=source,
-        split=split,
-        data_dir=data_dir,
-        training=training,
-        input_context=input_context,
-        seed=seed,
-        deterministic=deterministic,
-        label_offset=label_offset,
-        cycle_length=cycle_length,
-        num_classes=num_classes,
+        source=source, split=split, data_dir=data_dir, training=training,
+        input_context=input_context, seed=seed, deterministic=deterministic,
+        label_offset=label_offset, cycle_length=cycle_length, num_classes=num_classes,
         counter=counter,
-    )
+    )  # fmt: skip
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    if training:
-        prep = functools.partial(
-            ipp.preprocess_train, crop=crop, size=image_size, color=color, fused=fused
-        )
+        # Numbered before the skip: later records keep their numbers and augmentation.
+        ds = ds.enumerate().skip(skip_records)
+
+        def decode(index, record):
+            s = tf.stack([tf.constant(seed, tf.int64), index]) if deterministic else None
+            kw = dict(crop=crop, size=image_size, color=color, fused=fused, seed=s)
+            return ipp.preprocess_train(record[0], **kw), record[1], index
+
+        decode = counter.guard("undecodable", decode)
     else:
-        prep = functools.partial(ipp.preprocess_eval, resize=eval_resize, crop=image_size)
-    if training and deterministic:
-        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))
-        ds = ds.map(
-            lambda xy, s: counter.wrap(functools.partial(prep, seed=s))(*xy),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=True,
+        decode = counter.wrap(
+            functools.partial(ipp.preprocess_eval, resize=eval_resize, crop=image_size)
         )
-    else:
-        ds = ds.map(
-            counter.wrap(prep),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=bool(deterministic) or not training,
-        )
+    ds = ds.map(
+        decode, num_parallel_calls=AUTOTUNE, deterministic=bool(deterministic) or not training
+    )
     ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(batch, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+    if position is not None:
+        position.reset(skip_records)
 
-    def finish(images, labels):
+    def finish(number, batch):  # batches numbered from 1, as their consumer counts them
+        images, labels, *index = batch
         images = ipp.normalize(images) if normalize else tf.cast(tf.round(images), tf.uint8)
         if one_hot_classes:
             labels = tf.one_hot(labels, one_hot_classes)
-        with tf.control_dependencies([counter.add("delivered", tf.shape(images)[0])]):
+        notes = [counter.add("delivered", tf.shape(images)[0])]
+        if position is not None and index:
+            notes.append(position.note(number, index[0]))
+        with tf.control_dependencies(notes):
             return tf.identity(images), labels
 
-    ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
+    # In order, whatever `deterministic`: the k-th batch out is batch number k.
+    ds = ds.enumerate(1).map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
     if source == "tfrecord":
         ds = _stop_on_missing_shard(ds, counter)
     return ds.with_options(_options(deterministic or not training)).prefetch(AUTOTUNE)

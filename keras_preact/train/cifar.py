@@ -24,107 +24,94 @@ A short real run on the Debian copy of Fashion-MNIST (docs/training.md has the r
 Data stays in memory. `--pipeline=numpy` augments in numpy and needs no TensorFlow, so it
 runs under KERAS_BACKEND=jax or torch on machines without TF; `--pipeline=tfdata` uses
 `keras_preact.data.tfdata`. `--loop=jax` trains with a jitted JAX step (KERAS_BACKEND=jax).
+This module is the trainer's flags and data; the run itself is `trainer.train`'s.
 """
-
-import time
-import types
 
 import keras
 from absl import app, flags
 
-from keras_preact.train import (
-    checkpoints,
-    config,
-    distribution,
-    loops,
-    modeling,
-    optimization,
-    resume,
-    sources,
-)
+from keras_preact.train import config, distribution, modeling, sources, trainer
 from keras_preact.train import flags as train_flags
 
-train_flags.define_train_flags(config.CifarConfig)
-flags.adopt_module_key_flags(train_flags)  # `--help` lists the shared flags too
-flags.DEFINE_enum("dataset", "cifar10", list(sources.MEMORY_DATASETS), "Dataset.")
-flags.DEFINE_enum(
-    "source",
-    "tfds",
-    ["tfds", "files"],
-    "tfds: tensorflow-datasets; files: the IDX files (Fashion-MNIST) or "
-    "the CIFAR python-version archive in --data_dir, no TensorFlow needed.",
-)
-flags.DEFINE_string("data_dir", None, "Directory of the files, or the TFDS data_dir.")
-flags.DEFINE_enum(
-    "pipeline",
-    "auto",
-    ["auto", "numpy", "tfdata"],
-    "auto: tfdata under the TensorFlow backend with --loop=fit or custom, numpy otherwise.",
-)
-flags.DEFINE_bool("flip", True, "Random horizontal flips (also used for Fashion-MNIST).")
-flags.DEFINE_integer(
-    "padding", 4, "Padding of the random crop; 0 disables cropping.", lower_bound=0
-)
-flags.DEFINE_float(
-    "erasing", 0.0, "Random-erasing probability per training image (numpy pipeline; 0: off)."
-)
-flags.register_validator("erasing", lambda v: 0.0 <= v <= 1.0, message="must be in [0, 1].")
-flags.DEFINE_integer(
-    "eval_examples", None, "Evaluate on the first N test images only (smoke runs).", lower_bound=1
-)
-flags.DEFINE_integer(
-    "eval_batch_size",
-    None,
-    "Evaluation batch size (default: 500, rounded down to a multiple of the replicas).",
-    lower_bound=1,
-)
+FLAGS = flags.FLAGS
+_DEFINED = []
 
 
-@flags.multi_flags_validator(
-    ["source", "data_dir", "dataset"], message="--source=files needs --data_dir."
-)
-def _files_need_a_folder(values):
-    if values["source"] != "files":
-        return True
-    if values["data_dir"]:
+def define_flags():
+    """The trainer's flags (once per process): its own, and the shared ones with
+    `CifarConfig`'s defaults. Returns the names of all of them."""
+    if _DEFINED:
+        return _DEFINED
+    before = set(FLAGS)
+    train_flags.define_train_flags(config.CifarConfig)
+    flags.DEFINE_enum("dataset", "cifar10", list(sources.MEMORY_DATASETS), "Dataset.")
+    flags.DEFINE_enum(
+        "source",
+        "tfds",
+        ["tfds", "files"],
+        "tfds: tensorflow-datasets; files: the IDX files (Fashion-MNIST) or "
+        "the CIFAR python-version archive in --data_dir, no TensorFlow needed.",
+    )
+    flags.DEFINE_string("data_dir", None, "Directory of the files, or the TFDS data_dir.")
+    flags.DEFINE_enum(
+        "pipeline",
+        "auto",
+        ["auto", "numpy", "tfdata"],
+        "auto: tfdata under the TensorFlow backend with --loop=fit or custom, numpy otherwise.",
+    )
+    flags.DEFINE_bool("flip", True, "Random horizontal flips (also used for Fashion-MNIST).")
+    flags.DEFINE_integer(
+        "padding", 4, "Padding of the random crop; 0 disables cropping.", lower_bound=0
+    )
+    flags.DEFINE_float(
+        "erasing", 0.0, "Random-erasing probability per training image (numpy pipeline; 0: off)."
+    )
+    flags.register_validator("erasing", lambda v: 0.0 <= v <= 1.0, message="must be in [0, 1].")
+    flags.DEFINE_integer(
+        "eval_examples", None, "Evaluate on the first N test images only (smoke runs).",
+        lower_bound=1,
+    )  # fmt: skip
+    flags.DEFINE_integer(
+        "eval_batch_size",
+        None,
+        "Evaluation batch size (default: 500, rounded down to a multiple of the replicas).",
+        lower_bound=1,
+    )
+    flags.register_multi_flags_validator(["source", "data_dir", "dataset"], _source_is_readable)
+    flags.register_multi_flags_validator(
+        ["pipeline", "loop", "strategy", "erasing"], _pipeline_fits_backend_and_loop
+    )
+    _DEFINED.extend(sorted(set(FLAGS) - before))
+    return _DEFINED
+
+
+def _source_is_readable(values):
+    if values["source"] == "files":
+        if not values["data_dir"]:
+            raise flags.ValidationError("--source=files needs --data_dir.")
         problem = sources.files_problem(values["dataset"], values["data_dir"])
-        if problem:
-            raise flags.ValidationError(problem)
-    return bool(values["data_dir"])
-
-
-@flags.multi_flags_validator(["source", "data_dir", "dataset"])
-def _tfds_can_load(values):
-    if values["source"] == "tfds":
+    else:
         problem = sources.tfds_problem(values["dataset"], values["data_dir"])
-        if problem:
-            raise flags.ValidationError(problem)
+    if problem:
+        raise flags.ValidationError(problem)
     return True
 
 
-@flags.multi_flags_validator(["pipeline", "loop", "strategy", "erasing"])
 def _pipeline_fits_backend_and_loop(values):
-    pipeline = resolve_pipeline(values["pipeline"], values["loop"])
+    loop = distribution.resolve_loop(values["loop"], values["strategy"])
+    pipeline = resolve_pipeline(values["pipeline"], loop)
     if pipeline == "tfdata" and keras.backend.backend() != "tensorflow":
         raise flags.ValidationError(
             "--pipeline=tfdata feeds tf.data batches: use KERAS_BACKEND=tensorflow or "
             "--pipeline=numpy (or auto)."
         )
-    custom = values["loop"] == "custom" or (
-        values["loop"] == "auto" and values["strategy"] == "multi_worker_mirrored"
-    )
-    if custom and pipeline == "numpy":
+    if loop == "custom" and pipeline == "numpy":
         raise flags.ValidationError(
             "--loop=custom distributes a tf.data dataset: use --pipeline=tfdata (or auto)."
         )
-    if values["loop"] == "jax" and pipeline != "numpy":
-        raise flags.ValidationError("--loop=jax reads the numpy pipeline: use --pipeline=numpy.")
     if values["erasing"] and pipeline != "numpy":
         raise flags.ValidationError("--erasing is an augmentation of --pipeline=numpy.")
     return True
-
-
-FLAGS = flags.FLAGS
 
 
 def resolve_pipeline(pipeline, loop):
@@ -135,83 +122,72 @@ def resolve_pipeline(pipeline, loop):
     return "tfdata" if tf_backend and loop != "jax" else "numpy"
 
 
-def datasets(cfg, run, arrays):
-    """`(train_data, val_data_fn, position)` of the run's pipeline, loop and strategy.
+class MemoryData(trainer.Data):
+    """CIFAR-10/100 or Fashion-MNIST in memory, through the numpy or the tf.data pipeline.
 
-    Both pipelines deliver the examples in the order of `numpy_pipeline.example_order`;
-    `position` (its `epoch`, set when the run resumes) is where the training stream starts.
+    Both deliver the examples of global batch `b` in the order of
+    `numpy_pipeline.example_order`, so the training input at `(epoch, step)` is global batch
+    `epoch * steps_per_epoch + step` on: a resume needs no other position.
     """
-    from keras_preact.data import numpy_pipeline
 
-    (x_train, y_train), (x_test, y_test) = arrays
-    normalize = not cfg.normalize_on_device
-    common = dict(mean=cfg.mean, std=cfg.std, normalize=normalize)
-    augment = dict(padding=cfg.padding, flip=cfg.flip, seed=cfg.seed)
-    if cfg.pipeline == "numpy":
-        train = numpy_pipeline.ArrayDataset(
-            x_train,
-            y_train,
-            cfg.batch_size,
-            training=True,
-            steps_per_epoch=cfg.steps_per_epoch,
-            erasing=cfg.erasing,
-            **augment,
-            **common,
-        )
-        val = numpy_pipeline.ArrayDataset(
-            x_test, y_test, cfg.eval_batch_size, training=False, **common
-        )
-        return train, lambda: val, train
-    from keras_preact.data import tfdata
+    def __init__(self, cfg, run, arrays):
+        (self.x, self.y), (self.xt, self.yt) = arrays
+        self.cfg, self.run = cfg, run
+        self.input_shape, self.classes = self.x.shape[1:], sources.MEMORY_DATASETS[cfg.dataset]
+        self.common = dict(mean=cfg.mean, std=cfg.std, normalize=not cfg.normalize_on_device)
+        self.augment = dict(padding=cfg.padding, flip=cfg.flip, seed=cfg.seed)
 
-    position = types.SimpleNamespace(
-        seed=cfg.seed, epoch=0, offset=0, steps_per_epoch=cfg.steps_per_epoch
-    )
+    def train(self, epoch, step, steps):
+        from keras_preact.data import numpy_pipeline
 
-    def train_fn(input_context=None):
-        return tfdata.array_dataset(
-            x_train,
-            y_train,
-            batch_size=cfg.batch_size,
-            training=True,
-            input_context=input_context,
-            deterministic=cfg.deterministic,
-            start_batch=lambda: position.epoch * cfg.steps_per_epoch + position.offset,
-            **augment,
-            **common,
-        )
+        cfg, start = self.cfg, epoch * self.cfg.steps_per_epoch + step
+        if cfg.pipeline == "numpy":
+            data = numpy_pipeline.ArrayDataset(
+                self.x, self.y, cfg.batch_size, training=True,
+                steps_per_epoch=cfg.steps_per_epoch, erasing=cfg.erasing, **self.augment,
+                **self.common,
+            )  # fmt: skip
+            data.epoch, data.offset = epoch, step  # global batch `start + i` is item i
+            return data
+        return self._tfdata(lambda context: dict(
+            images=self.x, labels=self.y, batch_size=cfg.batch_size, training=True,
+            input_context=context, deterministic=cfg.deterministic, start_batch=start,
+            num_batches=steps, **self.augment, **self.common,
+        ))  # fmt: skip
 
-    def val_fn(input_context=None):
-        return tfdata.array_dataset(
-            x_test,
-            y_test,
-            batch_size=cfg.eval_batch_size,
-            training=False,
-            input_context=input_context,
-            **common,
-        )
+    def evaluate(self):
+        from keras_preact.data import numpy_pipeline
 
-    if run.loop == "custom":
-        distribute = run.strategy.distribute_datasets_from_function
-        return distribute(train_fn), lambda: distribute(val_fn), position
-    val = val_fn()
-    return train_fn(), lambda: val, position
+        cfg = self.cfg
+        if cfg.pipeline == "numpy":
+            return numpy_pipeline.ArrayDataset(
+                self.xt, self.yt, cfg.eval_batch_size, training=False, **self.common
+            )
+        return self._tfdata(lambda context: dict(
+            images=self.xt, labels=self.yt, batch_size=cfg.eval_batch_size, training=False,
+            input_context=context, **self.common,
+        ))  # fmt: skip
+
+    def _tfdata(self, kwargs):
+        """A `tfdata.array_dataset` of `kwargs(input_context)`, distributed for the custom
+        loop."""
+        from keras_preact.data import tfdata
+
+        if self.run.loop == "custom":
+            return self.run.strategy.distribute_datasets_from_function(
+                lambda context: tfdata.array_dataset(**kwargs(context))
+            )
+        return tfdata.array_dataset(**kwargs(None))
+
+    def summary(self, final):
+        return {"dataset": self.cfg.dataset, "test_top1": float(final["top1"]),
+                "test_top5": float(final["top5"]), "test_loss": float(final["loss"]),
+                "test_images_scored": int(final.get("examples", len(self.xt)))}  # fmt: skip
 
 
-def main(argv):
-    del argv
-    start = time.time()
-
-    # 1. Configuration: the flags, once, as a frozen config (values checked at parsing).
-    cfg = config.CifarConfig.from_flags(FLAGS)
-    cfg = cfg.derive(base_lr=cfg.base_lr or 0.1, pipeline=resolve_pipeline(cfg.pipeline, cfg.loop))
-
-    # 2. Seeds, strategy and precision: variables are created under them. One trainer
-    # per run folder.
-    run = distribution.setup(cfg)
-    lock = resume.lock(run.write_dir)  # noqa: F841 - held until the process ends
-
-    # 3. Data, in memory; uint8 batches when the model normalizes on the device.
+def prepare(cfg, run):
+    """The data in memory, and the values that follow from it: steps per epoch, the
+    normalization (the data set's statistics, unless the start weights carry their own)."""
     from keras_preact.data import numpy_pipeline
 
     (x_train, y_train), (x_test, y_test) = sources.load_arrays(
@@ -223,7 +199,6 @@ def main(argv):
         )
     if cfg.eval_examples:
         x_test, y_test = x_test[: cfg.eval_examples], y_test[: cfg.eval_examples]
-    # The data set's statistics normalize the inputs, unless the start weights carry their own.
     mean, std = numpy_pipeline.channel_stats(x_train)
     cfg = cfg.derive(
         **modeling.resolved_options(cfg, model=cfg.model, mean=mean, std=std),
@@ -232,62 +207,22 @@ def main(argv):
         num_train=len(x_train),
         num_test=len(x_test),
     )
-    train_data, val_data_fn, position = datasets(cfg, run, ((x_train, y_train), (x_test, y_test)))
+    return cfg, MemoryData(cfg, run, ((x_train, y_train), (x_test, y_test)))
 
-    # 4. Model and optimizer.
-    schedule = optimization.lr_schedule(cfg)
-    classes = sources.MEMORY_DATASETS[cfg.dataset]
-    built = modeling.build(cfg, run, schedule, input_shape=x_train.shape[1:], classes=classes)
-    cfg = cfg.derive(decayed_weights=built.decayed)
 
-    # 5. Resume from the last checkpoint, if the run was interrupted and its options are
-    # the recorded ones (checked before anything is written). The input order depends only
-    # on (seed, batch): the stream continues where it stopped.
-    changed = resume.check(cfg, cfg.model_dir)
-    checkpoints.write_config(cfg, run, resume.history(cfg.model_dir, changed))
-    checkpointer = checkpoints.Checkpointer(
-        cfg.model_dir, run.write_dir, data=position, export=built.export
+def main(argv):
+    del argv
+    cfg = config.CifarConfig.from_flags(FLAGS)
+    cfg = cfg.derive(
+        base_lr=cfg.base_lr or 0.1,
+        pipeline=resolve_pipeline(cfg.pipeline, distribution.resolve_loop(cfg.loop, cfg.strategy)),
     )
-    restored = checkpointer.restore(built.model)
-    initial_epoch = restored.epoch
-
-    # 6. Train, within --time_budget when one is given.
-    budget = loops.time_budget(cfg, start)
-    history = loops.train(
-        cfg,
-        run,
-        built,
-        train_data,
-        val_data_fn,
-        checkpointer=checkpointer,
-        initial_epoch=initial_epoch,
-        initial_step=restored.step,
-        budget=budget,
-        position=position,
-    )
-    if loops.stopped_by_budget(cfg, budget, history):
-        return
-
-    # 7. Final evaluation on the test set, and the run's summary.
-    final = loops.evaluate(cfg, run, built, val_data_fn)
-    loops.finish(
-        cfg,
-        run,
-        built,
-        history=history,
-        initial_epoch=initial_epoch,
-        start=start,
-        dataset=cfg.dataset,
-        test_top1=float(final["top1"]),
-        test_top5=float(final["top5"]),
-        test_loss=float(final["loss"]),
-        train_loss_per_epoch=[float(v) for v in history.get("loss", [])],
-    )
+    trainer.train(cfg, prepare)
 
 
 def run_main():
     """The console entry point: `python -m keras_preact.train.cifar` or `training/cifar.py`."""
-    loops.run(main)
+    trainer.run_program(main, define_flags())
 
 
 if __name__ == "__main__":

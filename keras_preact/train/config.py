@@ -170,6 +170,7 @@ class TrainConfig(ModelConfig):
     max_steps: int | None = None
     time_budget: float | None = None
     allow_changes: tuple = ()
+    restart_optimizer: bool = False
     # Optimization.
     lr_schedule: str = "step"
     base_lr: float | None = None

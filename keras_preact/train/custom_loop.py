@@ -11,14 +11,11 @@ It works under every TF strategy, which is how the tests compare it with `fit`; 
 another backend `--loop=custom` is refused when the flags are parsed.
 """
 
-import os
-import time
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_preact.train import callbacks, metrics, optimization
+from keras_preact.train import optimization, runners
 
 
 def _counts(labels, logits):
@@ -37,13 +34,14 @@ def _per_example_loss(labels, logits, label_smoothing=0.0):
     return loss(labels, tf.cast(logits, tf.float32))
 
 
-def make_train_step(
-    model, optimizer, strategy, global_batch_size, *, jit_compile=False, label_smoothing=0.0
-):
-    """Returns `step(iterator) -> (loss, top1_count, top5_count, n)` summed over replicas."""
+def make_train_step(model, strategy, global_batch_size, *, jit_compile=False, label_smoothing=0.0):
+    """Returns `step(iterator, wish) -> (loss, top1, top5, examples, stop)` summed over
+    replicas; `stop` is 1 when any replica's `wish` (a stop its process wants) was 1, so
+    every worker stops after the same step."""
     replicas = strategy.num_replicas_in_sync
+    optimizer = model.optimizer
 
-    def step_fn(images, labels):
+    def step_fn(images, labels, wish):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             per_example = _per_example_loss(labels, logits, label_smoothing)
@@ -54,42 +52,21 @@ def make_train_step(
             scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
-        return (loss, *_counts(labels, logits))
+        return (loss, *_counts(labels, logits), wish)
 
     @tf.function(jit_compile=jit_compile and replicas == 1)
-    def step(iterator):
-        per_replica = strategy.run(step_fn, args=next(iterator))
-        return [strategy.reduce("SUM", t, axis=None) for t in per_replica]
+    def step(iterator, wish):
+        images, labels = next(iterator)
+        *sums, stop = strategy.run(step_fn, args=(images, labels, wish))
+        reduced = [strategy.reduce("SUM", t, axis=None) for t in sums]
+        return [*reduced, strategy.reduce("MAX", stop, axis=None)]
 
     return step
 
 
-def make_sync_step(model, strategy):
-    """Averages BatchNorm moving statistics over all replicas (timm's `distribute_bn`).
-
-    Each replica updates its own moving mean and variance from its own batches;
-    without this, workers would end an epoch with different statistics.
-    """
-    variables = [v for v in model.non_trainable_variables if "float" in str(v.dtype)]
-
-    @tf.function
-    def sync():
-        def fn():
-            ctx = tf.distribute.get_replica_context()
-            for v in variables:
-                v.assign(ctx.all_reduce("MEAN", tf.identity(v.value)))
-
-        strategy.run(fn)
-
-    return sync
-
-
 def make_eval_step(model, strategy, *, label_smoothing=0.0):
-    """Returns `step(batch) -> (loss_sum, top1_count, top5_count, n)` summed over replicas.
-
-    The loss is the training loss (with its label smoothing), as `model.evaluate`
-    reports it in the `fit` loop.
-    """
+    """Returns `step(batch) -> (loss_sum, top1_count, top5_count, n)` summed over replicas
+    (the loss with its label smoothing, as `model.evaluate` reports it under `fit`)."""
 
     def step_fn(images, labels):
         logits = model(images, training=False)
@@ -104,127 +81,75 @@ def make_eval_step(model, strategy, *, label_smoothing=0.0):
     return step
 
 
-def evaluate(model, strategy, dist_dataset, *, label_smoothing=0.0):
-    """Loss, top-1 and top-5 over a distributed evaluation dataset.
-
-    The loss includes the weight-decay penalty, as `model.evaluate` reports it.
-    """
-    step = make_eval_step(model, strategy, label_smoothing=label_smoothing)
-    totals = np.zeros(4)
-    for batch in dist_dataset:
-        totals += np.array([float(t) for t in step(batch)])
-    loss, top1, top5, n = totals
-    n = max(n, 1.0)
-    penalty = sum(float(keras.ops.convert_to_numpy(x)) for x in model.losses)
-    return {"loss": loss / n + penalty, "top1": top1 / n, "top5": top5 / n}
-
-
-def fit(
-    model,
-    strategy,
-    train_dist_dataset,
-    *,
-    checkpointer,
-    epochs,
-    steps_per_epoch,
-    global_batch_size,
-    log_dir,
-    chief=True,
-    initial_epoch=0,
-    val_dist_dataset_fn=None,
-    max_steps=None,
-    jit_compile=False,
-    verbose=1,
-    label_smoothing=0.0,
-    budget=None,
-    initial_step=0,
-    stop=None,
-):
-    """Trains with `strategy.run`, checkpointing and logging like `model.fit`.
+class TFRunner:
+    """`--loop=custom`: the `strategy.run` loop (a runner of `controller.Controller`).
 
     Args:
-        model: the model, compiled with its optimizer (the checkpoint saves both).
+        model: compiled with its optimizer (the checkpoint holds both).
         strategy: a `tf.distribute.Strategy`.
-        train_dist_dataset: the distributed training dataset (repeats forever).
-        checkpointer: the run's `checkpoints.Checkpointer`; saves the checkpoint and
-            `log.csv` after every epoch.
-        epochs: train until this epoch.
-        steps_per_epoch: steps per epoch.
-        global_batch_size: the global batch size (the loss is averaged over it).
-        log_dir: this worker's write folder (created here).
-        chief: whether this worker prints progress.
-        initial_epoch: epochs already done (resumed runs).
-        val_dist_dataset_fn: returns the distributed validation dataset, or None.
-        max_steps: stop after this many optimizer steps in total.
-        jit_compile: XLA-compile the step (single replica only).
-        verbose: 0 silent, 1 progress bar, 2 one line per epoch.
+        global_batch_size: the global batch (the loss is averaged over it).
+        jit_compile: XLA-compile the step (one replica only).
         label_smoothing: of the loss.
-        budget: a `callbacks.TimeBudget` (checked after each epoch's checkpoint), or None.
-        initial_step: steps of epoch `initial_epoch` already done (a mid-epoch resume).
-        stop: a `callbacks.StopRequest`: after a signal (sent to every worker), the state
-            is checkpointed at the next step boundary and `callbacks.Interrupted` raised.
     """
-    optimizer = model.optimizer
-    os.makedirs(log_dir, exist_ok=True)
-    guard = callbacks.NaNGuard()
-    step = make_train_step(
-        model,
-        optimizer,
-        strategy,
-        global_batch_size,
-        jit_compile=jit_compile,
-        label_smoothing=label_smoothing,
-    )
-    sync = make_sync_step(model, strategy)
-    iterator = iter(train_dist_dataset)
-    for epoch in range(initial_epoch, epochs):
-        if budget is not None:
-            budget.on_epoch_begin(epoch)
-        if verbose and chief:
-            print(f"Epoch {epoch + 1}/{epochs}", flush=True)
-        bar = keras.utils.Progbar(
-            steps_per_epoch,
-            verbose=verbose if chief else 0,
-            stateful_metrics=["loss", "top1", "top5", "lr"],
-        )
-        totals = np.zeros(4)
-        start = time.time()
-        guard.on_epoch_begin(epoch)
-        first = initial_step if epoch == initial_epoch else 0
-        for i in range(first, steps_per_epoch):
-            if stop is not None and stop.signum is not None and i > first:
-                sync()
-                checkpointer.save(model, epoch=epoch, logs={}, step=i)
-                raise callbacks.Interrupted(
-                    stop.signum, saved=True, where=f"at step {i} of epoch {epoch + 1}"
-                )
-            out = np.array([float(t) for t in step(iterator)])
-            totals += out
-            logs = {
-                "loss": totals[0] / (i + 1 - first),
-                "top1": totals[1] / totals[3],
-                "top5": totals[2] / totals[3],
-            }
-            guard.on_train_batch_end(i, {"loss": out[0]})
-            bar.update(i + 1, [(k, v) for k, v in logs.items()])
-            if max_steps and int(metrics.scalar(optimizer.iterations)) >= max_steps:
+
+    def __init__(self, model, strategy, global_batch_size, *, jit_compile=False,
+                 label_smoothing=0.0):  # fmt: skip
+        self.model, self.strategy = model, strategy
+        self.step = make_train_step(model, strategy, global_batch_size, jit_compile=jit_compile,
+                                    label_smoothing=label_smoothing)  # fmt: skip
+        self.eval_step = make_eval_step(model, strategy, label_smoothing=label_smoothing)
+
+    def train(self, inputs, steps, *, stop, progress, every):
+        """`steps` steps of the distributed dataset `inputs`; see `runners`."""
+        iterator, totals, wish, done = iter(inputs), np.zeros(4), tf.constant(0), 0
+        while done < steps:
+            *out, agreed = self.step(iterator, wish)
+            totals += np.array([float(t) for t in out])
+            done += 1
+            if done % every == 0 or done == steps or int(agreed):
+                progress(done, self._sums(totals, done))
+            if int(agreed):
                 break
-        sync()
-        logs["epoch_time_s"] = time.time() - start
-        logs["lr"] = metrics.learning_rate(optimizer)
-        if val_dist_dataset_fn is not None:
-            val = evaluate(model, strategy, val_dist_dataset_fn(), label_smoothing=label_smoothing)
-            for k, v in val.items():
-                logs["val_" + k] = v
-        if verbose and chief:
-            print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
-        callbacks.check_finite(model, logs, epoch + 1)
-        checkpointer.save(model, epoch=epoch + 1, logs=logs)  # also writes log.csv
-        if stop is not None and stop.signum is not None:
-            raise callbacks.Interrupted(stop.signum, saved=True, where=f"after epoch {epoch + 1}")
-        if budget is not None:
-            budget.on_epoch_end(epoch)
-        if max_steps and int(metrics.scalar(optimizer.iterations)) >= max_steps:
-            break
-        if budget is not None and budget.stopped:
-            break
+            # The wish travels with the next step: all workers stop after that one.
+            wish = tf.constant(int(done < steps and stop(done)))
+        return runners.Trained(done, self._sums(totals, done))
+
+    @staticmethod
+    def _sums(totals, steps):
+        loss, top1, top5, n = totals
+        return {"loss": loss, "top1": top1, "top5": top5, "examples": n, "steps": steps}
+
+    def evaluate(self, inputs):
+        """Loss (with the weight-decay penalty, as `model.evaluate` reports it), top-1,
+        top-5 and the number of examples over a distributed evaluation dataset."""
+        totals = np.zeros(4)
+        for batch in inputs:
+            totals += np.array([float(t) for t in self.eval_step(batch)])
+        loss, top1, top5, n = totals
+        penalty = sum(float(keras.ops.convert_to_numpy(x)) for x in self.model.losses)
+        seen = max(n, 1.0)
+        return {"loss": loss / seen + penalty, "top1": top1 / seen, "top5": top5 / seen,
+                "examples": n}  # fmt: skip
+
+    def sync(self):
+        """The variables are the state."""
+
+    def gather(self, value):
+        """Every worker's `value` (a dict of ints), in worker order: each worker's first
+        replica adds its values to its row of a table summed over the replicas."""
+        from keras_preact.train import distribution
+
+        workers = distribution.num_workers(self.strategy)
+        if workers == 1:
+            return [value]
+        keys = sorted(value)
+        table = np.zeros((workers, len(keys)), np.int64)
+        table[distribution.worker_index(self.strategy)] = [value[k] for k in keys]
+        local = self.strategy.num_replicas_in_sync // workers
+
+        def mine():
+            first = tf.distribute.get_replica_context().replica_id_in_sync_group % local == 0
+            return tf.constant(table) * tf.cast(first, tf.int64)
+
+        total = self.strategy.reduce("SUM", self.strategy.run(mine), axis=None).numpy()
+        return [dict(zip(keys, map(int, row))) for row in total]

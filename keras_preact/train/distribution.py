@@ -20,15 +20,29 @@ class Run(NamedTuple):
 
     strategy: object  # a tf.distribute.Strategy, or None outside TensorFlow
     policy: str  # the Keras precision policy
-    replicas: int
-    chief: bool  # this worker writes the run's files
-    loop: str  # "fit" or "custom" (`--loop=auto` resolved)
+    replicas: int  # devices the global batch is split over
+    chief: bool  # this process writes the run's files
+    loop: str  # "fit", "custom" or "jax" (`--loop=auto` resolved)
     jit_compile: bool  # XLA-compile the train step (an unset `--jit_compile` resolved)
     write_dir: str  # `model_dir` on the chief, a scratch folder on other workers
+    processes: int = 1  # the processes (workers, hosts) of the run
+
+
+def resolve_loop(loop, strategy):
+    """`--loop=auto`: `custom` under multi_worker_mirrored (Keras' fit fails there), else
+    `fit`."""
+    if loop != "auto":
+        return loop
+    return "custom" if strategy == "multi_worker_mirrored" else "fit"
 
 
 def setup(cfg):
-    """Seeds, determinism, strategy and precision from `cfg`; returns a `Run`."""
+    """Seeds, determinism, strategy and precision from `cfg`; returns a `Run`.
+
+    Raises:
+        app.UsageError: the global batch does not divide over the replicas (before
+            anything is written).
+    """
     quiet_device_start()  # before the seed: seeding can create TensorFlow's devices
     keras.utils.set_random_seed(cfg.seed)
     if cfg.compilation_cache and keras.backend.backend() == "jax":
@@ -40,20 +54,32 @@ def setup(cfg):
 
         tf.config.experimental.enable_op_determinism()
     # Strategy and precision come first: variables are created under them.
-    strategy = make_strategy(cfg.strategy, cfg.tpu)
-    loop = cfg.loop
-    if loop == "auto":
-        loop = "custom" if cfg.strategy == "multi_worker_mirrored" else "fit"
+    loop = resolve_loop(cfg.loop, cfg.strategy)
+    strategy = make_strategy(cfg.strategy, cfg.tpu, loop)
+    replicas = num_replicas(strategy, loop)
+    for name, batch in (("batch_size", cfg.batch_size), ("eval_batch_size", _eval_batch(cfg))):
+        if batch and batch % replicas:
+            from absl import app
+
+            raise app.UsageError(
+                f"--{name}={batch} does not divide over the {replicas} replicas of "
+                f"--strategy={cfg.strategy}: pass a multiple of {replicas}."
+            )
     policy = set_precision(cfg.mixed_precision, cfg.strategy, loop)
     return Run(
         strategy=strategy,
         policy=policy,
-        replicas=num_replicas(strategy),
+        replicas=replicas,
         chief=is_chief(strategy),
         loop=loop,
         jit_compile=resolve_jit_compile(cfg.jit_compile),
         write_dir=write_dir(strategy, cfg.model_dir),
+        processes=num_workers(strategy),
     )
+
+
+def _eval_batch(cfg):
+    return getattr(cfg, "eval_batch_size", None)
 
 
 def resolve_jit_compile(jit_compile, backend=None):
@@ -143,13 +169,14 @@ def smoke_environment():
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def make_strategy(name, tpu=""):
+def make_strategy(name, tpu="", loop="fit"):
     """Returns the distribution strategy for `--strategy`, or None outside TF.
 
-    Under TensorFlow this is a `tf.distribute.Strategy`. Under JAX,
+    Under TensorFlow this is a `tf.distribute.Strategy`. Under JAX with `--loop=fit`,
     `mirrored` (and `default` with several devices) installs
-    `keras.distribution.DataParallel` over all local devices and returns None.
-    Under PyTorch only `default` and `one_device` exist.
+    `keras.distribution.DataParallel` over all local devices and returns None; the JAX
+    loop makes its own mesh (`jax_loop.JaxRunner`). Under PyTorch only `default` and
+    `one_device` exist.
     """
     backend = keras.backend.backend()
     if backend == "jax":
@@ -158,7 +185,7 @@ def make_strategy(name, tpu=""):
         if name in ("multi_worker_mirrored", "tpu"):
             raise ValueError(f"--strategy={name} needs KERAS_BACKEND=tensorflow; got jax.")
         devices = jax.devices()
-        if name in ("default", "mirrored") and len(devices) > 1:
+        if name in ("default", "mirrored") and len(devices) > 1 and loop == "fit":
             keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
             log.info("JAX DataParallel over %d devices.", len(devices))
         return None
@@ -193,11 +220,33 @@ def scope(strategy):
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
-def num_replicas(strategy):
+def num_replicas(strategy, loop="fit"):
+    """The devices a global batch is split over."""
     if strategy is not None:
         return strategy.num_replicas_in_sync
-    dist = keras.distribution.distribution()
-    return len(dist.device_mesh.devices.flatten()) if dist is not None else 1
+    if loop == "jax" or keras.distribution.distribution() is not None:
+        import jax
+
+        return jax.device_count()
+    return 1
+
+
+def worker_index(strategy):
+    """This process's index among `num_workers(strategy)` (the chief first)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 0
+    chiefs = len(resolver.cluster_spec().as_dict().get("chief", ()))
+    return resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
+
+
+def num_workers(strategy):
+    """The processes of a `tf.distribute` run (1 without a cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    spec = resolver.cluster_spec().as_dict()
+    return sum(len(spec.get(kind, ())) for kind in ("chief", "worker"))
 
 
 def is_chief(strategy):
@@ -218,8 +267,10 @@ def write_dir(strategy, model_dir):
     """
     if is_chief(strategy):
         return model_dir
+    from keras_preact.train import fs
+
     resolver = strategy.cluster_resolver
-    return os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
+    return fs.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
 
 
 def set_precision(mixed, strategy_name, loop="fit"):

@@ -230,15 +230,17 @@ def _define_run_flags(defaults):
         "auto",
         list(LOOPS),
         "fit: model.fit; custom: the tf.distribute strategy.run loop (TensorFlow backend; "
-        "multi-worker and TPU); jax: a jitted JAX step loop (JAX backend, numpy pipeline); "
-        "auto: custom under multi_worker_mirrored (Keras 3 fit fails there), else fit.",
+        "multi-worker and TPU); jax: a jitted JAX step over every local device (JAX "
+        "backend); auto: custom under multi_worker_mirrored (Keras 3 fit fails there), "
+        "else fit.",
     )
     flags.DEFINE_float(
         "time_budget",
         None,
-        "Wall-clock seconds for this process: when the next epoch would not end within it, "
-        "the run stops after that epoch's checkpoint, prints the command that resumes "
-        "it, and exits 0 (preemptible and time-limited jobs).",
+        "Wall-clock seconds for this process: when one more step, and the checkpoint (and "
+        "at an epoch end the evaluation) after it, would not end within it, the run saves "
+        "a checkpoint at that step, prints the command that resumes it, and exits 0 "
+        "(preemptible and time-limited jobs).",
     )
     flags.register_validator("time_budget", _positive, message="must be > 0 seconds.")
     flags.DEFINE_list(
@@ -247,6 +249,12 @@ def _define_run_flags(defaults):
         "Options a resumed run may change although they change what the run means (batch "
         "size, schedule, optimizer, seed, ...), or `all`. Without it such a resume is "
         "refused; the net and the data set can never change.",
+    )
+    flags.DEFINE_bool(
+        "restart_optimizer",
+        False,
+        "On resume, load the checkpoint's weights and step count but start the optimizer's "
+        "state (momentum) again at zero; needed when an option changed its shape.",
     )
 
     def tpu_named(values):
@@ -273,6 +281,11 @@ def _loop_has_backend(values):
             f"--loop=custom (the strategy.run loop, also chosen by --loop=auto with "
             f"--strategy=multi_worker_mirrored) needs tf.distribute, i.e. "
             f"KERAS_BACKEND=tensorflow; got KERAS_BACKEND={backend}. Use --loop=fit."
+        )
+    if values["loop"] == "fit" and values["strategy"] == "multi_worker_mirrored":
+        raise flags.ValidationError(
+            "--loop=fit cannot train under --strategy=multi_worker_mirrored: Keras 3's "
+            "model.fit fails there (keras-team/keras#20585). Use --loop=custom (or auto)."
         )
     if values["loop"] == "jax" and backend != "jax":
         raise flags.ValidationError(

@@ -23,72 +23,89 @@ classifier is loaded):
 
 From an installed wheel: `python -m keras_preact.train.imagenet ...`. The input pipeline
 needs TensorFlow; under KERAS_BACKEND=jax the model trains with
-keras.distribution.DataParallel over the local devices.
+keras.distribution.DataParallel over the local devices (`--loop=fit`), or with the jitted
+step over a mesh of them (`--loop=jax`). Each epoch reads a fresh pass over the shards; a
+checkpoint inside an epoch records how many records the stream had consumed, and the
+resume skips them undecoded. This module is the trainer's flags and data; the run itself is
+`trainer.train`'s.
 """
 
-import time
 import warnings
 
-from absl import app, flags
+from absl import flags
 
-from keras_preact.train import (
-    checkpoints,
-    config,
-    distribution,
-    loops,
-    modeling,
-    optimization,
-    resume,
-    sources,
-)
+from keras_preact.train import config, distribution, modeling, sources, trainer
 from keras_preact.train import flags as train_flags
 
-train_flags.define_train_flags(config.ImagenetConfig)
-flags.adopt_module_key_flags(train_flags)  # `--help` lists the shared flags too
-flags.DEFINE_string(
-    "source",
-    "tfrecord",
-    "tfrecord (ImageNet-format shards train-*, "
-    "validation-* in --data_dir), or a TFDS name: imagenet2012, imagenette.",
-)
-flags.DEFINE_string("data_dir", None, "Shard folder, or the TFDS data_dir.")
-flags.DEFINE_string("train_split", "train", "TFDS split for training.")
-flags.DEFINE_string("eval_split", "validation", "TFDS split for evaluation.")
-flags.DEFINE_integer("num_classes", None, "Default: 1000 (10 for imagenette).", lower_bound=1)
-flags.DEFINE_integer(
-    "num_train_examples", None, "Default: 1281167 (9469 for imagenette).", lower_bound=1
-)
-flags.DEFINE_integer(
-    "num_eval_examples",
-    None,
-    "Evaluate on the first N validation images only (default: all of them).",
-    lower_bound=1,
-)
-flags.DEFINE_enum(
-    "train_crop",
-    "scale",
-    ["scale", "inception"],
-    "scale: shorter side in [256, 480], random 224 crop ([1]); inception: "
-    "8%-100% area, 3/4-4/3 aspect ([19, 20], the paper's ResNet-200).",
-)
-flags.DEFINE_bool("color_augmentation", False, "Colour jitter and PCA lighting noise.")
-flags.DEFINE_bool("fused_decode", True, "Decode only the crop window of each JPEG.")
-flags.DEFINE_integer("image_size", 224, "Training crop size.", lower_bound=1)
-flags.DEFINE_integer("eval_resize", 256, "Shorter side before the centre crop.", lower_bound=1)
-flags.DEFINE_integer(
-    "eval_size", 224, "Evaluation centre crop (320 with --eval_resize=320).", lower_bound=1
-)
-flags.DEFINE_integer(
-    "shuffle_buffer", 10_000, "Encoded records in the shuffle buffer.", lower_bound=1
-)
-flags.DEFINE_integer(
-    "label_offset",
-    1,
-    "Subtracted from TFRecord labels (TF scripts write 1..1000). Ignored for TFDS sources.",
-)
+FLAGS = flags.FLAGS
+_DEFINED = []
+#: (classes, training images, validation images) of the known sources; ImageNet otherwise.
+_SIZES = {"imagenette": (10, 9469, 3925)}
 
 
-@flags.multi_flags_validator(["source", "data_dir", "train_split", "eval_split"])
+def define_flags():
+    """The trainer's flags (once per process): its own, and the shared ones with
+    `ImagenetConfig`'s defaults. Returns the names of all of them."""
+    if _DEFINED:
+        return _DEFINED
+    before = set(FLAGS)
+    train_flags.define_train_flags(config.ImagenetConfig)
+    flags.DEFINE_string(
+        "source",
+        "tfrecord",
+        "tfrecord (ImageNet-format shards train-*, "
+        "validation-* in --data_dir), or a TFDS name: imagenet2012, imagenette.",
+    )
+    flags.DEFINE_string("data_dir", None, "Shard folder, or the TFDS data_dir.")
+    flags.DEFINE_string("train_split", "train", "TFDS split for training.")
+    flags.DEFINE_string("eval_split", "validation", "TFDS split for evaluation.")
+    flags.DEFINE_integer("num_classes", None, "Default: 1000 (10 for imagenette).", lower_bound=1)
+    flags.DEFINE_integer(
+        "num_train_examples", None, "Default: 1281167 (9469 for imagenette).", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "num_eval_examples",
+        None,
+        "Evaluate on the first N validation images only (default: all of them).",
+        lower_bound=1,
+    )
+    flags.DEFINE_enum(
+        "train_crop",
+        "scale",
+        ["scale", "inception"],
+        "scale: shorter side in [256, 480], random 224 crop ([1]); inception: "
+        "8%-100% area, 3/4-4/3 aspect ([19, 20], the paper's ResNet-200).",
+    )
+    flags.DEFINE_bool("color_augmentation", False, "Colour jitter and PCA lighting noise.")
+    flags.DEFINE_bool("fused_decode", True, "Decode only the crop window of each JPEG.")
+    flags.DEFINE_integer("image_size", 224, "Training crop size.", lower_bound=1)
+    flags.DEFINE_integer("eval_resize", 256, "Shorter side before the centre crop.", lower_bound=1)
+    flags.DEFINE_integer(
+        "eval_size", 224, "Evaluation centre crop (320 with --eval_resize=320).", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "shuffle_buffer", 10_000, "Encoded records in the shuffle buffer.", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "label_offset",
+        1,
+        "Subtracted from TFRecord labels (TF scripts write 1..1000). Ignored for TFDS sources.",
+    )
+    flags.register_multi_flags_validator(
+        ["source", "data_dir", "train_split", "eval_split"], _source_is_readable
+    )
+    flags.register_multi_flags_validator(
+        ["eval_resize", "eval_size"],
+        lambda v: v["eval_resize"] >= v["eval_size"],
+        message="--eval_resize must be >= --eval_size (the centre crop is taken from the resize).",
+    )
+    flags.register_multi_flags_validator(
+        ["batch_size", "num_train_examples", "steps_per_epoch", "source"], _an_epoch_has_a_step
+    )
+    _DEFINED.extend(sorted(set(FLAGS) - before))
+    return _DEFINED
+
+
 def _source_is_readable(values):
     if values["source"] == "tfrecord":
         if not values["data_dir"]:
@@ -99,24 +116,13 @@ def _source_is_readable(values):
         splits = [values["train_split"], values["eval_split"]]
         prefixes = sorted({"train" if s.startswith("train") else "validation" for s in splits})
         problem = sources.tfrecord_problem(values["data_dir"], prefixes)
-        if problem:
-            raise flags.ValidationError(problem)
-        return True
-    problem = sources.tfds_problem(values["source"], values["data_dir"])
+    else:
+        problem = sources.tfds_problem(values["source"], values["data_dir"])
     if problem:
         raise flags.ValidationError(problem)
     return True
 
 
-@flags.multi_flags_validator(
-    ["eval_resize", "eval_size"],
-    message="--eval_resize must be >= --eval_size (the centre crop is taken from the resize).",
-)
-def _crop_fits(values):
-    return values["eval_resize"] >= values["eval_size"]
-
-
-@flags.multi_flags_validator(["batch_size", "num_train_examples", "steps_per_epoch", "source"])
 def _an_epoch_has_a_step(values):
     images = values["num_train_examples"] or _sizes(values["source"])[1]
     if values["steps_per_epoch"] is None and values["batch_size"] > images:
@@ -126,11 +132,6 @@ def _an_epoch_has_a_step(values):
             "or --steps_per_epoch."
         )
     return True
-
-
-FLAGS = flags.FLAGS
-#: (classes, training images, validation images) of the known sources; ImageNet otherwise.
-_SIZES = {"imagenette": (10, 9469, 3925)}
 
 
 def _sizes(source):
@@ -147,11 +148,6 @@ def derive(cfg):
     cfg = cfg.derive(
         steps_per_epoch=cfg.steps_per_epoch or cfg.num_train_examples // cfg.batch_size
     )
-    if cfg.steps_per_epoch < 1:
-        raise app.UsageError(
-            f"--batch_size={cfg.batch_size} exceeds --num_train_examples="
-            f"{cfg.num_train_examples}: an epoch would have no step."
-        )
     # ImageNet's statistics normalize the inputs, unless the start weights carry their own.
     from keras_preact.data import imagenet_preprocessing as ipp
 
@@ -161,168 +157,123 @@ def derive(cfg):
     )
 
 
-def datasets(cfg, run, counter, eval_counter, scored):
-    """`(train_data, eval_data_fn)`: per-replica batches, one file-level shard per input
-    pipeline; uint8 batches when the model normalizes on the device. `counter` and
-    `eval_counter` count skipped records; `scored` the images the evaluation sees."""
-    import tensorflow as tf
+class ImagenetData(trainer.Data):
+    """ImageNet-format data through tf.data: per-replica batches, one file-level shard per
+    input pipeline, uint8 unless `--nonormalize_on_device`. Skipped records are counted
+    apart for training and for each evaluation pass."""
 
-    from keras_preact.data import tfdata
+    def __init__(self, cfg, run):
+        from keras_preact.data import tfdata
 
-    both = dict(  # the same records, batches and labels for training and eval
-        source=cfg.source,
-        data_dir=cfg.data_dir,
-        batch_size=cfg.batch_size,
-        normalize=False,
-        label_offset=cfg.label_offset,
-        num_classes=cfg.num_classes,  # other labels are skipped and counted
-    )
+        self.cfg, self.run = cfg, run
+        size = None if cfg.eval_size != cfg.image_size else cfg.image_size
+        self.input_shape, self.classes = (size, size, 3), cfg.num_classes
+        self.counter, self.eval_counter = tfdata.SkipCounter(), tfdata.SkipCounter()
+        self.cursor, self.resume_at = tfdata.StreamPosition(), None
+        # Per-replica batches under tf.distribute: a step takes one of each local replica.
+        self.per_replica = run.strategy is not None and (run.replicas > 1 or run.loop == "custom")
+        self.both = dict(  # the same records, batches and labels for training and eval
+            source=cfg.source, data_dir=cfg.data_dir, batch_size=cfg.batch_size,
+            normalize=False, label_offset=cfg.label_offset,
+            num_classes=cfg.num_classes,  # other labels are skipped and counted
+        )  # fmt: skip
 
-    def on_host(ds):
+    def _on_host(self, ds):
         """With --nonormalize_on_device: float32 batches, normalized with the run's statistics."""
-        if cfg.normalize_on_device:
+        import tensorflow as tf
+
+        if self.cfg.normalize_on_device:
             return ds
-        offset = tf.constant([255.0 * m for m in cfg.mean])
-        scale = tf.constant([1.0 / (255.0 * s) for s in cfg.std])
-        return ds.map(
-            lambda x, y: ((tf.cast(x, tf.float32) - offset) * scale, y),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+        offset = tf.constant([255.0 * m for m in self.cfg.mean])
+        scale = tf.constant([1.0 / (255.0 * s) for s in self.cfg.std])
+        return ds.map(lambda x, y: ((tf.cast(x, tf.float32) - offset) * scale, y),
+                      num_parallel_calls=tf.data.AUTOTUNE)  # fmt: skip
 
-    def train_fn(input_context=None):
-        ds = tfdata.imagenet_dataset(
-            split=cfg.train_split,
-            training=True,
-            input_context=input_context,
-            crop=cfg.train_crop,
-            image_size=cfg.image_size,
-            color=cfg.color_augmentation,
-            fused=cfg.fused_decode,
-            seed=cfg.seed,
-            deterministic=cfg.deterministic,
-            shuffle_buffer=cfg.shuffle_buffer,
-            counter=counter,
-            **both,
-        )
-        return on_host(ds)
+    def _distributed(self, fn):
+        if self.per_replica:
+            return self.run.strategy.distribute_datasets_from_function(fn)
+        return fn(None)
 
-    def eval_fn(input_context=None):
-        ds = tfdata.imagenet_dataset(
-            split=cfg.eval_split,
-            training=False,
-            input_context=input_context,
-            image_size=cfg.eval_size,
-            eval_resize=cfg.eval_resize,
-            counter=eval_counter,
-            **both,
-        )
-        if cfg.num_eval_examples:
-            pipelines = input_context.num_input_pipelines if input_context else 1
-            batch = tfdata.per_replica_batch(cfg.batch_size, input_context)
-            ds = ds.unbatch().take(cfg.num_eval_examples // pipelines).batch(batch)
+    def train(self, epoch, step, steps):
+        from keras_preact.data import tfdata
 
-        def count(x, y):  # the images the evaluation sees, after any --num_eval_examples cut
-            with tf.control_dependencies([scored.assign_add(tf.cast(tf.shape(y)[0], tf.int64))]):
-                return tf.identity(x), tf.identity(y)
+        cfg = self.cfg
+        skip = self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
+        self.resume_at = None
 
-        return on_host(ds.map(count))
+        def fn(context):
+            return self._on_host(tfdata.imagenet_dataset(
+                split=cfg.train_split, training=True, input_context=context,
+                crop=cfg.train_crop, image_size=cfg.image_size, color=cfg.color_augmentation,
+                fused=cfg.fused_decode, seed=cfg.seed, deterministic=cfg.deterministic,
+                shuffle_buffer=cfg.shuffle_buffer, counter=self.counter, epoch=epoch,
+                skip_records=skip, position=self.cursor, **self.both,
+            ))  # fmt: skip
 
-    distributed = run.strategy is not None and (run.replicas > 1 or run.loop == "custom")
-    if distributed:
-        distribute = run.strategy.distribute_datasets_from_function
-        return distribute(train_fn), lambda: distribute(eval_fn)
-    return train_fn(), eval_fn
+        return self._distributed(fn)
+
+    def position(self, epoch, step, batches):
+        local = self.run.replicas // self.run.processes if self.per_replica else 1
+        return {"epoch": epoch, "records": self.cursor.records(batches * local)}
+
+    def restore(self, restored):
+        saved = restored.state.get("input") if restored.step else None
+        if isinstance(saved, list):  # one position per process, in process order
+            mine = saved[distribution.worker_index(self.run.strategy)]
+            self.resume_at = (mine["epoch"], mine["records"])
+
+    def evaluate(self):
+        from keras_preact.data import tfdata
+
+        cfg = self.cfg
+        self.eval_counter.reset()
+
+        def fn(context):
+            ds = tfdata.imagenet_dataset(
+                split=cfg.eval_split, training=False, input_context=context,
+                image_size=cfg.eval_size, eval_resize=cfg.eval_resize,
+                counter=self.eval_counter, **self.both,
+            )  # fmt: skip
+            if cfg.num_eval_examples:
+                pipelines = context.num_input_pipelines if context else 1
+                batch = tfdata.per_replica_batch(cfg.batch_size, context)
+                ds = ds.unbatch().take(cfg.num_eval_examples // pipelines).batch(batch)
+            return self._on_host(ds)
+
+        return self._distributed(fn)
+
+    def summary(self, final):
+        from keras_preact.data import tfdata
+
+        evaluated, trained = self.eval_counter.counts(), self.counter.counts()
+        return {
+            "source": self.cfg.source,
+            "eval_top1": float(final["top1"]),
+            "eval_top5": float(final["top5"]),
+            "eval_loss": float(final["loss"]),
+            "eval_size": self.cfg.eval_size,
+            "eval_resize": self.cfg.eval_resize,
+            "eval_images_scored": int(final["examples"]),
+            "eval_skipped_by_cause": {c: evaluated[c] for c in tfdata.SKIP_CAUSES},
+            "train_skipped_images": self.counter.skipped(),
+            "train_skipped_by_cause": {c: trained[c] for c in tfdata.SKIP_CAUSES},
+        }
 
 
 def main(argv):
     del argv
-    start = time.time()
-
-    # 1. Configuration: the flags, once, as a frozen config (values checked at parsing).
     cfg = derive(config.ImagenetConfig.from_flags(FLAGS))
-
-    # 2. Seeds, strategy and precision: variables are created under them. One trainer
-    # per run folder.
-    run = distribution.setup(cfg)
-    lock = resume.lock(run.write_dir)  # noqa: F841 - held until the process ends
-
-    # 3. Data. Skips are counted apart: the training pipeline meets a bad record once per
-    # epoch; the final evaluation's counts are taken from one pass (reset before it).
-    import tensorflow as tf
-
-    from keras_preact.data import tfdata
-
     # The evaluation set ends where its records end; its length is unknown to Keras (bad
     # records are dropped on the way), and Keras takes the end of such a finite dataset for
-    # a training set that ran short ("Your input ran out of data"). The training set
-    # repeats, so only the evaluation can end; that warning is for it alone.
+    # a training set that ran short ("Your input ran out of data"). The training input
+    # never ends early, so only the evaluation can: that warning is for it alone.
     warnings.filterwarnings("ignore", "Your input ran out of data", UserWarning)
-    counter, eval_counter = tfdata.SkipCounter(), tfdata.SkipCounter()
-    with tf.device("/CPU:0"):  # a host variable, like the counters'
-        scored = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_images_scored")
-    train_data, eval_data_fn = datasets(cfg, run, counter, eval_counter, scored)
-
-    # 4. Model and optimizer.
-    schedule = optimization.lr_schedule(cfg)
-    built = modeling.build(
-        cfg, run, schedule, input_shape=(cfg.image_size, cfg.image_size, 3), classes=cfg.num_classes
-    )
-    cfg = cfg.derive(decayed_weights=built.decayed)
-
-    # 5. Resume from the last checkpoint, if the run was interrupted and its options are
-    # the recorded ones (checked before anything is written).
-    changed = resume.check(cfg, cfg.model_dir)
-    checkpoints.write_config(cfg, run, resume.history(cfg.model_dir, changed))
-    checkpointer = checkpoints.Checkpointer(cfg.model_dir, run.write_dir, export=built.export)
-    restored = checkpointer.restore(built.model)
-    initial_epoch = restored.epoch
-
-    # 6. Train, within --time_budget when one is given.
-    budget = loops.time_budget(cfg, start)
-    history = loops.train(
-        cfg,
-        run,
-        built,
-        train_data,
-        eval_data_fn,
-        checkpointer=checkpointer,
-        initial_epoch=initial_epoch,
-        initial_step=restored.step,
-        budget=budget,
-    )
-    if loops.stopped_by_budget(cfg, budget, history):
-        return
-
-    # 7. Final evaluation (one counted pass), and the run's summary.
-    eval_counter.reset()
-    scored.assign(0)
-    final = loops.evaluate(cfg, run, built, eval_data_fn)
-    evaluated = eval_counter.counts()
-    loops.finish(
-        cfg,
-        run,
-        built,
-        history=history,
-        initial_epoch=initial_epoch,
-        start=start,
-        source=cfg.source,
-        eval_top1=float(final["top1"]),
-        eval_top5=float(final["top5"]),
-        eval_loss=float(final["loss"]),
-        eval_size=cfg.eval_size,
-        eval_resize=cfg.eval_resize,
-        eval_images_scored=int(scored.numpy()),
-        eval_skipped_by_cause={c: evaluated[c] for c in tfdata.SKIP_CAUSES},
-        train_skipped_images=counter.skipped(),
-        train_skipped_by_cause={
-            c: n for c, n in counter.counts().items() if c in tfdata.SKIP_CAUSES
-        },
-    )
+    trainer.train(cfg, lambda cfg, run: (cfg, ImagenetData(cfg, run)))
 
 
 def run_main():
     """The console entry point: `python -m keras_preact.train.imagenet` or `training/imagenet.py`."""
-    loops.run(main)
+    trainer.run_program(main, define_flags())
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
-"""`--loop=jax`: the trainer's jitted JAX step loop (JAX backend, numpy input pipeline).
+"""`--loop=jax`: the trainer's jitted JAX step (JAX backend), a runner of the controller.
 
 The Keras model and optimizer are used as pure functions (`model.stateless_call`,
 `optimizer.stateless_apply`): one `jax.jit` step with the state's buffers donated, so XLA
-updates the weights in place; uint8 batches travel to the device from a background thread
-and the model normalizes them itself. Everything else is the trainer's own: the loss
-(`optimization.SparseCrossentropy`), the weight decay (the variables' L2 regularizers,
-`optimization.add_weight_decay`), the learning-rate schedule (the optimizer's), the batch
-stream (`numpy_pipeline.ArrayDataset`), and the epoch-end callbacks, among them the
-`checkpoints.Checkpointer` that `model.fit` saves through: same checkpoint files, same
-`log.csv`, same resume, same `evaluate.py`.
+updates the weights in place, over a mesh of every local device (`JaxRunner`); uint8
+batches travel to the devices from a background thread and the model normalizes them
+itself. The loss (`optimization.SparseCrossentropy`), the weight decay (the variables' L2
+regularizers), the learning-rate schedule (the optimizer's) and everything between steps
+(`controller.Controller`: checkpoints, `log.csv`, resume) are the trainer's own, the same
+as under `model.fit`. The input is the numpy `ArrayDataset` or a `tf.data` dataset.
 
 `make_train_step(..., seeds=S)` trains S copies of one architecture in one step (their
 states stacked on a leading axis, the step `jax.vmap`ped), for experiments that want several
@@ -17,15 +16,12 @@ seeds at once (`benchmarks/gpu_throughput.py`).
 
 import queue
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
-import keras
 import numpy as np
 
-from keras_preact.train import callbacks as callbacks_lib
-from keras_preact.train import metrics, optimization
+from keras_preact.train import optimization
 
 
 def init_state(model, optimizer):
@@ -64,14 +60,15 @@ def _counts(logits, labels):
     return top1, jnp.any(top == labels[:, None], -1)
 
 
-def make_train_step(model, optimizer, *, label_smoothing=0.0, seeds=1, donate=True):
+def make_train_step(model, optimizer, *, label_smoothing=0.0, seeds=1, donate=True, mesh=None):
     """A jitted `step(state, images, labels) -> (state, sums)`.
 
     The loss is the trainer's: mean cross-entropy (`SparseCrossentropy`, with label
     smoothing) plus the L2 penalties of the variables that carry a regularizer (what
     `model.fit` adds through `model.losses`). `sums` holds the batch's `loss` and its
     `top1` / `top5` counts, left on the device. With `seeds > 1`, the state is stacked over
-    seeds and images are `(seeds, batch, ...)`.
+    seeds and images are `(seeds, batch, ...)`. `mesh`: `(replicated, split)` shardings of
+    the state and of a batch (`JaxRunner`).
     """
     loss_fn = optimization.SparseCrossentropy(label_smoothing)
     if not optimizer.built:
@@ -94,12 +91,17 @@ def make_train_step(model, optimizer, *, label_smoothing=0.0, seeds=1, donate=Tr
 
     if seeds > 1:
         step = jax.vmap(step)
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    placed = {}
+    if mesh is not None:
+        replicated, split = mesh
+        placed = dict(in_shardings=(replicated, split, split), out_shardings=replicated)
+    return jax.jit(step, donate_argnums=(0,) if donate else (), **placed)
 
 
-def make_eval_step(model, *, label_smoothing=0.0):
+def make_eval_step(model, *, label_smoothing=0.0, mesh=None):
     """A jitted `step(state, images, labels, valid) -> (loss_sum, top1, top5)` on a batch
-    whose padding `valid` masks (every batch has one shape: one compilation)."""
+    whose padding `valid` masks (every batch has one shape: one compilation); `mesh` as
+    for `make_train_step`."""
     loss_fn = optimization.SparseCrossentropy(label_smoothing, reduction=None)
 
     def step(state, images, labels, valid):
@@ -110,11 +112,16 @@ def make_eval_step(model, *, label_smoothing=0.0):
         total = lambda x: jnp.sum(jnp.where(valid, x, 0))  # noqa: E731
         return total(losses), total(top1), total(top5)
 
-    return jax.jit(step)
+    placed = {}
+    if mesh is not None:
+        replicated, split = mesh
+        placed = dict(in_shardings=(replicated, split, split, split), out_shardings=replicated)
+    return jax.jit(step, **placed)
 
 
-def prefetch(batches, size=3):
-    """Yields `batches`' items, produced `size` ahead in a thread and moved to the device.
+def prefetch(batches, size=3, sharding=None):
+    """Yields `batches`' items, produced `size` ahead in a thread and moved to the device
+    (split over a mesh by `sharding`, when given).
 
     numpy's augmentation and the host-to-device copy overlap the device's work this way.
     An exception in the producer is raised in the consumer.
@@ -134,7 +141,7 @@ def prefetch(batches, size=3):
     def produce():
         try:
             for item in batches:
-                if not put(tuple(jax.device_put(a) for a in item)):
+                if not put(tuple(jax.device_put(a, sharding) for a in item)):
                     return
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             put(e)
@@ -151,24 +158,16 @@ def prefetch(batches, size=3):
         stop.set()
 
 
-def evaluate_state(eval_step, state, data, penalty=0.0):
-    """`{"loss", "top1", "top5"}` over an evaluation `ArrayDataset` (ordered, uint8).
-
-    The loss includes the weight-decay penalty, as `model.evaluate` reports it.
-    """
-    totals, n = np.zeros(3), 0
-    for i in range(len(data)):
-        x, y = data[i]
-        valid = np.ones(data.batch_size, bool)
-        if len(x) < data.batch_size:  # pad the last batch: one shape, one compilation
-            pad = data.batch_size - len(x)
-            valid[len(x) :] = False
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        totals += np.array([float(t) for t in eval_step(state, x, y, valid)])
-        n += int(valid.sum())
-    loss, top1, top5 = totals / max(n, 1)
-    return {"loss": loss + penalty, "top1": top1, "top5": top5}
+def _batches(inputs, steps=None):
+    """The numpy batches of a runner's input: an indexable `ArrayDataset` (from its current
+    position), a `tf.data.Dataset` or any iterable of `(images, labels)`."""
+    if hasattr(inputs, "as_numpy_iterator"):
+        yield from inputs.as_numpy_iterator()
+    elif hasattr(inputs, "__getitem__"):
+        for i in range(len(inputs) if steps is None else steps):
+            yield inputs[i]
+    else:
+        yield from inputs
 
 
 def _penalty(model, trainable):
@@ -179,125 +178,83 @@ def _penalty(model, trainable):
     return sum(terms) if terms else 0.0
 
 
-class Loop:
-    """The jitted loop of one run: its steps, compiled once, and the model's state."""
+class JaxRunner:
+    """`--loop=jax`: the jitted step over every local device (a runner of
+    `controller.Controller`).
 
-    def __init__(self, model, *, label_smoothing=0.0):
-        if keras.distribution.distribution() is not None:
-            raise ValueError(
-                "--loop=jax runs on one device; with several, use --loop=fit "
-                "(keras.distribution.DataParallel)."
-            )
-        self.model, self.optimizer = model, model.optimizer
-        self.step_index = next(
-            i for i, v in enumerate(self.optimizer.variables) if v is self.optimizer.iterations
-        )
-        self.train_step = make_train_step(model, self.optimizer, label_smoothing=label_smoothing)
-        self.eval_step = make_eval_step(model, label_smoothing=label_smoothing)
-
-    def evaluate(self, data, state=None):
-        """`evaluate_state` at `state` (default: the model's variables), penalty included."""
-        if state is None:
-            state = init_state(self.model, self.optimizer)
-        penalty = float(_penalty(self.model, state[0]))
-        return evaluate_state(self.eval_step, state, data, penalty)
-
-    def train_epoch(self, state, data, *, steps, bar, max_steps=None, on_batch=None, stop=None):
-        """Runs `steps` batches of `data` (an `ArrayDataset` at its epoch); returns
-        `(state, logs)`, with `logs["steps"]` the steps run. Host syncs happen only where a
-        value is shown or checked. A `callbacks.StopRequest` `stop` that has seen a signal
-        ends the epoch at the next step boundary."""
-        sums, every = None, 10 if bar.verbose == 1 else steps
-        first = int(state[2][self.step_index])
-        n_steps = steps if not max_steps else max(0, min(steps, max_steps - first))
-        batches = prefetch(data[i] for i in range(n_steps))
-        for i, (x, y) in enumerate(batches):
-            state, out = self.train_step(state, x, y)
-            sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-            if stop is not None and stop.signum is not None:
-                n_steps = i + 1
-            if (i + 1) % every == 0 or i + 1 == n_steps:
-                logs = {
-                    "loss": float(sums["loss"]) / (i + 1),
-                    "top1": float(sums["top1"]) / ((i + 1) * data.batch_size),
-                    "top5": float(sums["top5"]) / ((i + 1) * data.batch_size),
-                }
-                bar.update(i + 1, list(logs.items()))
-                if on_batch is not None:
-                    on_batch(i, logs)
-            if i + 1 == n_steps:
-                break
-        return state, ({**logs, "steps": n_steps} if sums is not None else {})
-
-
-def fit(cfg, built, train_data, val_data, *, checkpointer, initial_epoch, initial_step=0,
-        extra_callbacks=(), stop=None):  # fmt: skip
-    """Trains `built.model` to `cfg.epochs` with the jitted step; saves every epoch.
+    One `Mesh` over `jax.devices()`: each batch is split over its `"data"` axis, the state
+    is replicated, and XLA's partitioner makes the gradient all-reduce, so BatchNorm sees
+    the global batch (as on one device). The state's buffers are donated to the step.
 
     Args:
-        cfg: the run's config (epochs, steps_per_epoch, max_steps, verbose, label_smoothing).
-        built: `modeling.Built` (the model is compiled with its optimizer).
-        train_data: a training `numpy_pipeline.ArrayDataset` (uint8 batches).
-        val_data: an evaluation `ArrayDataset`, or None.
-        checkpointer: the run's `checkpoints.Checkpointer`.
-        initial_epoch: epochs already done (restored into the model).
-        initial_step: steps of the next epoch done (`train_data.offset`, set on restore).
-        extra_callbacks: more Keras callbacks called at each epoch end (a time budget).
-        stop: a `callbacks.StopRequest`: after a signal, the state is checkpointed at the
-            next step boundary and `callbacks.Interrupted` raised.
-
-    Returns:
-        The `Loop` (its compiled evaluation step serves the final evaluation).
+        model: the model, compiled with its optimizer.
+        label_smoothing: of the loss.
+        devices: the devices of the mesh (default: `jax.devices()`).
     """
-    model = built.model
-    loop = Loop(model, label_smoothing=cfg.label_smoothing)
-    cbs = keras.callbacks.CallbackList(
-        [
-            callbacks_lib.InputEpoch(train_data),
-            *callbacks_lib.epoch_callbacks(checkpointer),
-            *extra_callbacks,
-        ],
-        model=model,
-    )
-    guard = callbacks_lib.NaNGuard()
-    state = init_state(model, loop.optimizer)
-    model.stop_training = False
-    for epoch in range(initial_epoch, cfg.epochs):
-        if cfg.verbose:
-            print(f"Epoch {epoch + 1}/{cfg.epochs}", flush=True)
-        cbs.on_epoch_begin(epoch)
-        guard.on_epoch_begin(epoch)
-        offset = initial_step if epoch == initial_epoch else 0
-        bar = keras.utils.Progbar(cfg.steps_per_epoch - offset, verbose=int(cfg.verbose == 1))
-        start = time.time()
-        state, logs = loop.train_epoch(
-            state,
-            train_data,
-            steps=cfg.steps_per_epoch - offset,
-            bar=bar,
-            max_steps=cfg.max_steps,
-            on_batch=guard.on_train_batch_end,
-            stop=stop,
+
+    def __init__(self, model, *, label_smoothing=0.0, devices=None):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        self.model, self.optimizer = model, model.optimizer
+        devices = np.asarray(devices if devices is not None else jax.devices())
+        mesh = Mesh(devices, ("data",))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.split = NamedSharding(mesh, PartitionSpec("data"))
+        self.devices = devices.size
+        placed = (self.replicated, self.split)
+        self.train_step = make_train_step(
+            model, self.optimizer, label_smoothing=label_smoothing, mesh=placed
         )
-        done = offset + logs.pop("steps", 0)
-        if stop is not None and stop.signum is not None and done < cfg.steps_per_epoch:
-            assign_state(model, loop.optimizer, state)
-            checkpointer.save(model, epoch=epoch, logs={}, step=done)
-            raise callbacks_lib.Interrupted(
-                stop.signum, saved=True, where=f"at step {done} of epoch {epoch + 1}"
-            )
-        logs["epoch_time_s"] = time.time() - start
-        if val_data is not None:
-            logs.update({"val_" + k: v for k, v in loop.evaluate(val_data, state).items()})
-        assign_state(model, loop.optimizer, state)
-        if cfg.verbose:
-            print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
-        cbs.on_epoch_end(epoch, logs)
-        if stop is not None and stop.signum is not None:
-            raise callbacks_lib.Interrupted(
-                stop.signum, saved=True, where=f"after epoch {epoch + 1}"
-            )
-        steps = int(metrics.scalar(loop.optimizer.iterations))
-        if model.stop_training or (cfg.max_steps and steps >= cfg.max_steps):
-            break
-    return loop
+        self.eval_step = make_eval_step(model, label_smoothing=label_smoothing, mesh=placed)
+        self.state = None
+
+    def _state(self):
+        if self.state is None:  # the model's variables, as the controller restored them
+            self.state = jax.device_put(init_state(self.model, self.optimizer), self.replicated)
+        return self.state
+
+    def train(self, inputs, steps, *, stop, progress, every):
+        """`steps` steps of `inputs`; see `runners`. Host syncs happen only where a value
+        is shown (every `every` steps)."""
+        from keras_preact.train import runners
+
+        state, sums, done = self._state(), None, 0
+        for x, y in prefetch(_batches(inputs, steps), sharding=self.split):
+            state, out = self.train_step(state, x, y)
+            sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+            done += 1
+            if done % every == 0 or done == steps:
+                progress(done, self._sums(sums, done, len(y)))
+            if done == steps or stop(done):
+                break
+        self.state = state
+        return runners.Trained(done, self._sums(sums, done, len(y)) if done else {})
+
+    @staticmethod
+    def _sums(sums, steps, batch):
+        out = {k: float(v) for k, v in sums.items()}
+        return {**out, "examples": float(steps * batch), "steps": steps}
+
+    def evaluate(self, inputs):
+        """Loss (with the weight-decay penalty, as `model.evaluate` reports it), top-1,
+        top-5 and the examples of `inputs`; a short last batch is padded and masked."""
+        state, totals, n, size = self._state(), np.zeros(3), 0, None
+        for x, y in _batches(inputs):
+            size = size or -(-len(x) // self.devices) * self.devices
+            valid = np.arange(size) < len(x)
+            if len(x) < size:  # one shape, one compilation
+                pad = ((0, size - len(x)),)
+                x, y = np.pad(x, pad + ((0, 0),) * (x.ndim - 1)), np.pad(y, pad)
+            totals += np.array([float(t) for t in self.eval_step(state, x, y, valid)])
+            n += int(valid.sum())
+        loss, top1, top5 = totals / max(n, 1)
+        penalty = float(_penalty(self.model, state[0]))
+        return {"loss": loss + penalty, "top1": top1, "top5": top5, "examples": n}
+
+    def sync(self):
+        """Writes the state into the model's and the optimizer's variables."""
+        if self.state is not None:
+            assign_state(self.model, self.optimizer, self.state)
+
+    def gather(self, value):
+        return [value]

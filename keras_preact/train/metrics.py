@@ -7,11 +7,26 @@ loss, `optimization.SparseCrossentropy`), so the metrics are always the sparse o
 import keras
 
 
+class Examples(keras.metrics.Sum):
+    """The number of examples seen: a sum, exact under every distribution strategy (its
+    variable is summed over replicas), so `model.fit` and `model.evaluate` count like the
+    other loops."""
+
+    def __init__(self, name="examples", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        labels = keras.ops.reshape(y_true, (-1,))
+        super().update_state(keras.ops.ones_like(labels, dtype=self.dtype))
+
+
 def top_k_metrics(num_classes):
-    """top-1 and top-5 (top-k with k = classes when there are fewer than 5) of integer labels."""
+    """top-1 and top-5 (top-k with k = classes when there are fewer than 5) of integer
+    labels, and the `Examples` they were counted on."""
     return [
         keras.metrics.SparseCategoricalAccuracy(name="top1"),
         keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+        Examples(),
     ]
 
 

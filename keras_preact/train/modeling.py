@@ -189,7 +189,6 @@ class Built:
     optimizer: keras.optimizers.Optimizer
     decayed: int  # the number of weight-decayed weights (scalars)
     export: object  # model -> the model-only copy to write (`WrittenOut`)
-    loop: object = None  # the compiled `jax_loop.Loop`, once `--loop=jax` trained
 
 
 def build(cfg, run, schedule, *, input_shape, classes):
@@ -219,6 +218,12 @@ def build(cfg, run, schedule, *, input_shape, classes):
             mean=cfg.mean if on_device else None,
             std=cfg.std if on_device else None,
         )
+        if run.replicas > 1 and keras.backend.backend() == "tensorflow":
+            # BatchNorm's statistics over the global batch, as under JAX's partitioner and
+            # on one device (tf.distribute's replicas would each use their own share).
+            for layer in model._flatten_layers():
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.synchronized = True
         decayed = optimization.add_weight_decay(model, cfg.weight_decay, cfg.weight_decay_on)
         decayed = sum(int(keras.ops.size(v)) for v in decayed)
         optimizer = optimization.make_optimizer(

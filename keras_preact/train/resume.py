@@ -1,137 +1,50 @@
-"""A run folder's guards: one trainer at a time, and a resume that keeps the run's meaning.
+"""A resume that keeps the run's meaning: a resumed run's options against its `config.json`.
 
-`lock(folder)` is taken before a trainer writes anything: a second trainer on the same
-`--model_dir` is refused at once, naming the first. The kernel drops the lock when its
-holder dies, so a killed run's leftover `.lock` file is simply taken over.
-
-`check(cfg, model_dir)` compares a resumed run's options with its `config.json` before
-anything is rewritten. Options fall into three classes:
+`check(cfg, run, model_dir)` compares them before anything is written. Options fall into
+three classes:
 
 - the architecture and the data set (`ARCHITECTURE`): the checkpoint cannot load into
   another net, so a change is always refused (use a new `--model_dir`);
 - harmless ones (`HARMLESS`: more epochs, verbosity, evaluation size, loop, paths): allowed,
-  and recorded in `config.json`'s `"resumes"` (with a cosine schedule, more epochs stretch
-  the rest of the decay: the derived `total_steps` is recorded as changed too);
-- every other option (batch size, schedule, optimizer, augmentation, seed, ...) changes
-  what the run means: refused unless named in `--allow_changes` (or `--allow_changes=all`).
+  and recorded in `config.json`'s `"resumes"`;
+- every other option, the precision policy and every derived value (batch size, schedule,
+  optimizer, augmentation, seed, the steps per epoch and the normalization computed from
+  the data, ...) changes what the run means: refused unless named in `--allow_changes` (or
+  `--allow_changes=all`). A derived value that follows from an accepted change is accepted
+  with it (`DERIVED_FROM`: more `--epochs` stretch a cosine schedule's `total_steps`).
+
+The entry of `"resumes"` is written once the checkpoint has loaded (`history`), so a resume
+that is refused or fails leaves `config.json` as it was.
 """
 
-import atexit
-import contextlib
 import datetime
 import json
-import os
-import shlex
-import socket
 import sys
 
-from keras_preact.train import checkpoints
+from keras_preact.train import fs
+from keras_preact.train.checkpoints import FOLDER, ResumeRefused
+
+__all__ = ["ResumeRefused", "check", "history"]
 
 #: Options whose change makes the checkpoint unloadable, or the task another.
-ARCHITECTURE = (
-    "model",
-    "unit",
-    "shortcut",
-    "layout",
-    "width_multiplier",
-    "scan_units",
-    "dataset",
-    "num_classes",
-    "image_size",
-)
+ARCHITECTURE = ("model", "unit", "shortcut", "layout", "width_multiplier", "scan_units",
+                "dataset", "num_classes", "image_size")  # fmt: skip
 #: Options a resumed run may change freely (each change is recorded).
-HARMLESS = (
-    "epochs",
-    "verbose",
-    "eval_batch_size",
-    "eval_examples",
-    "num_test",
-    "num_eval_examples",
-    "eval_split",
-    "eval_resize",
-    "eval_size",
-    "time_budget",
-    "max_steps",
-    "model_dir",
-    "data_dir",
-    "source",
-    "loop",
-    "pipeline",
-    "strategy",
-    "tpu",
-    "jit_compile",
-    "compilation_cache",
-    "fused_decode",
-    "preset",
-    "weights",  # start weights: the checkpoint's weights replace them on resume
-    "allow_changes",
-    "decayed_weights",
-)
-
-
-class RunLocked(RuntimeError):
-    """Another trainer holds the run folder."""
-
-
-class ResumeRefused(ValueError):
-    """A resumed run's options differ from its `config.json` in what the run means."""
-
-
-def lock(folder):
-    """Takes the exclusive lock of `folder` (created if needed) for this process's life.
-
-    Returns the open lock file (keep a reference: closing it releases the lock).
-
-    Raises:
-        RunLocked: another live process holds it; the message names that process.
-        checkpoints.WriteError: the folder cannot be written (read-only, no permission).
-    """
-    path = os.path.join(folder, ".lock")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        handle = open(path, "a+")  # noqa: SIM115 - held for the process's lifetime
-    except OSError as e:
-        raise checkpoints.WriteError(
-            e.errno,
-            f"Cannot write in --model_dir={folder}: {e.strerror or e}. Give the run a "
-            "folder it can write to.",
-        ) from None
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process that has not written its name yet"
-        handle.close()
-        raise RunLocked(
-            f"{folder} is in use by another trainer: {holder}. Wait for it to end or stop "
-            "it, or give this run another --model_dir."
-        ) from None
-    handle.seek(0)
-    stale = handle.read().strip()
-    if stale:
-        print(f"Taking over the lock of {path} left by an ended process: {stale}", flush=True)
-    handle.seek(0)
-    handle.truncate()
-    command = " ".join(map(shlex.quote, getattr(sys, "orig_argv", sys.argv)))
-    handle.write(
-        f"pid {os.getpid()} on {socket.gethostname()}, since "
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}: {command}\n"
-    )
-    handle.flush()
-    atexit.register(_release, handle)
-    return handle
-
-
-def _release(handle):
-    """At a normal exit: empties the lock file, so the next trainer sees no ended holder."""
-    with contextlib.suppress(OSError, ValueError):
-        handle.seek(0)
-        handle.truncate()
-        handle.close()
+HARMLESS = ("epochs", "verbose", "eval_batch_size", "eval_examples", "num_test",
+            "num_eval_examples", "eval_split", "eval_resize", "eval_size", "time_budget",
+            "max_steps", "model_dir", "data_dir", "source", "loop", "pipeline", "strategy",
+            "tpu", "jit_compile", "compilation_cache", "fused_decode", "preset",
+            "weights",  # start weights: the checkpoint's replace them on resume
+            "allow_changes", "restart_optimizer", "decayed_weights", "coordinator",
+            "num_processes", "process_id")  # fmt: skip
+#: The options a derived value is computed from: it may change with any of them.
+DERIVED_FROM = {
+    "total_steps": ("epochs", "steps_per_epoch", "batch_size", "num_train_examples"),
+    "steps_per_epoch": ("batch_size", "num_train_examples"),
+    "base_lr": ("batch_size",),
+    "mean": ("weights",),
+    "std": ("weights",),
+}
 
 
 def _json(value):
@@ -139,16 +52,13 @@ def _json(value):
 
 
 def _has_checkpoint(model_dir):
-    folder = os.path.join(model_dir, "checkpoints")
-    with contextlib.suppress(OSError):
-        return any(n.startswith("epoch-") or n.startswith("latest.") for n in os.listdir(folder))
-    return False
+    folder = fs.join(model_dir, FOLDER)
+    return fs.isdir(folder) and any(n.startswith(("epoch-", "latest.")) for n in fs.listdir(folder))
 
 
 def changes(recorded, record):
     """`{option: (recorded value, new value)}` of the options that differ."""
-    skip = {"origins", "trainer"}
-    names = sorted((set(recorded) | set(record)) - skip)
+    names = sorted((set(recorded) | set(record)) - {"origins", "trainer"})
     return {
         n: (recorded.get(n), _json(record.get(n)))
         for n in names
@@ -160,40 +70,33 @@ def _listed(found):
     return ", ".join(f"--{n}: {a!r} -> {b!r}" for n, (a, b) in found.items())
 
 
-def check(cfg, model_dir):
+def check(cfg, run, model_dir):
     """The changes of a resumed run, checked against its `config.json` (nothing is written).
 
     Returns:
-        `{option: (old, new)}`, the allowed changes ({} for a fresh run).
+        `{option: (old, new)}`, the accepted changes ({} for a fresh run).
 
     Raises:
         ResumeRefused: an architecture option changed, or another meaningful option not
             named in `--allow_changes`; the message lists each and suggests what to do.
     """
-    path = os.path.join(model_dir, "config.json")
-    if not (_has_checkpoint(model_dir) and os.path.exists(path)):
+    path = fs.join(model_dir, "config.json")
+    if not (_has_checkpoint(model_dir) and fs.exists(path)):
         return {}
     try:
-        with open(path) as f:
-            recorded = json.load(f)
+        recorded = fs.read_json(path)
     except (OSError, ValueError) as e:
         raise ResumeRefused(
             f"{path} cannot be read ({e}): the run's options are unknown, so its checkpoint "
             "is not resumed. Give this run another --model_dir."
         ) from None
-    record = cfg.record()
-    found = {n: v for n, v in changes(recorded, record).items() if n in cfg.values}
+    record = {**cfg.record(), "precision_policy": run.policy}
+    found = {n: v for n, v in changes(recorded, record).items() if n in record}
     allowed = set(cfg.allow_changes or ())
-    harmless = set(HARMLESS)
     fixed = {n: v for n, v in found.items() if n in ARCHITECTURE}
-    meaning = {
-        n: v
-        for n, v in found.items()
-        if n not in fixed
-        and n not in harmless
-        and cfg.origins.get(n) != "derived"  # follows from another option, reported there
-        and not ({"all", n} & allowed)
-    }
+    free = {n for n in found if n in HARMLESS or {"all", n} & allowed}
+    free |= {n for n in found if set(DERIVED_FROM.get(n, ())) & free}
+    meaning = {n: v for n, v in found.items() if n not in fixed and n not in free}
     if fixed:
         raise ResumeRefused(
             f"{model_dir} holds a run of another net or data set ({_listed(fixed)}; "
@@ -210,18 +113,20 @@ def check(cfg, model_dir):
     return found
 
 
-def history(model_dir, found):
-    """`config.json`'s `"resumes"` list with this resume's changes appended."""
-    path = os.path.join(model_dir, "config.json")
-    previous = []
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        with open(path) as f:
-            previous = list(json.load(f).get("resumes", []))
-    if not _has_checkpoint(model_dir):
+def history(model_dir, found, restored):
+    """`config.json`'s `"resumes"` list, with this resume's changes appended when it resumed
+    a checkpoint (`restored.state`)."""
+    path = fs.join(model_dir, "config.json")
+    if not restored.state:
         return []  # a fresh run: an earlier run's history (its checkpoints gone) is not its
+    try:
+        previous = list(fs.read_json(path).get("resumes", []))
+    except (OSError, ValueError, AttributeError):
+        previous = []
     entry = {
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
         "argv": list(sys.argv),
+        "at": {"epoch": restored.epoch, "step": restored.step, "iterations": restored.iterations},
         "changed": {n: {"from": a, "to": b} for n, (a, b) in found.items()},
     }
     return [*previous, entry]
