@@ -3,22 +3,23 @@ r"""What the trainer's JAX loop costs on top of its own jitted step, in one proc
 Two ways of running the same model, optimizer and batch size, timed in alternating rounds
 (a neighbour's load on a shared machine hits both alike) on the one JAX device:
 
-* trainer: `keras_preact.train.jax_loop.fit` as `cifar.py --loop=jax --pipeline=numpy` runs
-  it. The run is built by the trainer's own functions (`config.get_config`,
-  `distribution.setup`, `cifar.datasets`, `modeling.build`, `checkpoints.Checkpointer`), so
-  it has the trainer's input stream (a training `numpy_pipeline.ArrayDataset` of uint8
-  images, `normalize=False`, 4-pixel crop and flip in numpy, `jax_loop.prefetch` to the
-  device from a background thread), `Loop.train_epoch`'s per-step metric sums and its
-  progress-bar updates (a host sync every 10 steps), and the epoch-end callbacks (the
-  learning rate, the checkpoint with `log.csv`). One round is one epoch of `--steps` steps,
-  from the end of the previous epoch's callbacks to the end of this one's; the first epoch
-  (compilation) is warm-up. There is no validation set: evaluation is not per-step overhead.
+* trainer: the trainer's `controller.Controller` over its `jax_loop.JaxRunner`, as
+  `cifar.py --loop=jax --pipeline=numpy` runs them. The run is built by the trainer's own
+  functions (`config.get_config`, `distribution.setup`, `cifar.prepare`, `modeling.build`,
+  `checkpoints.Store`, `runlog.RunLog`), so it has the trainer's input stream (a training
+  `numpy_pipeline.ArrayDataset` of uint8 images, `normalize=False`, 4-pixel crop and flip in
+  numpy, `jax_loop.prefetch` to the device from a background thread), the runner's per-step
+  metric sums and the controller's progress-bar updates (a host sync every 10 steps), and
+  its epoch end (the learning rate, the finite checks, the checkpoint with `log.csv`). One
+  round is one epoch of `--steps` steps, from the end of the previous epoch's checkpoint to
+  the end of this one's; the first epoch (compilation) is warm-up. There is no validation
+  set: evaluation is not per-step overhead.
 * bare: the step of `jax_loop.make_train_step` for the same model and optimizer, called
   `--steps` times in a tight loop on one device-resident uint8 batch, after compilation and
   `--warmup` steps; a round ends when its last update is ready.
 
-Each bare round runs at an epoch end of the trainer (a callback listed after the checkpoint's),
-so the rounds alternate: warm-up epoch, bare, trainer, bare, trainer, ... The median images/s
+Each bare round runs at an epoch start of the trainer (when the controller asks the data for
+the epoch's input, after the previous epoch's checkpoint), so the rounds alternate: warm-up epoch, bare, trainer, bare, trainer, ... The median images/s
 of each are printed; the last line is `ratio X`, trainer / bare. Random uint8 images stand in
 for CIFAR-10 (the cost does not depend on the pixels).
 
@@ -45,58 +46,58 @@ if os.environ["KERAS_BACKEND"] != "jax":
     )
 
 import jax  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_preact.data import numpy_pipeline  # noqa: E402
 from keras_preact.train import (  # noqa: E402
     checkpoints,
     cifar,
     config,
+    controller,
     distribution,
     jax_loop,
     modeling,
     optimization,
+    runlog,
 )
 
 
-class TimedCheckpointer(checkpoints.Checkpointer):
-    """The trainer's checkpointer, recording how long each save takes."""
+class TimedStore(checkpoints.Store):
+    """The trainer's checkpoint store, recording how long each save takes."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.save_s = []
+    save_s = []
 
     def save(self, *args, **kwargs):
         start = time.perf_counter()
-        out = super().save(*args, **kwargs)
+        super().save(*args, **kwargs)
         self.save_s.append(time.perf_counter() - start)
-        return out
 
 
-class Alternate(keras.callbacks.Callback):
-    """At each epoch end: the trainer's round ends (after the checkpoint's callback, listed
-    before this one), then a bare round runs, then the next trainer round starts.
+class Alternate(cifar.MemoryData):
+    """The trainer's data: at each epoch start, the trainer's round ends (after the previous
+    epoch's checkpoint), a bare round runs, then the next trainer round starts.
 
     Rounds are `(wall seconds, process CPU seconds)`; a trainer round also holds the
-    seconds its checkpoint save took.
+    seconds its checkpoint save took. No validation set: `evaluate` gives no batch.
     """
 
-    def __init__(self, bare_round, rounds, checkpointer):
-        super().__init__()
-        self.bare_round, self.rounds, self.checkpointer = bare_round, rounds, checkpointer
-        self.trainer, self.bare = [], []
-        self.mark = None
+    def setup(self, bare_round, rounds):
+        self.bare_round, self.rounds = bare_round, rounds
+        self.trainer, self.bare, self.mark = [], [], None
 
-    def on_epoch_end(self, epoch, logs=None):
+    def end_round(self):
         wall, cpu = time.perf_counter(), time.process_time()
-        if epoch > 0:  # epoch 0 traced and compiled the step: warm-up
-            self.trainer.append(
-                (wall - self.mark[0], cpu - self.mark[1], self.checkpointer.save_s[-1])
-            )
-        if len(self.bare) < self.rounds:
+        self.trainer.append((wall - self.mark[0], cpu - self.mark[1], TimedStore.save_s[-1]))
+
+    def train(self, epoch, step, steps):
+        if epoch > 1:  # epoch 0 traced and compiled the step: warm-up
+            self.end_round()
+        if epoch > 0 and len(self.bare) < self.rounds:
             self.bare.append(self.bare_round())
         self.mark = time.perf_counter(), time.process_time()
+        return super().train(epoch, step, steps)
+
+    def evaluate(self):
+        return []
 
 
 def report(args, clock, wall, augment_ms):
@@ -121,7 +122,7 @@ def report(args, clock, wall, augment_ms):
     print(f"\nfit: {wall:.1f} s; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"host augmentation: {augment_ms:.1f} ms CPU per batch")
     print(f"checkpoint save: median {save_s:.3f} s per epoch")
-    print(f"trainer (jax_loop.fit): median {trainer:.1f} images/s  [{trainer_rounds}]")
+    print(f"trainer (controller):   median {trainer:.1f} images/s  [{trainer_rounds}]")
     print(f"bare jitted step:       median {bare:.1f} images/s  [{bare_rounds}]")
     print(f"trainer less its checkpoint saves: {unsaved:.1f} images/s, ratio {unsaved / bare:.2f}")
     print(f"per CPU second (process CPU time): ratio {trainer_cpu / bare_cpu:.2f}")
@@ -149,7 +150,7 @@ def main():
         flush=True,
     )
 
-    # 2. The trainer's run: config, set-up, data, model and optimizer, checkpointer.
+    # 2. The trainer's run: config, set-up, data, model and optimizer, store and log.
     model_dir = tempfile.mkdtemp(prefix="trainer_overhead_")
     cfg = config.get_config(
         None,
@@ -162,26 +163,21 @@ def main():
         loop="jax",
         pipeline="numpy",
         model_dir=model_dir,
+        verbose=0,
+        source="files",
     )
     run = distribution.setup(cfg)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.size, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, args.size)
-    mean, std = numpy_pipeline.channel_stats(x)
-    cfg = cfg.derive(
-        **modeling.resolved_options(cfg, model=cfg.model, mean=mean, std=std),
-        eval_batch_size=args.batch,  # no validation set: evaluation is not timed
-        num_train=len(x),
-        num_test=args.batch,
-    )
     arrays = (x, y), (x[: args.batch], y[: args.batch])
-    train_data = cifar.datasets(cfg, run, arrays)[0]  # the training stream
-    assert not train_data.normalize, "the trainer's JAX loop ships uint8 batches"
+    cfg, _ = cifar.prepare(cfg, run, arrays=arrays)
+    clock = Alternate(cfg, run, arrays)
     schedule = optimization.lr_schedule(cfg)
     built = modeling.build(cfg, run, schedule, input_shape=x.shape[1:], classes=10)
-    checkpointer = TimedCheckpointer(
-        cfg.model_dir, run.write_dir, data=train_data, export=built.export
-    )
+    store, log = TimedStore(cfg.model_dir), runlog.RunLog(cfg.model_dir, export=built.export)
+    train_data = clock.train(0, 0, args.steps)  # the training stream
+    assert not train_data.normalize, "the trainer's JAX loop ships uint8 batches"
 
     # 3. The bare step: same model and optimizer, its own copy of the state, one batch.
     step = jax_loop.make_train_step(built.model, built.optimizer)
@@ -207,18 +203,12 @@ def main():
         train_data[i]
     augment_ms = (time.process_time() - cpu) / 5 * 1e3
 
-    # 4. Alternating rounds inside the trainer's own fit.
-    clock = Alternate(bare_round, args.rounds, checkpointer)
+    # 4. Alternating rounds inside the trainer's own controller.
+    clock.setup(bare_round, args.rounds)
+    runner = jax_loop.JaxRunner(built.model, label_smoothing=cfg.label_smoothing)
     start = time.perf_counter()
-    jax_loop.fit(
-        cfg,
-        built,
-        train_data,
-        None,
-        checkpointer=checkpointer,
-        initial_epoch=0,
-        extra_callbacks=[clock],
-    )
+    controller.Controller(cfg, runner, clock, store=store, log=log).run(checkpoints.Restored())
+    clock.end_round()
     wall = time.perf_counter() - start
 
     report(args, clock, wall, augment_ms)

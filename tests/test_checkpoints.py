@@ -76,6 +76,7 @@ class Saver:
     def save(self, model, *, epoch, logs, step=0):
         class Runner:  # the model's variables are the state
             sync, gather = (lambda self: None), (lambda self, value: [value])
+            agree = lambda self, wish: wish  # noqa: E731
 
         runner = Runner()
         runner.model = model

@@ -8,13 +8,14 @@ a resume continues at exactly that step.
 
 import os
 import signal
+import sys
 
 import keras
 import numpy as np
 import pytest
 from trainer_runs import small_cnn
 
-from keras_preact.train import checkpoints, config, controller, runlog, runners
+from keras_preact.train import checkpoints, config, controller, fs, runlog, runners
 
 STEPS = 5  # per epoch
 
@@ -35,7 +36,7 @@ class Runner:
         self.loss, self.on_step = loss, on_step
 
     def train(self, inputs, steps, *, stop, progress, every):
-        done = 0
+        done = wish = 0
         while done < steps:
             self.model.optimizer.iterations.assign_add(1)
             self.clock.now += self.step_s
@@ -46,9 +47,9 @@ class Runner:
                     "examples": 4.0 * done, "steps": done}  # fmt: skip
             if done % every == 0 or done == steps:
                 progress(done, sums)
-            if done < steps and stop(done):
+            if done < steps and (wish := stop(done)):
                 break
-        return runners.Trained(done, sums)
+        return runners.Trained(done, sums, wish)
 
     def evaluate(self, inputs):
         self.clock.now += self.eval_s
@@ -59,6 +60,9 @@ class Runner:
 
     def gather(self, value):
         return [value]
+
+    def agree(self, wish):
+        return wish
 
 
 class Data:
@@ -89,6 +93,8 @@ def _run(tmp_path, clock, monkeypatch, *, restore=True, budget=None, runner_kw=N
     cfg = config.get_config(None, "cifar", **options).derive(steps_per_epoch=STEPS)
     model, data = _model(), Data()
     store, log = checkpoints.Store(str(tmp_path)), runlog.RunLog(str(tmp_path))
+    if str(tmp_path).startswith("ram://"):
+        monkeypatch.setattr(controller, "_tensorboard", lambda folder: None)
     restored = store.restore(model) if restore else checkpoints.Restored()
     log.restore(restored.state)
     runner = Runner(model, clock, **(runner_kw or {}))
@@ -97,26 +103,41 @@ def _run(tmp_path, clock, monkeypatch, *, restore=True, budget=None, runner_kw=N
     return ctl.run(restored), data, model, log
 
 
+@pytest.mark.parametrize("where", ["local", "ram"])
 def test_max_steps_stops_inside_an_epoch_and_the_resume_ends_where_one_run_ends(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, where
 ):
+    """Also in TensorFlow's in-memory file system: every file of the run goes through `fs`."""
+    root = str(tmp_path) if where == "local" else f"ram://run-{os.getpid()}-{id(tmp_path)}"
     clock = Clock()
-    ended, data, model, _ = _run(tmp_path, clock, monkeypatch, max_steps=3)
+    ended, data, model, _ = _run(root, clock, monkeypatch, max_steps=3)
     assert ended == "max_steps" and data.asked == [(0, 0, 3)]
-    saved = checkpoints.Store(str(tmp_path)).folders(str(tmp_path))
+    saved = checkpoints.Store(root).folders(root)
     assert [key for key, _ in saved] == [(0, 3)]
-    state = checkpoints.Store(str(tmp_path)).restore(_model()).state
+    state = checkpoints.Store(root).restore(_model()).state
     assert state["partial"]["steps"] == 3 and state["input"] == [{"epoch": 0, "records": 30}]
 
-    ended, data, model, log = _run(tmp_path, clock, monkeypatch)
+    ended, data, model, log = _run(root, clock, monkeypatch)
     assert ended == "done"
     assert data.asked == [(0, 3, 2), (1, 0, STEPS)]  # the rest of epoch 1, then epoch 2
     assert int(model.optimizer.iterations.numpy()) == 2 * STEPS
     rows = log.history()
-    assert len(rows["loss"]) == 2
+    assert len(rows["loss"]) == 2 and fs.read_text(fs.join(root, "log.csv")).count("\n") == 3
     # Epoch 1's row covers all its 5 steps (3 before the stop, 2 after): 4 examples each.
     assert rows["top1"][0] == pytest.approx(0.5) and rows["val_top1"] == [0.25, 0.25]
     assert rows["epoch_time_s"][0] == pytest.approx(STEPS * 1.0)
+
+
+def test_a_resume_past_a_shrunk_epoch_ends_that_epoch(tmp_path, monkeypatch):
+    """Stopped at step 3 of 5, resumed with 2 steps per epoch (`--allow_changes`): the saved
+    step is past the epoch's end, so the epoch ends at once with its 3 steps' sums."""
+    clock = Clock()
+    _run(tmp_path, clock, monkeypatch, max_steps=3)
+    monkeypatch.setattr(sys.modules[__name__], "STEPS", 2)
+    ended, data, model, log = _run(tmp_path, clock, monkeypatch)
+    assert ended == "done" and data.asked == [(1, 0, 2)]
+    assert int(model.optimizer.iterations.numpy()) == 5
+    assert log.history()["top1"] == [0.5, 0.5] and log.history()["epoch_time_s"][0] == 3.0
 
 
 def test_a_signal_saves_at_the_next_step_and_stops(tmp_path, monkeypatch):

@@ -59,8 +59,9 @@ def test_resume_after_sigkill(tmp_path, loop):
         "--base_lr=0.05",
     )
 
-    def saved_epoch():  # the newest complete checkpoint (a folder appears whole)
-        return max((int(p.name[6:]) for p in model_dir.glob("checkpoints/epoch-*")), default=0)
+    def saved_epoch():  # the newest committed checkpoint (its state.json is written last)
+        found = model_dir.glob("checkpoints/epoch-*/state.json")
+        return max((int(p.parent.name[6:]) for p in found), default=0)
 
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -99,24 +100,40 @@ def test_resume_after_sigkill(tmp_path, loop):
     assert config["loop"] == loop
 
 
+ALL_LOOPS = [
+    "fit",
+    pytest.param("custom", marks=pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                                    reason="the custom loop is tf.distribute's")),
+    pytest.param("jax", marks=pytest.mark.skipif(keras.backend.backend() != "jax",
+                                                 reason="the JAX loop runs under JAX")),
+]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_resume_continues_momentum_exactly(tmp_path):
-    """2 epochs, then the same command resumed to 4, ends with the weights of an
-    uninterrupted 4-epoch run: the numpy pipeline replays the same batches and the
-    optimizer resumes its step and momentum (a constant rate, so --epochs does not change
-    the schedule)."""
+@pytest.mark.parametrize("loop", ALL_LOOPS)
+def test_max_steps_then_resume_ends_as_one_run(tmp_path, loop):
+    """`--max_steps=3` stops inside epoch 1 with a checkpoint there; the same command without
+    it resumes at step 3 and ends with the steps, log rows and weights of an uninterrupted
+    run (the batches, the schedule, momentum and the epoch's sums continue exactly)."""
     data = fake_cifar(tmp_path / "data")
-    common = ["--steps_per_epoch=2", "--pipeline=numpy", "--loop=fit"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(_cifar_cmd(data, straight, "--epochs=4", *common))
-    run(_cifar_cmd(data, resumed, "--epochs=2", *common))
-    run(_cifar_cmd(data, resumed, "--epochs=4", *common))
-    summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["resumed_from_epoch"] == 2 and summary["steps"] == 8
-    a = _h5_arrays(straight / "final.weights.h5")
-    b = _h5_arrays(resumed / "final.weights.h5")
-    assert a.keys() == b.keys() and len(a) > 10
-    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    common = ["--epochs=2", "--steps_per_epoch=4", f"--loop={loop}", "--lr_schedule=cosine",
+              "--warmup_steps=2", "--deterministic"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(_cifar_cmd(data, straight, *common))
+    out = run(_cifar_cmd(data, stopped, *common, "--max_steps=3"))
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert (summary["steps"], summary["stopped_by"]) == (3, "max_steps"), out.stdout[-2000:]
+    assert sorted(os.listdir(stopped / "checkpoints")) == ["epoch-0000-step-000003"]
+    out = run(_cifar_cmd(data, stopped, *common))
+    assert "0 epoch(s) and 3 step(s) of the next done, optimizer step 3," in out.stdout
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, stopped))
+    assert b["steps"] == a["steps"] == 8 and b["epochs_run"] == 2 and b["stopped_by"] is None
+    assert [r["epoch"] for r in _log_rows(stopped)] == ["0", "1"]
+    np.testing.assert_allclose(b["train_loss_per_epoch"], a["train_loss_per_epoch"], rtol=1e-5)
+    np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-5)
+    x, y = _h5_arrays(straight / "final.weights.h5"), _h5_arrays(stopped / "final.weights.h5")
+    assert x.keys() == y.keys() and len(x) > 10
+    worst = max(float(np.max(np.abs(x[k] - y[k]))) for k in x)
     assert worst < 1e-5, worst
 
 
@@ -165,17 +182,26 @@ def test_cifar_trainer_runs_without_tensorflow(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution is JAX's")
-def test_jax_data_parallel_two_host_devices(tmp_path):
-    """--strategy=mirrored under jax: DataParallel over two (forced) CPU devices, the
-    train step jitted (run op by op, a replicated step's collectives could stall past XLA's
-    rendezvous timeout on a loaded machine and abort the process)."""
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's devices and mesh")
+@pytest.mark.parametrize("loop", ["fit", "jax"])
+def test_two_host_devices_train_as_one(tmp_path, loop):
+    """--strategy=mirrored under jax on two (forced) CPU devices: `fit` through
+    keras.distribution.DataParallel, the JAX loop through its own mesh. Each batch is split
+    over the devices, BatchNorm sees the global batch: the run ends with one device's
+    weights. (Jitted: run op by op, a replicated step's collectives could stall past XLA's
+    rendezvous timeout on a loaded machine and abort the process.)"""
     data = fake_cifar(tmp_path / "data")
-    cmd = _cifar_cmd(
-        data, tmp_path / "run", "--epochs=1", "--steps_per_epoch=2", "--strategy=mirrored"
-    )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["replicas"] == 2 and summary["steps"] == 2 and summary["jit_compile"]
+    finals = {}
+    for devices in (1, 2):
+        d = tmp_path / f"run{devices}"
+        cmd = _cifar_cmd(data, d, "--epochs=1", "--steps_per_epoch=3", "--strategy=mirrored",
+                         f"--loop={loop}", "--pipeline=numpy")  # fmt: skip
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["replicas"] == devices and summary["steps"] == 3 and summary["jit_compile"]
+        finals[devices] = _h5_arrays(d / "final.weights.h5")
+    one, two = finals[1], finals[2]
+    worst = max(float(np.max(np.abs(one[k] - two[k]))) for k in one)
+    assert worst < 1e-4, worst

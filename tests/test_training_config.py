@@ -245,6 +245,7 @@ def test_bad_cifar_flags_fail_at_parsing(tmp_path):
         "jax loop": ["--loop=jax"],
         "time_budget=0": ["--time_budget=0"],
         "erasing=1.5": ["--erasing=1.5"],
+        "fit under multi-worker": ["--loop=fit", "--strategy=multi_worker_mirrored"],
     }
     cases = {name: base + argv for name, argv in cases.items()}
     expected = {
@@ -270,6 +271,11 @@ def test_bad_cifar_flags_fail_at_parsing(tmp_path):
         "jax loop": None if JAX else ["--loop=jax", "KERAS_BACKEND=jax"],
         "time_budget=0": ["--time_budget", "> 0 seconds"],
         "erasing=1.5": ["--erasing", "[0, 1]"],
+        "fit under multi-worker": (
+            ["--loop=fit cannot train under --strategy=multi_worker_mirrored", "--loop=custom"]
+            if TF
+            else ["--strategy=multi_worker_mirrored", "not available"]
+        ),
     }
     if not TF:  # the default strategy-less backends refuse tf.distribute strategies
         cases["tpu without name"] = base + ["--strategy=tpu", "--tpu=x"]
@@ -355,6 +361,38 @@ def test_tfds_offline_says_what_to_do_instead(tmp_path):
 
 # ----------------------------------------------------------------------------
 # Module layout.
+
+
+def test_programs_import_side_by_side_and_list_their_flags_in_help():
+    """Importing the three programs defines no flag (a program defines its own where it
+    starts), so they import in one process; each program's `--help`, through `python -m`
+    and through its console script, lists its flags (the shared ones too)."""
+    code = (
+        "from absl import flags\n"
+        "from keras_preact.train import cifar, evaluate, imagenet\n"
+        "assert 'batch_size' not in flags.FLAGS\n"
+        "names = imagenet.define_flags()\n"
+        "assert 'eval_resize' in names and 'batch_size' in names, names\n"
+        "print('RESULT ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)  # fmt: skip
+    assert "RESULT ok" in out.stdout, out.stderr[-3000:]
+    import shutil
+
+    for program, own in (("cifar", "--padding"), ("imagenet", "--eval_resize"),
+                         ("evaluate", "--max_batches")):  # fmt: skip
+        commands = [[sys.executable, "-m", f"keras_preact.train.{program}"]]
+        script = shutil.which(f"keras-preact-{program}")
+        if script:
+            commands.append([script])
+        for command in commands:
+            out = subprocess.run([*command, "--help"], capture_output=True, text=True,
+                                 timeout=300, cwd=REPO)  # fmt: skip
+            assert own in out.stdout and "--model" in out.stdout, (  # absl exits 1 after help
+                command,
+                out.stdout[-2000:] + out.stderr[-2000:],
+            )
 
 
 def test_training_modules_import_without_cycles():
@@ -508,48 +546,35 @@ def test_ablation_from_the_command_line_then_evaluate(tmp_path):
     assert bad.returncode != 0 and "--unit=full_preact contradicts" in bad.stderr
 
 
+def _smoothed(data, model_dir, loop, smoothing):
+    run(cifar_cmd(data, model_dir, f"--loop={loop}", f"--label_smoothing={smoothing}",
+                  "--deterministic", "--epochs=1", "--steps_per_epoch=2", "--base_lr=0.05",
+                  "--lr_schedule=constant"))  # fmt: skip
+    return json.loads((model_dir / "summary.json").read_text())
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not TF, reason="both loops run under TensorFlow only")
-def test_label_smoothing_on_both_loops(tmp_path):
-    """`--label_smoothing` trains and evaluates under `fit` and the custom loop alike: from the
-    same seed and deterministic input, both end with the same smoothed test loss."""
+def test_label_smoothing_changes_the_loss_alike_on_every_loop(tmp_path):
+    """`--label_smoothing` trains and evaluates under `fit` and (TensorFlow) the custom loop
+    alike: from the same seed and deterministic input, both end with the same smoothed
+    losses, which differ from the same run's without smoothing."""
     data = fake_cifar(tmp_path / "data")
-    summaries = {}
-    for loop in ("fit", "custom"):
-        model_dir = tmp_path / loop
-        run(
-            cifar_cmd(
-                data,
-                model_dir,
-                f"--loop={loop}",
-                "--label_smoothing=0.2",
-                "--deterministic",
-                "--epochs=1",
-                "--steps_per_epoch=2",
-                "--base_lr=0.05",
-                "--lr_schedule=constant",
-            )
+    loops = ("fit", "custom") if TF else ("fit",)
+    smoothed = {loop: _smoothed(data, tmp_path / loop, loop, 0.2) for loop in loops}
+    plain = _smoothed(data, tmp_path / "plain", "fit", 0.0)
+    fit = smoothed["fit"]
+    assert fit["steps"] == plain["steps"] == 2
+    cfg = json.loads((tmp_path / "fit" / "config.json").read_text())
+    assert cfg["label_smoothing"] == 0.2
+    for key in ("test_loss", "train_loss_per_epoch"):
+        assert np.max(np.abs(np.subtract(fit[key], plain[key]))) > 1e-3, key
+    if TF:
+        custom = smoothed["custom"]
+        assert custom["steps"] == 2
+        np.testing.assert_allclose(custom["test_loss"], fit["test_loss"], rtol=1e-4)
+        np.testing.assert_allclose(
+            custom["train_loss_per_epoch"], fit["train_loss_per_epoch"], rtol=1e-4
         )
-        summaries[loop] = json.loads((model_dir / "summary.json").read_text())
-    fit, custom = summaries["fit"], summaries["custom"]
-    assert fit["steps"] == custom["steps"] == 2
-    np.testing.assert_allclose(custom["test_loss"], fit["test_loss"], rtol=1e-4)
-    np.testing.assert_allclose(
-        custom["train_loss_per_epoch"], fit["train_loss_per_epoch"], rtol=1e-4
-    )
-
-
-@pytest.mark.skipif(TF, reason="label smoothing under fit; the TF case runs both loops above")
-def test_label_smoothing_under_fit(tmp_path):
-    data = fake_cifar(tmp_path / "data")
-    run(
-        cifar_cmd(
-            data, tmp_path / "run", "--label_smoothing=0.2", "--epochs=1", "--steps_per_epoch=2"
-        )
-    )
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert summary["steps"] == 2 and cfg["label_smoothing"] == 0.2
 
 
 def test_fine_tuning_loads_every_layer_but_the_classifier():

@@ -1,4 +1,5 @@
-"""tf.distribute: MirroredStrategy equals one device; two-worker MultiWorkerMirrored.
+"""tf.distribute: MirroredStrategy equals one device (BatchNorm over the global batch);
+two-worker MultiWorkerMirrored, and a signal to one of its workers.
 
 These need the TensorFlow backend (tf.distribute strategies hold TF variables);
 under KERAS_BACKEND=jax or torch they are skipped. Each runs in a subprocess:
@@ -31,7 +32,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     import keras_preact
-    from keras_preact.train import custom_loop, optimization
+    from keras_preact.train import custom_loop, modeling, optimization
 
     def plain_cnn():
         inputs = keras.Input((8, 8, 3))
@@ -48,6 +49,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         with strategy.scope():
             keras.utils.set_random_seed(0)
             model = build()
+            if strategy.num_replicas_in_sync > 1:
+                modeling.global_batchnorm(model)
             optimization.add_weight_decay(model, 0.01)
             optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
             if loop == "fit":
@@ -59,24 +62,22 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         else:
             data = strategy.experimental_distribute_dataset(
                 tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)).repeat())
-            step = custom_loop.make_train_step(model, optimizer, strategy, len(x))
+            model.compile(optimizer=optimizer)
+            step = custom_loop.make_train_step(model, strategy, len(x))
             it = iter(data)
             for _ in range(2):
-                step(it)
+                step(it, tf.constant(0))
         return [np.asarray(w) for w in model.get_weights()]
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 8, 8, 3)).astype("float32")
     y = rng.integers(0, 5, 8)
-    # BatchNorm normalizes per replica, so for the ResNet both halves of the
-    # global batch are the same 4 images: then per-replica and global batch
-    # statistics coincide and the two runs must agree exactly.
-    x_dup, y_dup = np.concatenate([x[:4], x[:4]]), np.concatenate([y[:4], y[:4]])
+    # Two different halves: BatchNorm's statistics must be the global batch's.
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     assert mirrored.num_replicas_in_sync == 2
     worst = {}
-    for name, build, xs, ys in (("cnn", plain_cnn, x, y), ("preact", preact, x_dup, y_dup)):
+    for name, build, xs, ys in (("cnn", plain_cnn, x, y), ("preact", preact, x, y)):
         for loop in ("fit", "custom"):
             ref = weights(one, build, xs, ys, "fit")
             got = weights(mirrored, build, xs, ys, loop)
@@ -108,8 +109,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_workers(tmp_path, model_dir, epochs, tag):
-    """Runs training/cifar.py as two MultiWorkerMirrored workers on 127.0.0.1."""
+def _start_workers(tmp_path, model_dir, epochs, tag, *extra):
+    """Starts training/cifar.py as two MultiWorkerMirrored workers on 127.0.0.1."""
     ports = [_free_port(), _free_port()]
     workers = [f"127.0.0.1:{p}" for p in ports]
     procs = []
@@ -136,11 +137,16 @@ def _two_workers(tmp_path, model_dir, epochs, tag):
             "--warmup_steps=2",
             "--base_lr=0.05",
             "--verbose=2",
+            *extra,
         ]
         log = open(tmp_path / f"{tag}_worker{i}.log", "w")
         procs.append(
             (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log)
         )
+    return procs
+
+
+def _wait_workers(tmp_path, procs, tag, codes=(0, 0)):
     for proc, log in procs:
         try:
             proc.wait(timeout=400)
@@ -149,9 +155,23 @@ def _two_workers(tmp_path, model_dir, epochs, tag):
                 proc.kill()
             log.close()
     logs = [(tmp_path / f"{tag}_worker{i}.log").read_text() for i in range(2)]
-    for (proc, _), text in zip(procs, logs):
-        assert proc.returncode == 0, text[-4000:]
+    for (proc, _), text, code in zip(procs, logs, codes):
+        assert proc.returncode == code, text[-4000:]
     return logs
+
+
+def _two_workers(tmp_path, model_dir, epochs, tag, *extra):
+    """Runs training/cifar.py as two MultiWorkerMirrored workers on 127.0.0.1."""
+    return _wait_workers(tmp_path, _start_workers(tmp_path, model_dir, epochs, tag, *extra), tag)
+
+
+def _fake_data(tmp_path):
+    from keras_preact.data import cifar_files
+
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
+    test = (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 20))
+    cifar_files.write_cifar("cifar10", str(tmp_path / "data"), train, test)
 
 
 def _h5_arrays(path):
@@ -167,13 +187,9 @@ def _h5_arrays(path):
 def test_two_worker_multi_worker_mirrored(tmp_path):
     """Two processes train training/cifar.py together and end with identical weights; rerun
     with more epochs, both resume at the checkpoint's optimizer step and schedule."""
-    from keras_preact.data import cifar_files
     from keras_preact.train import optimization
 
-    rng = np.random.default_rng(0)
-    train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
-    test = (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 20))
-    cifar_files.write_cifar("cifar10", str(tmp_path / "data"), train, test)
+    _fake_data(tmp_path)
     model_dir = tmp_path / "run"
     _two_workers(tmp_path, model_dir, 2, "first")
     summary = json.loads((model_dir / "summary.json").read_text())
@@ -190,3 +206,34 @@ def test_two_worker_multi_worker_mirrored(tmp_path):
     assert a.keys() == b.keys() and len(a) > 10
     differ = [k for k in a if not np.array_equal(a[k], b[k])]
     assert not differ, differ
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_of_two_workers_stops_both_at_one_step(tmp_path):
+    """A preemption's SIGTERM reaches one worker: the workers agree on the stop in the next
+    step, both save their checkpoint at that step and exit 143 (none waits forever in an
+    all-reduce); the same commands resume both there and end at the planned step count."""
+    import signal
+    import time
+
+    _fake_data(tmp_path)
+    model_dir, steps = tmp_path / "run", ("--steps_per_epoch=20", "--lr_schedule=constant")
+    procs = _start_workers(tmp_path, model_dir, 2, "first", *steps)
+    chief_log, deadline = tmp_path / "first_worker0.log", time.time() + 300
+    while "Epoch 1/2" not in chief_log.read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    procs[1][0].send_signal(signal.SIGTERM)
+    logs = _wait_workers(tmp_path, procs, "first", codes=(143, 143))
+    assert "Stopped by SIGTERM: saved a checkpoint at step" in logs[1], logs[1][-3000:]
+    assert "Stopped by SIGTERM of another process of the run: saved" in logs[0], logs[0][-3000:]
+    (saved,) = os.listdir(model_dir / "checkpoints")
+    assert saved.startswith("epoch-0000-step-"), saved
+    assert os.listdir(model_dir / "workers" / "worker_1" / "checkpoints") == [saved]
+    step = int(saved.rsplit("-", 1)[1])
+    assert 0 < step < 20
+    logs = _two_workers(tmp_path, model_dir, 2, "resumed", *steps)
+    for text in logs:
+        assert f"0 epoch(s) and {step} step(s) of the next done, optimizer step {step}," in text
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["processes"] == 2

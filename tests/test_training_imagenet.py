@@ -157,3 +157,53 @@ def test_imagenet_custom_loop_with_label_smoothing(shards, tmp_path):
         "bad_label": 0,
         "undecodable": 1,
     }
+
+
+def _h5_arrays(path):
+    import h5py
+
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if hasattr(v, "shape") else None)
+    return out
+
+
+@pytest.mark.slow
+def test_an_imagenet_resume_sees_the_records_of_one_run(shards, tmp_path):
+    """Stopped inside epoch 1 (`--max_steps=2`), the checkpoint records how many records the
+    stream had consumed; the resume skips them (undecoded), so it trains on the batches of an
+    uninterrupted run and ends with its weights (`--deterministic`: fixed order and
+    augmentation). Under JAX the run uses the jitted loop, which reads the tf.data stream."""
+    import keras
+
+    loop = "jax" if keras.backend.backend() == "jax" else "fit"
+    common = ["--epochs=2", "--steps_per_epoch=3", "--deterministic", f"--loop={loop}",
+              "--train_crop=inception"]  # fmt: skip
+    straight = _train(shards, tmp_path / "straight", tmp_path, *common)
+    stopped = _train(shards, tmp_path / "stopped", tmp_path, *common, "--max_steps=2")
+    assert stopped["stopped_by"] == "max_steps" and stopped["steps"] == 2
+    (folder,) = os.listdir(tmp_path / "stopped" / "checkpoints")
+    state = json.loads((tmp_path / "stopped" / "checkpoints" / folder / "state.json").read_text())
+    assert state["input"] == [{"epoch": 0, "records": 8}]  # 2 batches of 4
+    resumed = _train(shards, tmp_path / "stopped", tmp_path, *common)
+    assert resumed["steps"] == straight["steps"] == 6 and resumed["resumed_from_epoch"] == 0
+    a = _h5_arrays(tmp_path / "straight" / "final.weights.h5")
+    b = _h5_arrays(tmp_path / "stopped" / "final.weights.h5")
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.slow
+def test_evaluation_at_another_size_counts_every_image_once(shards, tmp_path):
+    """Validation during training at 40 px of a net trained at 32 px (the 320-px protocol's
+    kind): the model's spatial size is left open. Under TensorFlow through a
+    MirroredStrategy; the images scored are counted exactly (five photos decode)."""
+    import keras
+
+    strategy = "mirrored" if keras.backend.backend() == "tensorflow" else "default"
+    summary = _train(shards, tmp_path / "run", tmp_path, "--epochs=1", "--steps_per_epoch=1",
+                     "--eval_size=40", "--eval_resize=44", f"--strategy={strategy}")  # fmt: skip
+    assert summary["eval_size"] == 40 and summary["eval_images_scored"] == 5
+    assert summary["eval_skipped_by_cause"]["undecodable"] == 1
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert len(rows) == 2 and "val_top1" in rows[0]

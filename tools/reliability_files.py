@@ -34,7 +34,6 @@ import tracemalloc
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 T7_FIXTURE = os.path.join(FIXTURES, "fb_preresnet_tiny.t7")
 SAFETENSORS = os.path.join(FIXTURES, "timm_basic.safetensors")

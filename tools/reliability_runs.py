@@ -108,13 +108,13 @@ def clean(code, out, expected):
 
 def kill_trial(t, rng, *, at_write):
     """SIGKILL at a random moment of the run, or (`at_write`) a few milliseconds after a
-    checkpoint's temporary folder appears: inside its writes."""
+    checkpoint's temporary weights file appears: inside its writes, before its commit."""
     proc = t.start()
     for line in proc.stdout:
         if line.startswith("Epoch 1/"):
             break
     if at_write:
-        pattern, deadline = t.file("checkpoints/.tmp-*"), time.time() + 300
+        pattern, deadline = t.file("checkpoints/*/.tmp-*"), time.time() + 300
         while not glob.glob(pattern) and time.time() < deadline:
             time.sleep(0.001)
         time.sleep(rng.uniform(0.0, 0.005))  # a checkpoint of this net takes ~20 ms
@@ -122,7 +122,9 @@ def kill_trial(t, rng, *, at_write):
         time.sleep(rng.uniform(0.5, 6.0))
     proc.kill()
     proc.wait()
-    during_write = bool(t.leftovers())
+    folders = glob.glob(t.file("checkpoints/epoch-*"))
+    uncommitted = [p for p in folders if not os.path.exists(os.path.join(p, "state.json"))]
+    during_write = bool(t.leftovers() or uncommitted)
     code, out = t.run()
     return clean(code, out, 0) and finished(t, 3, 4), during_write
 

@@ -185,14 +185,14 @@ class MemoryData(trainer.Data):
                 "test_images_scored": int(final.get("examples", len(self.xt)))}  # fmt: skip
 
 
-def prepare(cfg, run):
-    """The data in memory, and the values that follow from it: steps per epoch, the
-    normalization (the data set's statistics, unless the start weights carry their own)."""
+def prepare(cfg, run, arrays=None):
+    """The data in memory (`arrays`, else loaded from `--source`), and the values that follow
+    from it: steps per epoch, the normalization (the data set's statistics, unless the start
+    weights carry their own)."""
     from keras_preact.data import numpy_pipeline
 
-    (x_train, y_train), (x_test, y_test) = sources.load_arrays(
-        cfg.dataset, cfg.source, cfg.data_dir
-    )
+    arrays = arrays or sources.load_arrays(cfg.dataset, cfg.source, cfg.data_dir)
+    (x_train, y_train), (x_test, y_test) = arrays
     if cfg.batch_size > len(x_train):
         raise app.UsageError(
             f"--batch_size={cfg.batch_size} exceeds the {len(x_train)} training images."

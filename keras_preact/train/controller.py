@@ -28,6 +28,8 @@ from keras_preact.train import fs, metrics
 
 #: The epoch's running sums (`loss` over steps; `top1`, `top5` over `examples`).
 SUMS = ("loss", "top1", "top5", "examples", "steps", "time_s")
+#: Why a run stops, as the processes of a run agree on it (the largest wins).
+MAX_STEPS, BUDGET, SIGNAL = -1, 1, 2
 
 
 def resume_command():
@@ -76,11 +78,11 @@ def check_finite(model, logs, epoch):
 class Interrupted(Exception):
     """A signal stopped training; `saved` tells whether its state was checkpointed."""
 
-    def __init__(self, signum, *, saved, where=""):
+    def __init__(self, signum, *, saved, where="", by=""):
         self.signum, self.saved = signum, saved
         name = signal.Signals(signum).name
         state = f"saved a checkpoint {where}" if saved else "nothing new was saved"
-        super().__init__(f"Stopped by {name}: {state}.")
+        super().__init__(f"Stopped by {name}{by}: {state}.")
 
 
 class StopRequest:
@@ -182,7 +184,8 @@ class Controller:
         cfg: the run's derived config (`epochs`, `steps_per_epoch`, `max_steps`, `verbose`).
         runner: the engine: `train(inputs, steps, stop=, progress=, every=) -> Trained`,
             `evaluate(inputs) -> logs`, `sync()` (its state into the model's variables),
-            `model`, and `gather(value)` (every process's value, in process order).
+            `model`, `gather(value)` (every process's value, in process order) and
+            `agree(wish)` (the largest stop wish over the processes).
         data: the run's data (`trainer.Data`): `train(epoch, step, steps)` gives the input
             of `steps` steps from a position, `evaluate()` the evaluation input,
             `position(...)` where a stopped stream stands.
@@ -211,33 +214,35 @@ class Controller:
         sums = add_sums(start.state.get("partial") or {}, {})
         with StopRequest() as self.signals:
             while epoch < cfg.epochs:
-                todo = cfg.steps_per_epoch - step
-                if cfg.max_steps:
-                    todo = min(todo, cfg.max_steps - iterations)
-                if todo <= 0:
-                    return "max_steps"
-                if self.trained and self._wants_stop(last_step=todo == 1):
-                    # At an epoch start, after its checkpoint: nothing more to save.
-                    return self._stopped("budget", epoch, step, iterations, None)
-                trained = self._train(epoch, step, todo, sums)
-                self.trained += trained.steps
-                step, iterations = step + trained.steps, iterations + trained.steps
-                sums = add_sums(sums, trained.sums)
+                # A resume whose --steps_per_epoch shrank below its step goes to the epoch end.
                 if step < cfg.steps_per_epoch:
-                    self.save(epoch, step, iterations, partial=sums, batches=trained.steps)
-                    reason = "max_steps" if trained.steps == todo else "budget"
-                    return self._stopped(reason, epoch, step, iterations, trained)
+                    todo = cfg.steps_per_epoch - step
+                    if cfg.max_steps:
+                        todo = min(todo, cfg.max_steps - iterations)
+                    if todo <= 0:
+                        return "max_steps"
+                    # At an epoch start, after its checkpoint: nothing more to save.
+                    wish = self.runner.agree(self._wish(last_step=todo == 1)) if self.trained else 0
+                    if wish:
+                        return self._stopped(wish, epoch, step)
+                    trained = self._train(epoch, step, todo, sums)
+                    self.trained += trained.steps
+                    step, iterations = step + trained.steps, iterations + trained.steps
+                    sums = add_sums(sums, trained.sums)
+                    if step < cfg.steps_per_epoch:
+                        self.save(epoch, step, iterations, partial=sums, batches=trained.steps)
+                        return self._stopped(trained.stop or MAX_STEPS, epoch, step)
                 self._end_epoch(epoch, iterations, sums)
                 epoch, step, sums = epoch + 1, 0, add_sums({}, {})
-                if self.signals.signum is not None:
-                    raise Interrupted(self.signals.signum, saved=True, where=f"after epoch {epoch}")
         return "done"
 
-    def _wants_stop(self, *, last_step):
-        """A stop this process wants: a signal, or the time budget."""
+    def _wish(self, *, last_step):
+        """The stop this process wants: `SIGNAL`, `BUDGET` or 0 (the runner agrees it with
+        the other processes: the largest wins)."""
         if self.signals.signum is not None:
-            return True
-        return self.budget is not None and self.budget.exhausted(last_step=last_step)
+            return SIGNAL
+        exhausted = self.budget is not None and self.budget.exhausted(last_step=last_step)
+        return BUDGET if exhausted else 0
 
     def _train(self, epoch, step, steps, sums):
         """Trains `steps` steps from `(epoch, step)`; returns the runner's `Trained`."""
@@ -254,7 +259,7 @@ class Controller:
         def stop(done):
             if self.budget is not None:
                 self.budget.note("step", (time.time() - begun) / done)
-            return self._wants_stop(last_step=step + done + 1 == cfg.steps_per_epoch)
+            return self._wish(last_step=step + done + 1 == cfg.steps_per_epoch)
 
         def progress(done, running):
             logs = means(add_sums(sums, running))
@@ -316,16 +321,19 @@ class Controller:
         if self.budget is not None:
             self.budget.note("save", time.time() - begun)
 
-    def _stopped(self, reason, epoch, step, iterations, trained):
-        """After a stop inside an epoch (or at its start): a signal raises `Interrupted`."""
+    def _stopped(self, reason, epoch, step):
+        """The end of a run stopped at `(epoch, step)` (its checkpoint saved): a signal, here
+        or in another process, raises `Interrupted`; the other reasons are returned."""
         where = f"at step {step} of epoch {epoch + 1}" if step else f"after epoch {epoch}"
-        if self.signals.signum is not None:
-            raise Interrupted(self.signals.signum, saved=True, where=where)
-        if reason == "budget" and self.chief:
+        if reason == SIGNAL:
+            signum = self.signals.signum
+            by = "" if signum else " of another process of the run"
+            raise Interrupted(signum or signal.SIGTERM, saved=True, where=where, by=by)
+        if reason == BUDGET and self.chief:
             print(
                 f"Stopped by --time_budget={self.budget.seconds:g} s {where} "
                 f"({time.time() - self.budget.start:.0f} s); checkpoint saved in "
                 f"{self.cfg.model_dir}. Resume with the same command: {resume_command()}",
                 flush=True,
             )
-        return reason
+        return {BUDGET: "budget", MAX_STEPS: "max_steps"}[reason]

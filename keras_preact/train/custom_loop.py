@@ -59,9 +59,17 @@ def make_train_step(model, strategy, global_batch_size, *, jit_compile=False, la
         images, labels = next(iterator)
         *sums, stop = strategy.run(step_fn, args=(images, labels, wish))
         reduced = [strategy.reduce("SUM", t, axis=None) for t in sums]
-        return [*reduced, strategy.reduce("MAX", stop, axis=None)]
+        return [*reduced, _largest(strategy, stop)]
 
     return step
+
+
+def _largest(strategy, wish):
+    """The largest of the replicas' `wish`es (0, 1 or 2: `controller.BUDGET`, `SIGNAL`):
+    `strategy.reduce` only sums or averages, so each wish is counted apart."""
+    wishes = tf.one_hot(wish, 3, dtype=tf.int32)  # per replica
+    counts = strategy.reduce("SUM", wishes, axis=None)
+    return tf.reduce_max(tf.where(counts > 0, tf.range(3), 0))
 
 
 def make_eval_step(model, strategy, *, label_smoothing=0.0):
@@ -101,18 +109,16 @@ class TFRunner:
 
     def train(self, inputs, steps, *, stop, progress, every):
         """`steps` steps of the distributed dataset `inputs`; see `runners`."""
-        iterator, totals, wish, done = iter(inputs), np.zeros(4), tf.constant(0), 0
-        while done < steps:
+        iterator, totals, wish, done, agreed = iter(inputs), np.zeros(4), tf.constant(0), 0, 0
+        while done < steps and not agreed:
             *out, agreed = self.step(iterator, wish)
             totals += np.array([float(t) for t in out])
-            done += 1
-            if done % every == 0 or done == steps or int(agreed):
+            done, agreed = done + 1, int(agreed)
+            if done % every == 0 or done == steps or agreed:
                 progress(done, self._sums(totals, done))
-            if int(agreed):
-                break
             # The wish travels with the next step: all workers stop after that one.
-            wish = tf.constant(int(done < steps and stop(done)))
-        return runners.Trained(done, self._sums(totals, done))
+            wish = tf.constant(stop(done) if done < steps else 0)
+        return runners.Trained(done, self._sums(totals, done), agreed)
 
     @staticmethod
     def _sums(totals, steps):
@@ -133,6 +139,10 @@ class TFRunner:
 
     def sync(self):
         """The variables are the state."""
+
+    def agree(self, wish):
+        """The largest `wish` over the workers (each worker's replicas wish alike)."""
+        return int(_largest(self.strategy, self.strategy.run(lambda: tf.constant(wish))))
 
     def gather(self, value):
         """Every worker's `value` (a dict of ints), in worker order: each worker's first

@@ -47,8 +47,10 @@ def setup(cfg):
     keras.utils.set_random_seed(cfg.seed)
     if cfg.compilation_cache and keras.backend.backend() == "jax":
         # JAX's own JAX_COMPILATION_CACHE_DIR wins: runs of one experiment can share one.
+        # JAX's cache takes a local folder or gs://; elsewhere, only JAX's own variable.
         cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-        enable_compilation_cache(cache or os.path.join(cfg.model_dir, "jax_cache"))
+        if cache or cfg.model_dir.startswith("gs://") or "://" not in cfg.model_dir:
+            enable_compilation_cache(cache or f"{cfg.model_dir.rstrip('/')}/jax_cache")
     if cfg.deterministic and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 

@@ -145,7 +145,7 @@ def _output_folder_exists(path):
 def _run_config_is_sound(values):
     """The run's `config.json` (found or given) must be JSON whose architecture options the
     builders take: a hand-edited one fails here, naming the file, the key and the value."""
-    if values["config"] is not None and not os.path.isfile(values["config"]):
+    if values["config"] is not None and not fs.isfile(values["config"]):
         raise flags.ValidationError(f"--config={values['config']} is not a file.")
     path = values["config"] or config_path(values["weights"] or "")
     if path is None:
@@ -166,23 +166,22 @@ FLAGS = flags.FLAGS
 def config_path(weights):
     """The `config.json` of the run that wrote the `.weights.h5` file `weights`, or None:
     next to the file, above `checkpoints/` or above `checkpoints/epoch-NNNN/`."""
-    if not (weights.endswith(".weights.h5") and os.path.isfile(weights)):
+    if not (weights.endswith(".weights.h5") and fs.isfile(weights)):
         return None
-    folder = os.path.dirname(os.path.abspath(weights))
-    candidates = [folder, os.path.dirname(folder)]
-    if os.path.basename(candidates[1]) == "checkpoints":
-        candidates.append(os.path.dirname(candidates[1]))
+    folder = fs.dirname(weights)
+    candidates = [folder, fs.dirname(folder)]
+    if fs.basename(candidates[1]) == "checkpoints":
+        candidates.append(fs.dirname(candidates[1]))
     for candidate in candidates:
-        if os.path.isfile(os.path.join(candidate, "config.json")):
-            return os.path.join(candidate, "config.json")
+        if fs.isfile(fs.join(candidate, "config.json")):
+            return fs.join(candidate, "config.json")
     return None
 
 
 def read_run_config(path):
     """The dict of a run's `config.json`; ValueError naming the file if it is not one."""
     try:
-        with open(path) as f:
-            run = json.load(f)
+        run = fs.read_json(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable run config.json: {e}.") from None
     if not isinstance(run, dict):
@@ -274,7 +273,7 @@ def plan(cfg, run):
         return Plan(options, None, None)
     import keras_preact
 
-    if not os.path.isfile(cfg.weights):  # a record name
+    if not fs.isfile(cfg.weights):  # a record name
         options["model"] = options["model"] or keras_preact.weights.get_record(cfg.weights).model
     if not options["model"]:
         raise app.UsageError(f"--model is needed to build the network of {cfg.weights}.")
@@ -305,8 +304,7 @@ def build_model(cfg, plan, input_shape, classes):
     mean, std = plan.normalization or (None, None)
     trainer_file = weights.endswith(".weights.h5")
     options = dict(plan.options)
-    in_checkpoint = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(weights))))
-    if in_checkpoint != checkpoints.FOLDER:
+    if fs.basename(fs.dirname(fs.dirname(weights))) != checkpoints.FOLDER:
         # A run's final and best weights are written-out nets, also with --scan_units;
         # only its resumable checkpoints hold the scanned stages.
         options["scan_units"] = False
@@ -320,7 +318,8 @@ def build_model(cfg, plan, input_shape, classes):
         std=std,
     )
     if trainer_file:
-        model.load_weights(weights)
+        with fs.local_copy(weights) as local:
+            model.load_weights(local)
     return model
 
 

@@ -12,6 +12,7 @@ import os
 
 from absl import flags
 
+from keras_preact.train import fs
 from keras_preact.train.config import LOOPS, SHORTCUT_PARAMS, STRATEGIES
 
 
@@ -94,7 +95,7 @@ def define_model_flags(*, model, weights_help):
     flags.DEFINE_string("weights", None, weights_help)
 
     def known_weights(value):
-        if value is None or os.path.isfile(value):
+        if value is None or fs.isfile(value):
             return True
         records = sorted({r.name for r in keras_preact.weights.RECORDS})
         datasets = sorted({r.dataset for r in keras_preact.weights.RECORDS})
@@ -134,7 +135,7 @@ def _record_fits_the_net(values):
     name, model = values["weights"], values["model"]
     records = keras_preact.weights.RECORDS
     named = [r for r in records if name in (r.name, r.dataset)]
-    if not named or os.path.isfile(name):  # a file, or no record (`known_weights` says so)
+    if not named or fs.isfile(name):  # a file, or no record (`known_weights` says so)
         return True
     depth = keras_preact.MODELS[model]["depth"] if model else None
     fits = [r for r in named if depth is None or r.depth == depth]

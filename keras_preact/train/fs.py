@@ -129,6 +129,23 @@ def join(path, *parts):
     return "/".join([path.rstrip("/"), *(part.strip("/") for part in parts if part)])
 
 
+def dirname(path):
+    """The folder of `path` (made absolute when local)."""
+    if is_local(path):
+        return os.path.dirname(os.path.abspath(path))
+    return path.rstrip("/").rsplit("/", 1)[0]
+
+
+def basename(path):
+    """The last part of `path`."""
+    return os.path.basename(path) if is_local(path) else path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def isfile(path):
+    """Whether `path` is a file."""
+    return exists(path) and not isdir(path)
+
+
 def exists(path):
     """Whether a file or folder exists at `path`."""
     return os.path.exists(path) if is_local(path) else _g("exists", path)
@@ -275,7 +292,7 @@ def save_file(path, write_local):
     sits next to a local `path`; for a path with a scheme it is written in a local temporary
     folder, copied to `PATH.tmp-PID` and renamed.
     """
-    name = os.path.basename(path) if is_local(path) else path.rstrip("/").rsplit("/", 1)[-1]
+    name = basename(path)
     if is_local(path):
         tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{name}")
         with _committing(path, tmp):
@@ -301,7 +318,7 @@ def local_copy(path):
         yield os.fspath(path)
         return
     with tempfile.TemporaryDirectory() as folder:
-        local = os.path.join(folder, path.rstrip("/").rsplit("/", 1)[-1])
+        local = os.path.join(folder, basename(path))
         _g("copy", path, local, overwrite=True)
         yield local
 

@@ -218,17 +218,17 @@ class JaxRunner:
         is shown (every `every` steps)."""
         from keras_preact.train import runners
 
-        state, sums, done = self._state(), None, 0
+        state, sums, done, wish = self._state(), None, 0, 0
         for x, y in prefetch(_batches(inputs, steps), sharding=self.split):
             state, out = self.train_step(state, x, y)
             sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
             done += 1
             if done % every == 0 or done == steps:
                 progress(done, self._sums(sums, done, len(y)))
-            if done == steps or stop(done):
+            if done == steps or (wish := stop(done)):
                 break
         self.state = state
-        return runners.Trained(done, self._sums(sums, done, len(y)) if done else {})
+        return runners.Trained(done, self._sums(sums, done, len(y)) if done else {}, wish)
 
     @staticmethod
     def _sums(sums, steps, batch):
@@ -258,3 +258,6 @@ class JaxRunner:
 
     def gather(self, value):
         return [value]
+
+    def agree(self, wish):
+        return wish

@@ -181,6 +181,15 @@ class WrittenOut:
         return self.twin
 
 
+def global_batchnorm(model):
+    """Makes `model`'s BatchNorm layers use the statistics of the global batch under
+    `tf.distribute` (each replica would use its own share), as JAX's partitioner and one
+    device do: every backend trains the same model for the same `--strategy`."""
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
 @dataclasses.dataclass
 class Built:
     """What `build` returns."""
@@ -219,11 +228,7 @@ def build(cfg, run, schedule, *, input_shape, classes):
             std=cfg.std if on_device else None,
         )
         if run.replicas > 1 and keras.backend.backend() == "tensorflow":
-            # BatchNorm's statistics over the global batch, as under JAX's partitioner and
-            # on one device (tf.distribute's replicas would each use their own share).
-            for layer in model._flatten_layers():
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.synchronized = True
+            global_batchnorm(model)
         decayed = optimization.add_weight_decay(model, cfg.weight_decay, cfg.weight_decay_on)
         decayed = sum(int(keras.ops.size(v)) for v in decayed)
         optimizer = optimization.make_optimizer(

@@ -2,10 +2,11 @@
 
 A runner has `model`, `train(inputs, steps, *, stop, progress, every) -> Trained`,
 `evaluate(inputs) -> {"loss", "top1", "top5", "examples"}`, `sync()` (writes a state it
-keeps elsewhere into the model's variables, before a checkpoint) and `gather(value)` (the
-value of every process, in process order). `train` calls `stop(done)` after each step (a
-stop it wants; the runner stops after a step that every process agrees on) and
-`progress(done, sums)` every `every` steps and after the last.
+keeps elsewhere into the model's variables, before a checkpoint), `gather(value)` (the
+value of every process, in process order) and `agree(wish)` (the largest of every
+process's). `train` calls `stop(done)` after each step (the stop this process wishes, 0 for
+none; the runner stops after a step that every process agrees on) and `progress(done,
+sums)` every `every` steps and after the last.
 
 - `FitRunner` (`--loop=fit`): Keras' `model.fit` / `model.evaluate`, any backend;
 - `custom_loop.TFRunner` (`--loop=custom`): a `tf.distribute` `strategy.run` step;
@@ -18,11 +19,13 @@ import keras
 
 
 class Trained(NamedTuple):
-    """What a runner's `train` did: the steps it ran and the sums of their logs (`loss`
-    over steps; `top1`, `top5` over `examples`; `examples`, `steps`)."""
+    """What a runner's `train` did: the steps it ran, the sums of their logs (`loss` over
+    steps; `top1`, `top5` over `examples`; `examples`, `steps`), and the stop the processes
+    agreed on when it ended early (`controller.SIGNAL`, `BUDGET`; 0 for none)."""
 
     steps: int
     sums: dict
+    stop: int = 0
 
 
 def sums_of(logs, steps):
@@ -39,15 +42,16 @@ class _Steps(keras.callbacks.Callback):
     def __init__(self, steps, stop, progress, every):
         super().__init__()
         self.steps, self.stop, self.progress, self.every = steps, stop, progress, every
-        self.done, self.sums = 0, sums_of({}, 0)
+        self.done, self.sums, self.wish = 0, sums_of({}, 0), 0
 
     def on_train_batch_end(self, batch, logs=None):
         self.done = batch + 1
         if self.done % self.every == 0 or self.done == self.steps:
             self.sums = sums_of(logs, self.done)
             self.progress(self.done, self.sums)
-        if self.done < self.steps and self.stop(self.done):
-            self.model.stop_training = True
+        if self.done < self.steps:
+            self.wish = self.stop(self.done)
+            self.model.stop_training = bool(self.wish)
 
     def on_epoch_end(self, epoch, logs=None):
         self.sums = sums_of(logs, self.done)
@@ -69,7 +73,7 @@ class FitRunner:
         counter = _Steps(steps, stop, progress, every)
         self.model.fit(inputs, epochs=1, steps_per_epoch=steps, callbacks=[counter], verbose=0,
                        shuffle=False)  # fmt: skip
-        return Trained(counter.done, counter.sums)
+        return Trained(counter.done, counter.sums, counter.wish)
 
     def evaluate(self, inputs):
         result = self.model.evaluate(inputs, verbose=0, return_dict=True)
@@ -80,3 +84,6 @@ class FitRunner:
 
     def gather(self, value):
         return [value]
+
+    def agree(self, wish):
+        return wish
