@@ -1,8 +1,7 @@
 """Prints the markdown table of every flag of the trainers and `evaluate.py` (docs/training.md).
 
-Each trainer module's flags are read in a subprocess of its own (they define flags of the
-same names), as absl's key flags of the module: the ones `--help` lists, without
-TensorFlow's.
+Each program's flags are read in a subprocess of its own (they define flags of the same
+names): the ones its `define_flags()` defines, which `--help` lists, without TensorFlow's.
 
     python tools/flags_table.py > /tmp/flags.md
 """
@@ -22,7 +21,8 @@ import importlib, json, sys
 from absl import flags
 module = importlib.import_module(sys.argv[1])
 rows = {}
-for f in flags.FLAGS.get_key_flags_for_module(module):
+for name in module.define_flags():
+    f = flags.FLAGS[name]
     rows[f.name] = {"default": f.default, "help": f.help}
 print("FLAGS " + json.dumps(rows, default=str))
 """

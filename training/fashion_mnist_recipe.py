@@ -19,9 +19,9 @@ On a GPU box, a cloud VM or in a cluster job:
 `--batch_size` scales the defaults of `--base_lr` and `--warmup_steps` as above; any other
 flag goes to the trainer and overrides the recipe (`--model`, `--width_multiplier`,
 `--epochs`, `--weight_decay`, `--erasing`, `--label_smoothing`, `--mixed_precision`, ...).
-`--time_budget=SECONDS` bounds the command: the trainer stops at an epoch end with a
-checkpoint (a minute is kept for the export) and the command exits 0; run it again to resume,
-also after a crash or a preemption.
+`--time_budget=SECONDS` bounds the command: the trainer stops at a step with a checkpoint (a
+minute is kept for the export) and the command exits 0; run it again to resume, also after a
+crash or a preemption. A budget that leaves no time to train is refused.
 
 Once the run has finished, its final weights are exported in this package's by-layer-name
 format, in float32 and in float16, and each file is read back (`keras_preact.convert`) into

@@ -22,8 +22,8 @@ deep nets faster; `--mixed_precision`; `--steps_per_epoch` for shorter epochs).
 Schedule, the paper's in `--epochs`: SGD momentum 0.9, batch 128, weight decay 1e-4, lr 0.01
 for 400 steps, then 0.1, divided by 10 at 50 % and 75 % of the epochs; random crop and flip.
 
-`--time_budget=SECONDS` bounds the command: each run gets what is left and stops at an epoch
-end with a checkpoint, none starts with under a minute left, the report is written in time.
+`--time_budget=SECONDS` bounds the command: each run gets what is left and stops at a step
+with a checkpoint, none starts with under a minute left, the report is written in time.
 Run the same command again to go on: runs with a `summary.json` and diverged ones (a
 non-finite loss) are final, the others resume. Outputs in `--model_dir`, copied to `--out`:
 `paper_tables.csv` (per run: final and best test error, final training loss, status, wall

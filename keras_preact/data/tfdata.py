@@ -291,6 +291,20 @@ class SkipCounter:
             var.assign(0)
         self.missing_shard.assign("")
 
+    def per_pass(self, ds):
+        """`ds`, whose counts start at 0 whenever an iteration of it begins: the counts are
+        those of its last pass, also where a framework peeks at it first (Keras' `evaluate`
+        under a `tf.distribute` strategy draws a batch to build the model, and the prefetch
+        behind that batch decodes, and counts, more records)."""
+
+        def reset(_):
+            resets = [v.assign(0) for v in self._vars.values()]
+            with tf.control_dependencies([*resets, self.missing_shard.assign("")]):
+                return tf.constant(0, tf.int64)
+
+        start = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(reset)
+        return start.flat_map(lambda _: ds).with_options(ds.options())
+
     def variable(self, name):
         """The int64 `tf.Variable` behind count `name` (a cause or `"delivered"`)."""
         return self._vars[name]

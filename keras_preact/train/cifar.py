@@ -34,55 +34,34 @@ from keras_preact.train import config, distribution, modeling, sources, trainer
 from keras_preact.train import flags as train_flags
 
 FLAGS = flags.FLAGS
-_DEFINED = []
 
 
+@train_flags.program
 def define_flags():
-    """The trainer's flags (once per process): its own, and the shared ones with
-    `CifarConfig`'s defaults. Returns the names of all of them."""
-    if _DEFINED:
-        return _DEFINED
-    before = set(FLAGS)
+    """The trainer's flags: its own, and the shared ones with `CifarConfig`'s defaults."""
     train_flags.define_train_flags(config.CifarConfig)
+    # fmt: off
     flags.DEFINE_enum("dataset", "cifar10", list(sources.MEMORY_DATASETS), "Dataset.")
-    flags.DEFINE_enum(
-        "source",
-        "tfds",
-        ["tfds", "files"],
-        "tfds: tensorflow-datasets; files: the IDX files (Fashion-MNIST) or "
-        "the CIFAR python-version archive in --data_dir, no TensorFlow needed.",
-    )
+    flags.DEFINE_enum("source", "tfds", ["tfds", "files"], "tfds: tensorflow-datasets; files: "
+                      "the IDX files (Fashion-MNIST) or the CIFAR python-version archive in "
+                      "--data_dir, no TensorFlow needed.")
     flags.DEFINE_string("data_dir", None, "Directory of the files, or the TFDS data_dir.")
-    flags.DEFINE_enum(
-        "pipeline",
-        "auto",
-        ["auto", "numpy", "tfdata"],
-        "auto: tfdata under the TensorFlow backend with --loop=fit or custom, numpy otherwise.",
-    )
+    flags.DEFINE_enum("pipeline", "auto", ["auto", "numpy", "tfdata"], "auto: tfdata under the "
+                      "TensorFlow backend with --loop=fit or custom, numpy otherwise.")
     flags.DEFINE_bool("flip", True, "Random horizontal flips (also used for Fashion-MNIST).")
-    flags.DEFINE_integer(
-        "padding", 4, "Padding of the random crop; 0 disables cropping.", lower_bound=0
-    )
-    flags.DEFINE_float(
-        "erasing", 0.0, "Random-erasing probability per training image (numpy pipeline; 0: off)."
-    )
+    flags.DEFINE_integer("padding", 4, "Padding of the random crop; 0 disables cropping.",
+                         lower_bound=0)
+    flags.DEFINE_float("erasing", 0.0, "Random-erasing probability per training image (numpy "
+                       "pipeline; 0: off).")
     flags.register_validator("erasing", lambda v: 0.0 <= v <= 1.0, message="must be in [0, 1].")
-    flags.DEFINE_integer(
-        "eval_examples", None, "Evaluate on the first N test images only (smoke runs).",
-        lower_bound=1,
-    )  # fmt: skip
-    flags.DEFINE_integer(
-        "eval_batch_size",
-        None,
-        "Evaluation batch size (default: 500, rounded down to a multiple of the replicas).",
-        lower_bound=1,
-    )
+    flags.DEFINE_integer("eval_examples", None, "Evaluate on the first N test images only (smoke "
+                         "runs).", lower_bound=1)
+    flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch size (default: 500, rounded "
+                         "down to a multiple of the replicas).", lower_bound=1)
     flags.register_multi_flags_validator(["source", "data_dir", "dataset"], _source_is_readable)
-    flags.register_multi_flags_validator(
-        ["pipeline", "loop", "strategy", "erasing"], _pipeline_fits_backend_and_loop
-    )
-    _DEFINED.extend(sorted(set(FLAGS) - before))
-    return _DEFINED
+    flags.register_multi_flags_validator(["pipeline", "loop", "strategy", "erasing"],
+                                         _pipeline_fits_backend_and_loop)
+    # fmt: on
 
 
 def _source_is_readable(values):

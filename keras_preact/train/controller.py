@@ -270,13 +270,8 @@ class Controller:
                 )
             bar.update(step + done, list(logs.items()))
 
-        trained = self.runner.train(
-            self.data.train(epoch, step, steps),
-            steps,
-            stop=stop,
-            progress=progress,
-            every=10 if cfg.verbose == 1 else steps,
-        )
+        inputs, every = self.data.train(epoch, step, steps), 10 if cfg.verbose == 1 else steps
+        trained = self.runner.train(inputs, steps, stop=stop, progress=progress, every=every)
         trained.sums["time_s"] = time.time() - begun
         return trained
 
@@ -310,13 +305,9 @@ class Controller:
             position = self.runner.gather(position)
         if logs is not None:
             self.log.consider_best(self.runner.model, epoch, logs)
-        self.store.save(
-            self.runner.model,
-            epoch=epoch,
-            step=step,
-            state={"iterations": iterations, "rows": rows, "best": self.log.best,
-                   "partial": partial, "input": position},
-        )  # fmt: skip
+        state = {"iterations": iterations, "rows": rows, "best": self.log.best,
+                 "partial": partial, "input": position}  # fmt: skip
+        self.store.save(self.runner.model, epoch=epoch, step=step, state=state)
         self.log.commit(rows)
         if self.budget is not None:
             self.budget.note("save", time.time() - begun)

@@ -52,7 +52,7 @@ def make_train_step(model, strategy, global_batch_size, *, jit_compile=False, la
             scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
-        return (loss, *_counts(labels, logits), wish)
+        return (loss, *_counts(labels, logits), _one_hot(wish))
 
     @tf.function(jit_compile=jit_compile and replicas == 1)
     def step(iterator, wish):
@@ -64,10 +64,15 @@ def make_train_step(model, strategy, global_batch_size, *, jit_compile=False, la
     return step
 
 
-def _largest(strategy, wish):
-    """The largest of the replicas' `wish`es (0, 1 or 2: `controller.BUDGET`, `SIGNAL`):
-    `strategy.reduce` only sums or averages, so each wish is counted apart."""
-    wishes = tf.one_hot(wish, 3, dtype=tf.int32)  # per replica
+def _one_hot(wish):
+    """A replica's stop wish (0, 1 or 2: `controller.BUDGET`, `SIGNAL`), one-hot: summed
+    over the replicas, it says which wishes any replica had (`_largest`)."""
+    return tf.one_hot(wish, 3, dtype=tf.int32)
+
+
+def _largest(strategy, wishes):
+    """The largest wish of the replicas' one-hot `wishes` (`strategy.reduce` only sums or
+    averages)."""
     counts = strategy.reduce("SUM", wishes, axis=None)
     return tf.reduce_max(tf.where(counts > 0, tf.range(3), 0))
 
@@ -89,7 +94,7 @@ def make_eval_step(model, strategy, *, label_smoothing=0.0):
     return step
 
 
-class TFRunner:
+class TFRunner(runners.Runner):
     """`--loop=custom`: the `strategy.run` loop (a runner of `controller.Controller`).
 
     Args:
@@ -137,12 +142,9 @@ class TFRunner:
         return {"loss": loss / seen + penalty, "top1": top1 / seen, "top5": top5 / seen,
                 "examples": n}  # fmt: skip
 
-    def sync(self):
-        """The variables are the state."""
-
     def agree(self, wish):
         """The largest `wish` over the workers (each worker's replicas wish alike)."""
-        return int(_largest(self.strategy, self.strategy.run(lambda: tf.constant(wish))))
+        return int(_largest(self.strategy, self.strategy.run(lambda: _one_hot(wish))))
 
     def gather(self, value):
         """Every worker's `value` (a dict of ints), in worker order: each worker's first

@@ -59,7 +59,8 @@ def setup(cfg):
     loop = resolve_loop(cfg.loop, cfg.strategy)
     strategy = make_strategy(cfg.strategy, cfg.tpu, loop)
     replicas = num_replicas(strategy, loop)
-    for name, batch in (("batch_size", cfg.batch_size), ("eval_batch_size", _eval_batch(cfg))):
+    evaluation = getattr(cfg, "eval_batch_size", None)
+    for name, batch in (("batch_size", cfg.batch_size), ("eval_batch_size", evaluation)):
         if batch and batch % replicas:
             from absl import app
 
@@ -78,10 +79,6 @@ def setup(cfg):
         write_dir=write_dir(strategy, cfg.model_dir),
         processes=num_workers(strategy),
     )
-
-
-def _eval_batch(cfg):
-    return getattr(cfg, "eval_batch_size", None)
 
 
 def resolve_jit_compile(jit_compile, backend=None):
@@ -120,15 +117,13 @@ def _stderr_silenced():
 def quiet_device_start(*, if_imported=False):
     """Lets TensorFlow find its devices, with no CUDA errors on a machine without a GPU.
 
-    TensorFlow's CUDA build (the `tensorflow` wheel) logs `failed call to cuInit` at error
-    level the first time it looks for GPUs on a machine with no NVIDIA driver, where there
-    is none to find. There, and only there, that first look runs with stderr silenced;
-    with a driver nothing is hidden, so a GPU that fails to start still says why. Call it
-    before TensorFlow creates anything (it looks once per process; `keras.utils.
-    set_random_seed` imports TensorFlow whenever it is installed, under every backend);
-    does nothing without TensorFlow (or, with `if_imported`, before it is imported). `TF_CPP_MIN_LOG_LEVEL` cannot do this: TensorFlow reads it
-    when it is imported, which `import keras` does under the TensorFlow backend, and it
-    would hide every later error too.
+    TensorFlow's CUDA build logs `failed call to cuInit` the first time it looks for GPUs on
+    a machine with no NVIDIA driver. There, and only there, that first look runs with
+    stderr silenced (with a driver, a GPU that fails to start still says why). Call it
+    before TensorFlow creates anything (`keras.utils.set_random_seed` imports it under
+    every backend); it does nothing without TensorFlow (or, with `if_imported`, before it
+    is imported). `TF_CPP_MIN_LOG_LEVEL` cannot do this: TensorFlow reads it at import, and
+    it would hide every later error too.
     """
     if if_imported and "tensorflow" not in sys.modules:
         return

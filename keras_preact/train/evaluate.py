@@ -40,41 +40,25 @@ from absl import app, flags
 from keras_preact.train import checkpoints, config, distribution, fs, modeling, sources
 from keras_preact.train import flags as train_flags
 
-_DEFINED = []
 
-
+@train_flags.program
 def define_flags():
-    """The program's flags (once per process). Returns their names."""
-    if _DEFINED:
-        return _DEFINED
-    before = set(flags.FLAGS)
-    train_flags.define_model_flags(
-        model=None,
-        weights_help="A .weights.h5 or .keras file, or a keras_preact weights record "
-        "(fashion_mnist, imagenet, imagenet:fb_torch, ...).",
-    )
+    """The program's flags."""
+    # fmt: off
+    train_flags.define_model_flags(model=None, weights_help="A .weights.h5 or .keras file, or a "
+                                   "keras_preact weights record (fashion_mnist, imagenet, "
+                                   "imagenet:fb_torch, ...).")
     flags.mark_flag_as_required("weights")
-    flags.DEFINE_string(
-        "config",
-        None,
-        "The run's config.json (default: next to --weights, or above its checkpoints/ folder).",
-    )
-    flags.DEFINE_enum(
-        "dataset",
-        "imagenet",
-        ["imagenet", *sources.MEMORY_DATASETS],
-        "imagenet (ImageNet-format data), or an in-memory dataset.",
-    )
-    flags.DEFINE_string(
-        "source",
-        None,
-        "imagenet: tfrecord (default) or a TFDS name; in-memory datasets: tfds (default) or files.",
-    )
+    flags.DEFINE_string("config", None, "The run's config.json (default: next to --weights, or "
+                        "above its checkpoints/ folder).")
+    flags.DEFINE_enum("dataset", "imagenet", ["imagenet", *sources.MEMORY_DATASETS],
+                      "imagenet (ImageNet-format data), or an in-memory dataset.")
+    flags.DEFINE_string("source", None, "imagenet: tfrecord (default) or a TFDS name; in-memory "
+                        "datasets: tfds (default) or files.")
     flags.DEFINE_string("data_dir", None, "Data folder.")
     flags.DEFINE_string("split", "validation", "Evaluation split (TFDS or tfrecord prefix).")
-    flags.DEFINE_integer(
-        "num_classes", None, "Classes of the model (default: the run's, else 1000).", lower_bound=1
-    )
+    flags.DEFINE_integer("num_classes", None, "Classes of the model (default: the run's, else "
+                         "1000).", lower_bound=1)
     flags.DEFINE_integer("eval_resize", 256, "Shorter side before the centre crop.", lower_bound=1)
     flags.DEFINE_integer("eval_size", 224, "Centre crop size.", lower_bound=1)
     flags.DEFINE_bool("ten_crop", False, "Average the softmax over 10 crops.")
@@ -82,14 +66,12 @@ def define_flags():
     flags.DEFINE_integer("label_offset", 1, "Subtracted from TFRecord labels.")
     flags.DEFINE_integer("max_batches", None, "Evaluate only this many batches.", lower_bound=1)
     flags.DEFINE_string("output", None, "Write the JSON result here too.")
-    flags.register_multi_flags_validator(
-        ["dataset", "source", "data_dir", "split"], _source_is_readable
-    )
+    flags.register_multi_flags_validator(["dataset", "source", "data_dir", "split"],
+                                         _source_is_readable)
     flags.register_multi_flags_validator(["dataset", "ten_crop"], _ten_crop_is_for_imagenet)
     flags.register_validator("output", _output_folder_exists)
     flags.register_multi_flags_validator(["weights", "config"], _run_config_is_sound)
-    _DEFINED.extend(sorted(set(flags.FLAGS) - before))
-    return _DEFINED
+    # fmt: on
 
 
 def _source(values):
@@ -447,8 +429,7 @@ def _one_line_errors(main):
 
 def run_main():
     """The console entry point: `python -m keras_preact.train.evaluate` or `training/evaluate.py`."""
-    for name in define_flags():  # `--help` lists them (a console script defines none)
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    train_flags.list_in_help(define_flags())
     distribution.quiet_device_start(if_imported=True)  # absl's start-up makes TF look, loudly
     app.run(_one_line_errors(main))
 

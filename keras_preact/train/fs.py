@@ -40,13 +40,9 @@ log = logging.getLogger(__name__)
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 #: TensorFlow's error classes -> the errno a local file system gives for the same failure.
-_ERRNO = {
-    "NotFoundError": errno.ENOENT,
-    "AlreadyExistsError": errno.EEXIST,
-    "PermissionDeniedError": errno.EACCES,
-    "UnauthenticatedError": errno.EACCES,
-    "ResourceExhaustedError": errno.ENOSPC,
-}
+_ERRNO = {"NotFoundError": errno.ENOENT, "AlreadyExistsError": errno.EEXIST,
+          "PermissionDeniedError": errno.EACCES, "UnauthenticatedError": errno.EACCES,
+          "ResourceExhaustedError": errno.ENOSPC}  # fmt: skip
 #: The temporary names of this module's writers, `NAME.tmp-PID` and `.tmp-PID-NAME`: what a
 #: killed writer leaves behind, safe to remove before a run writes its folder.
 TEMP = re.compile(r"(\.tmp-\d+$|^\.tmp-\d+-)")
@@ -203,9 +199,8 @@ def open(path, mode="r"):  # shadows the builtin on purpose: used as fs.open
     translation (as the `csv` module needs, and as TensorFlow's files behave; only their line
     iteration turns "\\r\\n" into "\\n", which `csv` reads alike)."""
     if is_local(path):
-        return builtins.open(
-            path, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})
-        )
+        text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+        return builtins.open(path, mode, **text)
     if "r" in mode and not _g("exists", path):  # a GFile opens lazily: fail here, as open does
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     return _File(_gfile(path).GFile(path, mode), path)
@@ -239,11 +234,9 @@ def _write_failed(e, path):
     code = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
     reason = os.strerror(e.errno) if code else str(e)
     hint = " Free some space and rerun the same command." if e.errno == errno.ENOSPC else ""
-    return WriteError(
-        e.errno,
-        f"Could not write {path}: {reason} ({code or type(e).__name__}). Its temporary "
-        f"file was removed and the previous file or checkpoint is unchanged.{hint}",
-    )
+    return WriteError(e.errno, f"Could not write {path}: {reason} ({code or type(e).__name__}). "
+                      "Its temporary file was removed and the previous file or checkpoint is "
+                      f"unchanged.{hint}")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -324,26 +317,19 @@ def local_copy(path):
 
 
 def _cannot_write(folder, e):
-    return WriteError(
-        e.errno,
-        f"Cannot write in --model_dir={folder}: {e.strerror or e}. Give the run a folder it "
-        "can write to.",
-    )
+    return WriteError(e.errno, f"Cannot write in --model_dir={folder}: {e.strerror or e}. Give "
+                      "the run a folder it can write to.")  # fmt: skip
 
 
 def _refused(folder, holder):
-    return RunLocked(
-        f"{folder} is in use by another trainer: {holder}. Wait for it to end or stop it, or "
-        "give this run another --model_dir."
-    )
+    return RunLocked(f"{folder} is in use by another trainer: {holder}. Wait for it to end or "
+                     "stop it, or give this run another --model_dir.")  # fmt: skip
 
 
 def _holder():
     command = " ".join(map(shlex.quote, getattr(sys, "orig_argv", sys.argv)))
-    return (
-        f"pid {os.getpid()} on {socket.gethostname()}, since "
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}: {command}"
-    )
+    since = datetime.datetime.now().isoformat(timespec="seconds")
+    return f"pid {os.getpid()} on {socket.gethostname()}, since {since}: {command}"
 
 
 def lock(folder):
@@ -436,7 +422,7 @@ class _Lease:
     def take(cls, folder):
         value = os.environ.get("KERAS_PREACT_LEASE_SECONDS", str(LEASE_SECONDS))
         seconds = float(value) if re.fullmatch(r"\d+(\.\d*)?|\.\d+", value.strip()) else 0.0
-        if not seconds > 0:
+        if not seconds > 0:  # `inf`, `nan`, 0 and words too
             raise ValueError(
                 f"KERAS_PREACT_LEASE_SECONDS={value!r}: expected a number of seconds > 0 "
                 f"(the default is {LEASE_SECONDS:g}). Set it to one or unset it."

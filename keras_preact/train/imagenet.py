@@ -38,72 +38,47 @@ from keras_preact.train import config, distribution, modeling, sources, trainer
 from keras_preact.train import flags as train_flags
 
 FLAGS = flags.FLAGS
-_DEFINED = []
 #: (classes, training images, validation images) of the known sources; ImageNet otherwise.
 _SIZES = {"imagenette": (10, 9469, 3925)}
 
 
+@train_flags.program
 def define_flags():
-    """The trainer's flags (once per process): its own, and the shared ones with
-    `ImagenetConfig`'s defaults. Returns the names of all of them."""
-    if _DEFINED:
-        return _DEFINED
-    before = set(FLAGS)
+    """The trainer's flags: its own, and the shared ones with `ImagenetConfig`'s defaults."""
     train_flags.define_train_flags(config.ImagenetConfig)
-    flags.DEFINE_string(
-        "source",
-        "tfrecord",
-        "tfrecord (ImageNet-format shards train-*, "
-        "validation-* in --data_dir), or a TFDS name: imagenet2012, imagenette.",
-    )
+    positive = dict(lower_bound=1)
+    # fmt: off
+    flags.DEFINE_string("source", "tfrecord", "tfrecord (ImageNet-format shards train-*, "
+                        "validation-* in --data_dir), or a TFDS name: imagenet2012, imagenette.")
     flags.DEFINE_string("data_dir", None, "Shard folder, or the TFDS data_dir.")
     flags.DEFINE_string("train_split", "train", "TFDS split for training.")
     flags.DEFINE_string("eval_split", "validation", "TFDS split for evaluation.")
-    flags.DEFINE_integer("num_classes", None, "Default: 1000 (10 for imagenette).", lower_bound=1)
-    flags.DEFINE_integer(
-        "num_train_examples", None, "Default: 1281167 (9469 for imagenette).", lower_bound=1
-    )
-    flags.DEFINE_integer(
-        "num_eval_examples",
-        None,
-        "Evaluate on the first N validation images only (default: all of them).",
-        lower_bound=1,
-    )
-    flags.DEFINE_enum(
-        "train_crop",
-        "scale",
-        ["scale", "inception"],
-        "scale: shorter side in [256, 480], random 224 crop ([1]); inception: "
-        "8%-100% area, 3/4-4/3 aspect ([19, 20], the paper's ResNet-200).",
-    )
+    flags.DEFINE_integer("num_classes", None, "Default: 1000 (10 for imagenette).", **positive)
+    flags.DEFINE_integer("num_train_examples", None, "Default: 1281167 (9469 for imagenette).",
+                         **positive)
+    flags.DEFINE_integer("num_eval_examples", None, "Evaluate on the first N validation images "
+                         "only (default: all of them).", **positive)
+    flags.DEFINE_enum("train_crop", "scale", ["scale", "inception"], "scale: shorter side in "
+                      "[256, 480], random 224 crop ([1]); inception: 8%-100% area, 3/4-4/3 "
+                      "aspect ([19, 20], the paper's ResNet-200).")
     flags.DEFINE_bool("color_augmentation", False, "Colour jitter and PCA lighting noise.")
     flags.DEFINE_bool("fused_decode", True, "Decode only the crop window of each JPEG.")
-    flags.DEFINE_integer("image_size", 224, "Training crop size.", lower_bound=1)
-    flags.DEFINE_integer("eval_resize", 256, "Shorter side before the centre crop.", lower_bound=1)
-    flags.DEFINE_integer(
-        "eval_size", 224, "Evaluation centre crop (320 with --eval_resize=320).", lower_bound=1
-    )
-    flags.DEFINE_integer(
-        "shuffle_buffer", 10_000, "Encoded records in the shuffle buffer.", lower_bound=1
-    )
-    flags.DEFINE_integer(
-        "label_offset",
-        1,
-        "Subtracted from TFRecord labels (TF scripts write 1..1000). Ignored for TFDS sources.",
-    )
+    flags.DEFINE_integer("image_size", 224, "Training crop size.", **positive)
+    flags.DEFINE_integer("eval_resize", 256, "Shorter side before the centre crop.", **positive)
+    flags.DEFINE_integer("eval_size", 224, "Evaluation centre crop (320 with --eval_resize=320).",
+                         **positive)
+    flags.DEFINE_integer("shuffle_buffer", 10_000, "Encoded records in the shuffle buffer.",
+                         **positive)
+    flags.DEFINE_integer("label_offset", 1, "Subtracted from TFRecord labels (TF scripts write "
+                         "1..1000). Ignored for TFDS sources.")
+    flags.register_multi_flags_validator(["source", "data_dir", "train_split", "eval_split"],
+                                         _source_is_readable)
     flags.register_multi_flags_validator(
-        ["source", "data_dir", "train_split", "eval_split"], _source_is_readable
-    )
+        ["eval_resize", "eval_size"], lambda v: v["eval_resize"] >= v["eval_size"],
+        message="--eval_resize must be >= --eval_size (the centre crop is taken from the resize).")
     flags.register_multi_flags_validator(
-        ["eval_resize", "eval_size"],
-        lambda v: v["eval_resize"] >= v["eval_size"],
-        message="--eval_resize must be >= --eval_size (the centre crop is taken from the resize).",
-    )
-    flags.register_multi_flags_validator(
-        ["batch_size", "num_train_examples", "steps_per_epoch", "source"], _an_epoch_has_a_step
-    )
-    _DEFINED.extend(sorted(set(FLAGS) - before))
-    return _DEFINED
+        ["batch_size", "num_train_examples", "steps_per_epoch", "source"], _an_epoch_has_a_step)
+    # fmt: on
 
 
 def _source_is_readable(values):
@@ -226,7 +201,6 @@ class ImagenetData(trainer.Data):
         from keras_preact.data import tfdata
 
         cfg = self.cfg
-        self.eval_counter.reset()
 
         def fn(context):
             ds = tfdata.imagenet_dataset(
@@ -238,7 +212,7 @@ class ImagenetData(trainer.Data):
                 pipelines = context.num_input_pipelines if context else 1
                 batch = tfdata.per_replica_batch(cfg.batch_size, context)
                 ds = ds.unbatch().take(cfg.num_eval_examples // pipelines).batch(batch)
-            return self._on_host(ds)
+            return self.eval_counter.per_pass(self._on_host(ds))
 
         return self._distributed(fn)
 

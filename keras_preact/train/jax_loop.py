@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keras_preact.train import optimization
+from keras_preact.train import optimization, runners
 
 
 def init_state(model, optimizer):
@@ -178,7 +178,7 @@ def _penalty(model, trainable):
     return sum(terms) if terms else 0.0
 
 
-class JaxRunner:
+class JaxRunner(runners.Runner):
     """`--loop=jax`: the jitted step over every local device (a runner of
     `controller.Controller`).
 
@@ -216,8 +216,6 @@ class JaxRunner:
     def train(self, inputs, steps, *, stop, progress, every):
         """`steps` steps of `inputs`; see `runners`. Host syncs happen only where a value
         is shown (every `every` steps)."""
-        from keras_preact.train import runners
-
         state, sums, done, wish = self._state(), None, 0, 0
         for x, y in prefetch(_batches(inputs, steps), sharding=self.split):
             state, out = self.train_step(state, x, y)
@@ -255,9 +253,3 @@ class JaxRunner:
         """Writes the state into the model's and the optimizer's variables."""
         if self.state is not None:
             assign_state(self.model, self.optimizer, self.state)
-
-    def gather(self, value):
-        return [value]
-
-    def agree(self, wish):
-        return wish

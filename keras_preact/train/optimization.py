@@ -72,15 +72,9 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return lr
 
     def get_config(self):
-        return dict(
-            base_lr=self.base_lr,
-            total_steps=self.total_steps,
-            decay=self.decay,
-            boundaries=self.boundaries,
-            warmup_steps=self.warmup_steps,
-            warmup=self.warmup,
-            warmup_lr=self.warmup_lr,
-        )
+        names = ("base_lr", "total_steps", "decay", "boundaries", "warmup_steps", "warmup",
+                 "warmup_lr")  # fmt: skip
+        return {name: getattr(self, name) for name in names}
 
 
 def lr_schedule(cfg):

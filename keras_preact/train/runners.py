@@ -57,10 +57,24 @@ class _Steps(keras.callbacks.Callback):
         self.sums = sums_of(logs, self.done)
 
 
-class FitRunner:
+class Runner:
+    """What every runner shares: one process's defaults of `sync`, `gather` and `agree`."""
+
+    def sync(self):
+        """The state is the model's variables."""
+
+    def gather(self, value):
+        return [value]
+
+    def agree(self, wish):
+        return wish
+
+
+class FitRunner(Runner):
     """`--loop=fit`: each stretch of steps is one `model.fit` call of one epoch (the
     controller counts the run's epochs), so Keras' own train step runs on every backend
-    and under `tf.distribute` or `keras.distribution`.
+    and under `tf.distribute` or `keras.distribution` (which writes its state into the
+    variables when `fit` returns).
 
     Args:
         model: compiled with the loss and `metrics.top_k_metrics` (which count `examples`).
@@ -78,12 +92,3 @@ class FitRunner:
     def evaluate(self, inputs):
         result = self.model.evaluate(inputs, verbose=0, return_dict=True)
         return {k.replace("compile_metrics_", ""): float(v) for k, v in result.items()}
-
-    def sync(self):
-        """Keras writes its state into the variables when `fit` returns."""
-
-    def gather(self, value):
-        return [value]
-
-    def agree(self, wish):
-        return wish

@@ -14,7 +14,7 @@ import sys
 import time
 
 import keras
-from absl import app, flags
+from absl import app
 
 from keras_preact.train import (
     checkpoints,
@@ -188,12 +188,10 @@ def _guarded(main, argv):
 def run_program(main, defined=()):
     """`absl.app.run(main)` for a trainer: a signal, a divergence, a locked or mismatched
     run folder or a failed write ends the run with one message and a non-zero exit code
-    (128 + the signal's number after a signal), not a traceback.
+    (128 + the signal's number after a signal), not a traceback. `defined`: the names of
+    the program's flags, which `--help` lists."""
+    from keras_preact.train import flags as train_flags
 
-    `defined`: the names of the program's flags, listed by `--help` (absl lists the main
-    module's key flags; a console script's main module defines none).
-    """
-    for name in defined:
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    train_flags.list_in_help(defined)
     distribution.quiet_device_start(if_imported=True)  # absl's start-up makes TF look, loudly
     app.run(lambda argv: _guarded(main, argv))
