@@ -83,7 +83,7 @@ def test_array_dataset_is_reproducible_and_resumable():
         x, y, 8, [0.5] * 3, [0.25] * 3, training=True, steps_per_epoch=4
     )
     epoch0 = [ds[i] for i in range(len(ds))]
-    ds.epoch = 1  # what the trainer's callbacks.InputEpoch does
+    ds.epoch = 1  # what the trainer's data sets for epoch 2 (cifar.MemoryData.train)
     epoch1 = [ds[i] for i in range(len(ds))]
     resumed = numpy_pipeline.ArrayDataset(
         x, y, 8, [0.5] * 3, [0.25] * 3, training=True, steps_per_epoch=4

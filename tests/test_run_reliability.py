@@ -93,6 +93,9 @@ def test_a_changed_precision_or_a_derived_value_is_refused(tmp_path):
         resume.check(moved, RUN, model_dir)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="backend-independent; run once, under torch"
+)
 def test_a_resume_whose_optimizer_does_not_fit_is_refused_until_restarted(tmp_path):
     """Momentum 0 -> 0.9 adds the optimizer's momentum buffers: the resume is refused naming
     why and --restart_optimizer, and config.json keeps no trace of it; with the flag the run

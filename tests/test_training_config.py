@@ -363,6 +363,9 @@ def test_tfds_offline_says_what_to_do_instead(tmp_path):
 # Module layout.
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="backend-independent; run once, under torch"
+)
 def test_programs_import_side_by_side_and_list_their_flags_in_help():
     """Importing the three programs defines no flag (a program defines its own where it
     starts), so they import in one process; each program's `--help`, through `python -m`

@@ -172,9 +172,9 @@ class ArrayDataset(keras.utils.PyDataset):
     index, so a resumed run (`epoch` set to the epoch it restarts at) sees the
     same batches as an uninterrupted one, and `steps_per_epoch` need not divide
     the dataset: the stream of shuffled passes over the data simply continues.
-    The trainer sets `epoch` at the start of every epoch (`callbacks.InputEpoch`), and
-    `offset`, the batches of that epoch already trained, when it resumes mid-epoch;
-    the dataset does not count epochs itself, because Keras calls a PyDataset's
+    The trainer builds one at every epoch start (`cifar.MemoryData.train`) with its
+    `epoch` and `offset`, the batches of that epoch already trained (a resume inside an
+    epoch); the dataset does not count epochs itself, because Keras calls a PyDataset's
     `on_epoch_end` also when it resets its iterator, not only at an epoch's end.
 
     Args:

@@ -788,8 +788,8 @@ def _encoded_records(
         files = files[pipeline_id::pipelines]  # file-level sharding
         sizes = _file_sizes(files)
         ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(sizes, np.int64)))
-        if training:
-            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        if training:  # one order: an epoch's stream is the same at every iteration of it
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
         ds = ds.interleave(
             lambda f, n: _shard_records(f, n, counter),
             cycle_length=cycle_length,
@@ -807,6 +807,7 @@ def _encoded_records(
         read_config = tfds.ReadConfig(
             input_context=input_context,
             shuffle_seed=seed,
+            shuffle_reshuffle_each_iteration=False,
             interleave_cycle_length=cycle_length,
             try_autocache=False,
         )
@@ -937,7 +938,12 @@ def imagenet_dataset(
         counter=counter,
     )  # fmt: skip
     if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        # One order, the same at every iteration of the dataset: a framework may iterate it
+        # twice (Keras' PyTorch trainer draws a first batch to build the model), and a
+        # shuffle that reshuffles each iteration or pass draws its seeds from state those
+        # iterations share, in whatever order their threads reach it. A further pass of the
+        # epoch (an epoch longer than the data) repeats the first one's order.
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False).repeat()
         # Numbered before the skip: later records keep their numbers and augmentation.
         ds = ds.enumerate().skip(skip_records)
 
