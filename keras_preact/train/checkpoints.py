@@ -1,14 +1,13 @@
 """A run's resumable state: the checkpoint folders under `MODEL_DIR/checkpoints/`.
 
-One checkpoint is one folder: `epoch-NNNN/` after NNNN whole epochs, `epoch-NNNN-step-SSSSSS/`
-after SSSSSS steps of the next epoch (a run stopped inside an epoch). It holds
-`model.weights.h5` (the model's variables and its optimizer's: the step that drives the
-learning rate, and momentum) and `state.json` (where the run stands, its `log.csv` rows,
-the epoch's running sums, the input's position and the weights' SHA-256). `state.json` is
-written last, in one atomic write: it is the commit, on a local disk as on an object store
-(`gs://`), where a folder cannot be renamed atomically. A folder without a readable
-`state.json`, or whose weights do not match it, is skipped with a warning; the newest
-complete checkpoint and the one before it are kept. Every path goes through `fs`.
+One checkpoint is one folder, `epoch-NNNN/` after NNNN whole epochs or
+`epoch-NNNN-step-SSSSSS/` after SSSSSS steps of the next: `model.weights.h5` (the model's and
+the optimizer's variables) and `state.json` (where the run stands, its `log.csv` rows, the
+epoch's running sums, the input's position, the weights' SHA-256), written last in one
+atomic write: the commit, on a local disk as on an object store (`gs://`), where a folder
+cannot be renamed atomically. A folder without a readable `state.json`, or whose weights do
+not match it, is skipped with a warning; the newest two complete ones are kept. Every path
+goes through `fs`.
 """
 
 import contextlib

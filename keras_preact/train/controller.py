@@ -7,11 +7,9 @@ evaluation at each epoch end. The engine is a runner (`runners.FitRunner`,
 `custom_loop.TFRunner`, `jax_loop.JaxRunner`) that only trains a given number of steps of a
 given input and evaluates, as in Orbit's `Controller` over a `StandardTrainer`.
 
-Positions: `epoch` is the number of whole epochs done (the 0-based index of the epoch in
-progress; the console shows it 1-based); `step` is the number of steps of that epoch done.
-A checkpoint saved at `(epoch, step)` resumes there: the input, the learning rate (a
-function of the optimizer's step) and the epoch's running sums continue as if the run had
-never stopped.
+Positions: `epoch` is the number of whole epochs done (0-based; shown 1-based), `step` the
+steps of that epoch done. A checkpoint at `(epoch, step)` resumes there: the input, the
+learning rate (a function of the optimizer's step) and the epoch's running sums continue.
 """
 
 import math
@@ -182,13 +180,10 @@ class Controller:
 
     Args:
         cfg: the run's derived config (`epochs`, `steps_per_epoch`, `max_steps`, `verbose`).
-        runner: the engine: `train(inputs, steps, stop=, progress=, every=) -> Trained`,
-            `evaluate(inputs) -> logs`, `sync()` (its state into the model's variables),
-            `model`, `gather(value)` (every process's value, in process order) and
-            `agree(wish)` (the largest stop wish over the processes).
-        data: the run's data (`trainer.Data`): `train(epoch, step, steps)` gives the input
-            of `steps` steps from a position, `evaluate()` the evaluation input,
-            `position(...)` where a stopped stream stands.
+        runner: the engine (`runners.Runner`: `train`, `evaluate`, `sync`, `gather`,
+            `agree`, `model`).
+        data: the run's data (`trainer.Data`: the input from a position, the evaluation
+            input, where a stopped stream stands).
         store: the run's `checkpoints.Store`.
         log: the run's `runlog.RunLog` (`log.csv`, the best model, the history).
         chief: whether this process prints and writes TensorBoard logs.

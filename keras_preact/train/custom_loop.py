@@ -1,14 +1,11 @@
 """A `strategy.run` training loop for TensorFlow strategies.
 
 Keras 3.15's `model.fit` fails under `tf.distribute.MultiWorkerMirroredStrategy`
-(keras-team/keras#20585: a PerReplica error while building and "Invalid
-reduction dimension 0" while reducing metrics). This loop avoids the Keras
-trainer altogether: the Keras model and optimizer are used as plain objects, the
-loss is averaged over the global batch with `tf.nn.compute_average_loss`, the
-Keras TF optimizer all-reduces (sums) the gradients across replicas in
-`apply`, and metrics are per-replica counts summed with `strategy.reduce`.
-It works under every TF strategy, which is how the tests compare it with `fit`; under
-another backend `--loop=custom` is refused when the flags are parsed.
+(keras-team/keras#20585). This runner avoids the Keras trainer: the Keras model and
+optimizer are plain objects, the loss is averaged over the global batch
+(`tf.nn.compute_average_loss`), the Keras TF optimizer all-reduces (sums) the gradients in
+`apply`, metrics are per-replica counts summed with `strategy.reduce`. It works under every
+TF strategy; under another backend `--loop=custom` is refused when the flags are parsed.
 """
 
 import keras

@@ -1,11 +1,11 @@
 """The one file system layer of a run folder: local folders, `gs://`, `s3://`, `file://` and
 `ram://` behave the same.
 
-A path with no scheme (`/tmp/run`, `runs/x`) is local: `os` and `open`, no TensorFlow. A path
-with a scheme, `file://` included (the remote code path tested across processes), goes
-through `tf.io.gfile`, whose errors are raised as the `OSError` a local file would raise.
-There is no folder rename: on `ram://` a renamed folder lists empty and object stores copy a
-folder object by object, so a checkpoint folder is committed by writing its state file last.
+A path with no scheme is local: `os` and `open`, no TensorFlow. A path with a scheme,
+`file://` included (how tests take the remote path across processes), goes through
+`tf.io.gfile`, whose errors are raised as the `OSError` a local file would raise. There is no
+folder rename (on `ram://` a renamed folder lists empty, object stores copy it object by
+object): a checkpoint folder is committed by writing its state file last.
 
 >>> import tempfile
 >>> from keras_preact.train import fs
@@ -195,9 +195,8 @@ def rename(src, dst):
 
 
 def open(path, mode="r"):  # shadows the builtin on purpose: used as fs.open
-    """A file object for `path`: bytes with a "b" mode, else text in UTF-8 with no newline
-    translation (as the `csv` module needs, and as TensorFlow's files behave; only their line
-    iteration turns "\\r\\n" into "\\n", which `csv` reads alike)."""
+    """A file object for `path`: bytes with a "b" mode, else UTF-8 text with no newline
+    translation (as `csv` needs, and as TensorFlow's files behave)."""
     if is_local(path):
         text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
         return builtins.open(path, mode, **text)

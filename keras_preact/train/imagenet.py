@@ -23,11 +23,10 @@ classifier is loaded):
 
 From an installed wheel: `python -m keras_preact.train.imagenet ...`. The input pipeline
 needs TensorFlow; under KERAS_BACKEND=jax the model trains with
-keras.distribution.DataParallel over the local devices (`--loop=fit`), or with the jitted
-step over a mesh of them (`--loop=jax`). Each epoch reads a fresh pass over the shards; a
-checkpoint inside an epoch records how many records the stream had consumed, and the
-resume skips them undecoded. This module is the trainer's flags and data; the run itself is
-`trainer.train`'s.
+keras.distribution.DataParallel (`--loop=fit`) or the jitted step (`--loop=jax`) over the
+local devices. An epoch is a fresh pass over the shards; a checkpoint inside one records the
+records consumed, which the resume skips undecoded. This module is the trainer's flags and
+data; the run is `trainer.train`'s.
 """
 
 import warnings

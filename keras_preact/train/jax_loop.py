@@ -182,9 +182,9 @@ class JaxRunner(runners.Runner):
     """`--loop=jax`: the jitted step over every local device (a runner of
     `controller.Controller`).
 
-    One `Mesh` over `jax.devices()`: each batch is split over its `"data"` axis, the state
-    is replicated, and XLA's partitioner makes the gradient all-reduce, so BatchNorm sees
-    the global batch (as on one device). The state's buffers are donated to the step.
+    One `Mesh` over `jax.devices()`: each batch split over its `"data"` axis, the state
+    replicated (and donated to the step); XLA's partitioner makes the gradient all-reduce,
+    and BatchNorm sees the global batch, as on one device.
 
     Args:
         model: the model, compiled with its optimizer.

@@ -35,8 +35,7 @@ HARMLESS = ("epochs", "verbose", "eval_batch_size", "eval_examples", "num_test",
             "max_steps", "model_dir", "data_dir", "source", "loop", "pipeline", "strategy",
             "tpu", "jit_compile", "compilation_cache", "fused_decode", "preset",
             "weights",  # start weights: the checkpoint's replace them on resume
-            "allow_changes", "restart_optimizer", "decayed_weights", "coordinator",
-            "num_processes", "process_id")  # fmt: skip
+            "allow_changes", "restart_optimizer", "decayed_weights")  # fmt: skip
 #: The options a derived value is computed from: it may change with any of them.
 DERIVED_FROM = {
     "total_steps": ("epochs", "steps_per_epoch", "batch_size", "num_train_examples"),

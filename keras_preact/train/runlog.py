@@ -153,17 +153,11 @@ def write_config(cfg, run, resumes=()):
     if not run.chief:
         return
     record = {
-        **cfg.record(),
-        "resumes": list(resumes),
-        "replicas": run.replicas,
-        "processes": run.processes,
-        "precision_policy": run.policy,
-        "loop": run.loop,
-        "batchnorm_statistics": "global batch",
-        "keras_backend": keras.backend.backend(),
-        "keras_version": keras.__version__,
-        "argv": sys.argv,
-    }
+        **cfg.record(), "resumes": list(resumes), "replicas": run.replicas,
+        "processes": run.processes, "precision_policy": run.policy, "loop": run.loop,
+        "batchnorm_statistics": "global batch", "keras_backend": keras.backend.backend(),
+        "keras_version": keras.__version__, "argv": sys.argv,
+    }  # fmt: skip
     if cfg.loop == "auto":
         record["origins"]["loop"] = "derived"
     fs.makedirs(cfg.model_dir)

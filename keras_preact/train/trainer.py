@@ -31,12 +31,8 @@ from keras_preact.train import (
 
 
 class Data:
-    """A run's data, as the controller asks for it (subclassed by each trainer).
-
-    Attributes:
-        input_shape: the model's input shape.
-        classes: the number of classes.
-    """
+    """A run's data, as the controller asks for it (subclassed by each trainer), with the
+    model's `input_shape` and the number of `classes`."""
 
     input_shape, classes = None, None
 
@@ -123,23 +119,16 @@ def train(cfg, prepare):
     )
     done = len(history.get("loss", []))
     summary = {
-        "model": cfg.model,
-        **data.summary(final),
-        "epochs_run": done,
-        "epochs_run_this_process": done - restored.epoch,
-        "resumed_from_epoch": restored.epoch,
+        "model": cfg.model, **data.summary(final), "epochs_run": done,
+        "epochs_run_this_process": done - restored.epoch, "resumed_from_epoch": restored.epoch,
         "stopped_by": None if ended == "done" else ended,
         "steps": int(metrics.scalar(built.optimizer.iterations)),
         "final_lr": metrics.learning_rate(built.optimizer),
         "train_loss_per_epoch": [float(v) for v in history.get("loss", [])],
-        "wall_time_s": round(time.time() - start, 1),
-        "backend": keras.backend.backend(),
-        "replicas": run.replicas,
-        "processes": run.processes,
-        "loop": run.loop,
-        "jit_compile": run.jit_compile,
-        "model_dir": cfg.model_dir,
-    }
+        "wall_time_s": round(time.time() - start, 1), "backend": keras.backend.backend(),
+        "replicas": run.replicas, "processes": run.processes, "loop": run.loop,
+        "jit_compile": run.jit_compile, "model_dir": cfg.model_dir,
+    }  # fmt: skip
     if run.chief:
         runlog.write_summary(cfg.model_dir, summary)
     return summary
