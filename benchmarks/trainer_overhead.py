@@ -1,7 +1,9 @@
-r"""What the trainer's JAX loop costs on top of its own jitted step, in one process.
+r"""What the trainer's JAX loop costs on top of its own jitted step, in one process, over
+every device it has (one GPU, the 8 of a GPU box or TPU VM, or forced CPU devices).
 
 Two ways of running the same model, optimizer and batch size, timed in alternating rounds
-(a neighbour's load on a shared machine hits both alike) on the one JAX device:
+(a neighbour's load on a shared machine hits both alike) on the process's devices, the
+batch split over them and the state replicated:
 
 * trainer: the trainer's `controller.Controller` over its `jax_loop.JaxRunner`, as
   `cifar.py --loop=jax --pipeline=numpy` runs them. The run is built by the trainer's own
@@ -14,9 +16,10 @@ Two ways of running the same model, optimizer and batch size, timed in alternati
   round is one epoch of `--steps` steps, from the end of the previous epoch's checkpoint to
   the end of this one's; the first epoch (compilation) is warm-up. There is no validation
   set: evaluation is not per-step overhead.
-* bare: the step of `jax_loop.make_train_step` for the same model and optimizer, called
-  `--steps` times in a tight loop on one device-resident uint8 batch, after compilation and
-  `--warmup` steps; a round ends when its last update is ready.
+* bare: the step of `jax_loop.make_train_step` for the same model and optimizer, sharded
+  as the runner's (`NamedSharding`s over a mesh of every device), called `--steps` times in
+  a tight loop on one device-resident uint8 batch, after compilation and `--warmup` steps;
+  a round ends when its last update is ready.
 
 Each bare round runs at an epoch start of the trainer (when the controller asks the data for
 the epoch's input, after the previous epoch's checkpoint), so the rounds alternate: warm-up epoch, bare, trainer, bare, trainer, ... The median images/s
@@ -25,6 +28,11 @@ for CIFAR-10 (the cost does not depend on the pixels).
 
     KERAS_BACKEND=jax python benchmarks/trainer_overhead.py
     KERAS_BACKEND=jax python benchmarks/trainer_overhead.py --model=PreActResNet56 --rounds=5
+    # a GPU box: every GPU
+    KERAS_BACKEND=jax python benchmarks/trainer_overhead.py --model=PreActResNet110 --batch=1024
+    # two CPU devices
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \
+        python benchmarks/trainer_overhead.py
 
 The checkpoint is saved once per round, so its cost weighs `390 / --steps` times more here
 than in a CIFAR-10 epoch of 390 steps; its median time per save is printed on its own.
@@ -47,6 +55,7 @@ if os.environ["KERAS_BACKEND"] != "jax":
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from keras_preact.train import (  # noqa: E402
     checkpoints,
@@ -145,7 +154,8 @@ def main():
     load = os.getloadavg()
     print(
         f"{args.model}, batch {args.batch}, {args.steps} steps x {args.rounds} rounds, "
-        f"{args.size} images; jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+        f"{args.size} images; jax {jax.__version__} on {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         flush=True,
     )
@@ -179,10 +189,14 @@ def main():
     train_data = clock.train(0, 0, args.steps)  # the training stream
     assert not train_data.normalize, "the trainer's JAX loop ships uint8 batches"
 
-    # 3. The bare step: same model and optimizer, its own copy of the state, one batch.
-    step = jax_loop.make_train_step(built.model, built.optimizer)
-    bare_state = jax_loop.init_state(built.model, built.optimizer)
-    images, labels = jax.device_put(train_data[0])
+    # 3. The bare step: same model and optimizer, its own copy of the state, one batch,
+    # sharded over the devices as the trainer's runner does.
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    split = NamedSharding(mesh, PartitionSpec("data"))
+    step = jax_loop.make_train_step(built.model, built.optimizer, mesh=(replicated, split))
+    bare_state = jax.device_put(jax_loop.init_state(built.model, built.optimizer), replicated)
+    images, labels = jax.device_put(train_data[0], split)
     start = time.perf_counter()
     for _ in range(1 + args.warmup):
         bare_state, _ = step(bare_state, images, labels)

@@ -63,7 +63,13 @@ def example_order(n, batch_size, seed, start_batch=0):
         data_pass, within = data_pass + 1, 0
 
 
-def pad_crop_flip(images, rng, *, padding=4, flip=True):
+def _part(n, part):
+    """`(draws, rows)`: the number of images the random draws are made for, and the rows of
+    them that `images` are (`part=(rows, total)`: a slice of a batch of `total`)."""
+    return (n, slice(None)) if part is None else (part[1], part[0])
+
+
+def pad_crop_flip(images, rng, *, padding=4, flip=True, part=None):
     """Random crop of zero-padded images, and random horizontal flips.
 
     Args:
@@ -72,6 +78,9 @@ def pad_crop_flip(images, rng, *, padding=4, flip=True):
         padding: pixels of zero padding on each side before cropping back to
             `(H, W)`.
         flip: whether to flip each image left-right with probability 1/2.
+        part: `(rows, total)` when `images` are the rows `rows` (a slice) of a batch of
+            `total`: they are augmented as in that batch (the draws are the batch's), as
+            one process of a multi-process run does with its share.
 
     Returns:
         An array of the same shape and dtype.
@@ -83,19 +92,27 @@ def pad_crop_flip(images, rng, *, padding=4, flip=True):
     (2, 28, 28, 1)
     """
     n, h, w, _ = images.shape
+    draws, mine = _part(n, part)
     padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    dy = rng.integers(0, 2 * padding + 1, size=n)
-    dx = rng.integers(0, 2 * padding + 1, size=n)
+    dy = rng.integers(0, 2 * padding + 1, size=draws)[mine]
+    dx = rng.integers(0, 2 * padding + 1, size=draws)[mine]
     rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
     cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
     if flip:
-        flipped = rng.random(n) < 0.5
+        flipped = (rng.random(draws) < 0.5)[mine]
         cols = np.where(flipped[:, None], cols[:, ::-1], cols)
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def random_erasing(
-    images, rng, *, probability=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3), max_tries=10
+    images,
+    rng,
+    *,
+    probability=0.5,
+    area=(0.02, 0.4),
+    aspect=(0.3, 1 / 0.3),
+    max_tries=10,
+    part=None,
 ):
     """Random erasing (Zhong et al., AAAI 2020): a random rectangle of random pixels.
 
@@ -113,6 +130,7 @@ def random_erasing(
         area: `(min, max)` fraction of the image area erased, 0 < min <= max <= 1.
         aspect: `(min, max)` aspect ratio of the rectangle, 0 < min <= max.
         max_tries: draws of a rectangle per image before giving up on it.
+        part: `(rows, total)`, as for `pad_crop_flip`.
 
     Returns:
         A new array of the same shape and dtype.
@@ -131,7 +149,8 @@ def random_erasing(
     if not (0.0 < aspect[0] <= aspect[1]):
         raise ValueError(f"aspect={aspect!r} must be (min, max) with 0 < min <= max.")
     images = np.asarray(images)
-    n, h, w = images.shape[:3]
+    h, w = images.shape[1:3]
+    n, mine = _part(len(images), part)
     erase = rng.random(n) < probability
     top = np.zeros(n, np.int64)
     left = np.zeros(n, np.int64)
@@ -150,18 +169,21 @@ def random_erasing(
         left_ = (rng.random(n) * (w - ww + 1)).astype(np.int64)
         top[fits], left[fits], eh[fits], ew[fits] = t[fits], left_[fits], hh[fits], ww[fits]
         todo &= ~fits
+    top, left, eh, ew, erase = (a[mine] for a in (top, left, eh, ew, erase))
     rows = np.arange(h)[None, :]
     cols = np.arange(w)[None, :]
     inside = ((rows >= top[:, None]) & (rows < (top + eh)[:, None]))[:, :, None] & (
         (cols >= left[:, None]) & (cols < (left + ew)[:, None])
     )[:, None, :]
     inside &= (erase & (eh > 0))[:, None, None]
+    shape = (n, *images.shape[1:])  # the batch's noise, of which these rows take theirs
     if images.dtype == np.uint8:
-        noise = rng.integers(0, 256, images.shape, dtype=np.uint8)
+        noise = rng.integers(0, 256, shape, dtype=np.uint8)
     elif np.issubdtype(images.dtype, np.integer):
-        noise = rng.integers(0, 256, images.shape).astype(images.dtype)
+        noise = rng.integers(0, 256, shape).astype(images.dtype)
     else:
-        noise = rng.random(images.shape, dtype=np.float32).astype(images.dtype)
+        noise = rng.random(shape, dtype=np.float32).astype(images.dtype)
+    noise = noise[mine]
     return np.where(inside[..., None], noise, images)
 
 
@@ -193,6 +215,10 @@ class ArrayDataset(keras.utils.PyDataset):
         seed: integer seed.
         normalize: map images to float32 `(x / 255 - mean) / std`; if False, batches stay
             uint8 (4x fewer bytes to the accelerator) and the model normalizes them.
+        shard: `(index, count)`: this process's share of every global batch, rows
+            `[index * b, (index + 1) * b)` with `b = batch_size // count`, augmented as in
+            the global batch (one process of `count` reads only its share). An evaluation
+            batch's share may be short or empty at the end of the data.
 
     Example:
 
@@ -217,6 +243,7 @@ class ArrayDataset(keras.utils.PyDataset):
         erasing=0.0,
         seed=0,
         normalize=True,
+        shard=(0, 1),
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -235,6 +262,14 @@ class ArrayDataset(keras.utils.PyDataset):
         if not 0.0 <= erasing <= 1.0:
             raise ValueError(f"erasing={erasing!r} must be a probability in [0, 1].")
         self.erasing = erasing
+        index, count = shard
+        if batch_size % count or not 0 <= index < count:
+            raise ValueError(
+                f"shard={shard!r}: batch_size={batch_size} must divide into `count` shares "
+                f"and 0 <= index < count."
+            )
+        self.shard_batch = batch_size // count
+        self.mine = slice(index * self.shard_batch, (index + 1) * self.shard_batch)
         self.batches_per_pass = len(images) // batch_size
         self.steps_per_epoch = steps_per_epoch or self.batches_per_pass
         self.epoch = 0
@@ -252,20 +287,24 @@ class ArrayDataset(keras.utils.PyDataset):
         return self._orders[data_pass]
 
     def __getitem__(self, index):
+        mine = self.mine
         if not self.training:
-            sl = slice(index * self.batch_size, (index + 1) * self.batch_size)
+            first = index * self.batch_size
+            end = min(first + self.batch_size, len(self.images))
+            sl = slice(min(first + mine.start, end), min(first + mine.stop, end))
             return self._finish(self.images[sl]), self.labels[sl]
         global_batch = self.epoch * self.steps_per_epoch + self.offset + index
         data_pass, within = divmod(global_batch, self.batches_per_pass)
         idx = self._order(data_pass)[within * self.batch_size : (within + 1) * self.batch_size]
+        idx, part = idx[mine], (mine, self.batch_size)
         x = self.images[idx]
         if self.padding or self.flip:
             rng = np.random.default_rng([self.seed, 1, global_batch])
-            x = pad_crop_flip(x, rng, padding=self.padding, flip=self.flip)
+            x = pad_crop_flip(x, rng, padding=self.padding, flip=self.flip, part=part)
         if self.erasing:
             # A stream of its own: turning erasing on leaves the crops and flips unchanged.
             rng = np.random.default_rng([self.seed, 2, global_batch])
-            x = random_erasing(x, rng, probability=self.erasing)
+            x = random_erasing(x, rng, probability=self.erasing, part=part)
         return self._finish(x), self.labels[idx]
 
     def _finish(self, images):

@@ -153,11 +153,15 @@ class Store:
     Args:
         model_dir: the run's folder; `restore` reads the chief's checkpoints there.
         write_dir: where `save` writes (`model_dir` on the chief, a scratch folder on other
-            workers, which must save too because reading variables may be collective).
+            TensorFlow workers, which must save too because reading variables may be
+            collective).
+        writes: False on a process whose `save` writes nothing (JAX's processes other
+            than the first: each holds the whole state).
     """
 
-    def __init__(self, model_dir, write_dir=None):
+    def __init__(self, model_dir, write_dir=None, *, writes=True):
         self.model_dir, self.write_dir = model_dir, write_dir or model_dir
+        self.writes = writes
 
     def folders(self, root):
         """`[((epoch, step), path)]` of the checkpoint folders under `root`, newest first."""
@@ -238,6 +242,8 @@ class Store:
                 and the checkpoint before is intact.
         """
         _optimizer(model)
+        if not self.writes:
+            return
         self._prune((epoch, step))
         folder = fs.join(self.write_dir, FOLDER, name(epoch, step))
         fs.makedirs(folder)

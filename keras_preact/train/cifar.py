@@ -114,6 +114,7 @@ class MemoryData(trainer.Data):
         self.cfg, self.run = cfg, run
         self.input_shape, self.classes = self.x.shape[1:], sources.MEMORY_DATASETS[cfg.dataset]
         self.common = dict(mean=cfg.mean, std=cfg.std, normalize=not cfg.normalize_on_device)
+        self.shard = dict(shard=(run.index, run.processes)) if run.strategy is None else {}
         self.augment = dict(padding=cfg.padding, flip=cfg.flip, seed=cfg.seed)
 
     def train(self, epoch, step, steps):
@@ -124,7 +125,7 @@ class MemoryData(trainer.Data):
             data = numpy_pipeline.ArrayDataset(
                 self.x, self.y, cfg.batch_size, training=True,
                 steps_per_epoch=cfg.steps_per_epoch, erasing=cfg.erasing, **self.augment,
-                **self.common,
+                **self.common, **self.shard,
             )  # fmt: skip
             data.epoch, data.offset = epoch, step  # global batch `start + i` is item i
             return data
@@ -140,7 +141,7 @@ class MemoryData(trainer.Data):
         cfg = self.cfg
         if cfg.pipeline == "numpy":
             return numpy_pipeline.ArrayDataset(
-                self.xt, self.yt, cfg.eval_batch_size, training=False, **self.common
+                self.xt, self.yt, cfg.eval_batch_size, training=False, **self.common, **self.shard
             )
         return self._tfdata(lambda context: dict(
             images=self.xt, labels=self.yt, batch_size=cfg.eval_batch_size, training=False,

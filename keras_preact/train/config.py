@@ -35,8 +35,10 @@ SHORTCUT_PARAMS = {
 }
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 #: `fit`: `model.fit`; `custom`: the tf.distribute `strategy.run` loop; `jax`: a jitted
-#: JAX step loop; `auto`: `custom` under multi_worker_mirrored, else `fit`.
-LOOPS = ("auto", "fit", "custom", "jax")
+#: JAX step loop; `torch`: PyTorch's DistributedDataParallel over a torchrun launch; `auto`:
+#: `jax` under JAX, `torch` under torchrun, `custom` under TensorFlow's
+#: multi_worker_mirrored, else `fit`.
+LOOPS = ("auto", "fit", "custom", "jax", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,9 @@ class TrainConfig(ModelConfig):
     model_dir: str | None = None
     strategy: str = "default"
     tpu: str = ""
+    coordinator_address: str = ""
+    num_processes: int | None = None
+    process_id: int | None = None
     loop: str = "auto"
     batch_size: int = 128
     epochs: int = 160

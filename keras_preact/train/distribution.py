@@ -24,15 +24,23 @@ class Run(NamedTuple):
     chief: bool  # this process writes the run's files
     loop: str  # "fit", "custom" or "jax" (`--loop=auto` resolved)
     jit_compile: bool  # XLA-compile the train step (an unset `--jit_compile` resolved)
-    write_dir: str  # `model_dir` on the chief, a scratch folder on other workers
+    write_dir: str | None  # `model_dir` on the chief; a scratch folder on other TF workers,
+    # None (nothing written) on other JAX processes
     processes: int = 1  # the processes (workers, hosts) of the run
+    index: int = 0  # this process's index among them (the chief is 0)
 
 
-def resolve_loop(loop, strategy):
-    """`--loop=auto`: `custom` under multi_worker_mirrored (Keras' fit fails there), else
-    `fit`."""
+def resolve_loop(loop, strategy, backend=None):
+    """`--loop=auto`: under JAX the jitted JAX loop; under PyTorch launched as several
+    processes (`torchrun`) the DistributedDataParallel loop; under TensorFlow `custom` with
+    multi_worker_mirrored (Keras' fit fails there); else `fit`."""
     if loop != "auto":
         return loop
+    backend = backend or keras.backend.backend()
+    if backend == "jax":
+        return "jax"
+    if backend == "torch":
+        return "torch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "fit"
     return "custom" if strategy == "multi_worker_mirrored" else "fit"
 
 
@@ -44,6 +52,9 @@ def setup(cfg):
             anything is written).
     """
     quiet_device_start()  # before the seed: seeding can create TensorFlow's devices
+    # Before anything touches a device: the processes of a run join first.
+    loop = resolve_loop(cfg.loop, cfg.strategy)
+    processes, index = start_processes(cfg, loop)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.compilation_cache and keras.backend.backend() == "jax":
         # JAX's own JAX_COMPILATION_CACHE_DIR wins: runs of one experiment can share one.
@@ -56,9 +67,8 @@ def setup(cfg):
 
         tf.config.experimental.enable_op_determinism()
     # Strategy and precision come first: variables are created under them.
-    loop = resolve_loop(cfg.loop, cfg.strategy)
     strategy = make_strategy(cfg.strategy, cfg.tpu, loop)
-    replicas = num_replicas(strategy, loop)
+    replicas = processes if loop == "torch" else num_replicas(strategy, loop)
     evaluation = getattr(cfg, "eval_batch_size", None)
     for name, batch in (("batch_size", cfg.batch_size), ("eval_batch_size", evaluation)):
         if batch and batch % replicas:
@@ -69,16 +79,77 @@ def setup(cfg):
                 f"--strategy={cfg.strategy}: pass a multiple of {replicas}."
             )
     policy = set_precision(cfg.mixed_precision, cfg.strategy, loop)
+    if strategy is not None:
+        processes, index = num_workers(strategy), worker_index(strategy)
+    chief = is_chief(strategy) and index == 0
     return Run(
         strategy=strategy,
         policy=policy,
         replicas=replicas,
-        chief=is_chief(strategy),
+        chief=chief,
         loop=loop,
         jit_compile=resolve_jit_compile(cfg.jit_compile),
-        write_dir=write_dir(strategy, cfg.model_dir),
-        processes=num_workers(strategy),
+        write_dir=write_dir(strategy, cfg.model_dir) if chief or strategy else None,
+        processes=processes,
+        index=index,
     )
+
+
+#: What `keras.distribution.initialize` reads when no flag names the processes.
+PROCESS_ENVIRONMENT = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+    "KERAS_DISTRIBUTION_PROCESS_ID",
+)
+
+
+def start_processes(cfg, loop):
+    """Joins this process to the others of a multi-process run; returns
+    `(processes, index)`, `(1, 0)` for a run of one process.
+
+    PyTorch (`--loop=torch`): the process group of a `torchrun` launch
+    (`torch_loop.start_processes`). JAX: a run is multi-process under
+    `--strategy=multi_worker_mirrored`, or when
+    `--coordinator_address` or the environment of `keras.distribution.initialize`
+    (`PROCESS_ENVIRONMENT`) names its processes. Flags win over the environment; with
+    neither, `jax.distributed.initialize` detects the cluster itself (a Cloud TPU VM slice,
+    SLURM, Open MPI). Collectives between CPU devices of different processes go over gloo,
+    so the same run works as several processes of one machine.
+    """
+    if loop == "torch":
+        from keras_preact.train import torch_loop
+
+        if not torch_loop.launched():
+            from absl import app
+
+            raise app.UsageError(
+                "--loop=torch trains the processes of a torchrun launch: start it with "
+                "`torchrun --nproc_per_node=N -m keras_preact.train.cifar ...`."
+            )
+        return torch_loop.start_processes()
+    named = cfg.coordinator_address or any(v in os.environ for v in PROCESS_ENVIRONMENT)
+    if keras.backend.backend() != "jax" or (cfg.strategy != "multi_worker_mirrored" and not named):
+        return 1, 0
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not jax.distributed.is_initialized():
+        try:
+            keras.distribution.initialize(
+                cfg.coordinator_address or None, cfg.num_processes, cfg.process_id
+            )
+        except (ValueError, RuntimeError) as e:
+            if named:
+                raise
+            from absl import app
+
+            raise app.UsageError(
+                f"--strategy=multi_worker_mirrored under JAX found no cluster to join "
+                f"({type(e).__name__}: {e}). Name the processes: --coordinator_address=HOST:PORT "
+                f"--num_processes=N --process_id=I (or {', '.join(PROCESS_ENVIRONMENT)})."
+            ) from None
+    log.info("JAX process %d of %d.", jax.process_index(), jax.process_count())
+    return jax.process_count(), jax.process_index()
 
 
 def resolve_jit_compile(jit_compile, backend=None):
@@ -179,18 +250,22 @@ def make_strategy(name, tpu="", loop="fit"):
     if backend == "jax":
         import jax
 
-        if name in ("multi_worker_mirrored", "tpu"):
-            raise ValueError(f"--strategy={name} needs KERAS_BACKEND=tensorflow; got jax.")
+        if name == "tpu":
+            raise ValueError(
+                "--strategy=tpu needs KERAS_BACKEND=tensorflow; under JAX a TPU VM's chips "
+                "are its devices (--strategy=default or mirrored; multi_worker_mirrored on a "
+                "slice of several hosts)."
+            )
         devices = jax.devices()
-        if name in ("default", "mirrored") and len(devices) > 1 and loop == "fit":
+        if name != "one_device" and len(devices) > 1 and loop == "fit":
             keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
             log.info("JAX DataParallel over %d devices.", len(devices))
         return None
     if backend != "tensorflow":
-        if name not in ("default", "one_device"):
+        if name == "tpu" or (loop != "torch" and name not in ("default", "one_device")):
             raise ValueError(
-                f"--strategy={name} needs KERAS_BACKEND=tensorflow (or jax for "
-                f"mirrored); got {backend}."
+                f"--strategy={name} needs KERAS_BACKEND=tensorflow (jax for mirrored and "
+                f"multi_worker_mirrored; a torchrun launch under torch); got {backend}."
             )
         return None
     import tensorflow as tf
@@ -274,7 +349,8 @@ def set_precision(mixed, strategy_name, loop="fit"):
     """Sets and returns the Keras dtype policy: float32, or the mixed one of the device.
 
     float16 (with loss scaling) on GPUs, bfloat16 on TPUs and CPUs, and bfloat16 for the
-    JAX loop everywhere (its step does no loss scaling; bfloat16 needs none).
+    JAX and PyTorch DDP loops everywhere (their steps do no loss scaling; bfloat16 needs
+    none).
     """
     if not mixed:
         return "float32"
@@ -291,7 +367,7 @@ def set_precision(mixed, strategy_name, loop="fit"):
         import torch
 
         gpu = torch.cuda.is_available()
-    float16 = gpu and strategy_name != "tpu" and loop != "jax"
+    float16 = gpu and strategy_name != "tpu" and loop not in ("jax", "torch")
     policy = "mixed_float16" if float16 else "mixed_bfloat16"
     keras.mixed_precision.set_global_policy(policy)
     return policy

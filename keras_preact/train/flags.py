@@ -216,6 +216,14 @@ def _define_run_flags(defaults):
         "resume it.")
     flags.DEFINE_enum("strategy", "default", STRATEGIES, "Distribution strategy.")
     flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for --strategy=tpu.")
+    flags.DEFINE_string("coordinator_address", "", "JAX: host:port of process 0 of a run of "
+                        "several processes (default: $KERAS_DISTRIBUTION_JOB_ADDRESSES, else "
+                        "what jax.distributed detects: a TPU VM slice, SLURM, Open MPI).")
+    flags.DEFINE_integer("num_processes", None, "JAX: the processes of the run (default: "
+                         "$KERAS_DISTRIBUTION_NUM_PROCESSES, or detected).", lower_bound=1)
+    flags.DEFINE_integer("process_id", None, "JAX: this process's index, 0 for the one that "
+                         "writes the run folder (default: $KERAS_DISTRIBUTION_PROCESS_ID, or "
+                         "detected).", lower_bound=0)
     flags.DEFINE_integer("batch_size", defaults.batch_size, "Global batch size (all replicas).",
                          lower_bound=1)
     flags.DEFINE_integer("epochs", defaults.epochs, "Number of epochs.", lower_bound=1)
@@ -225,8 +233,11 @@ def _define_run_flags(defaults):
                          "checkpoint there that the command without it resumes.", lower_bound=1)
     flags.DEFINE_enum("loop", "auto", list(LOOPS), "fit: model.fit; custom: the tf.distribute "
                       "strategy.run loop (TensorFlow backend; multi-worker and TPU); jax: a "
-                      "jitted JAX step over every local device (JAX backend); auto: custom under "
-                      "multi_worker_mirrored (Keras 3 fit fails there), else fit.")
+                      "jitted JAX step over every device of every process (JAX backend); torch: "
+                      "DistributedDataParallel over the processes of a torchrun launch "
+                      "(PyTorch backend); auto: jax under JAX; torch under torchrun; custom "
+                      "under TensorFlow's multi_worker_mirrored (Keras 3 fit fails there); "
+                      "else fit.")
     flags.DEFINE_float("time_budget", None, "Wall-clock seconds for this process: when one more "
                        "step, and the checkpoint (and at an epoch end the evaluation) after it, "
                        "would not end within it, the run saves a checkpoint at that step, prints "
@@ -267,17 +278,23 @@ def _loop_has_backend(values):
             f"--strategy=multi_worker_mirrored) needs tf.distribute, i.e. "
             f"KERAS_BACKEND=tensorflow; got KERAS_BACKEND={backend}. Use --loop=fit."
         )
-    multi_worker = values["strategy"] == "multi_worker_mirrored" and backend == "tensorflow"
+    multi_worker = values["strategy"] == "multi_worker_mirrored"
     if values["loop"] == "fit" and multi_worker:
+        reason, use = {
+            "tensorflow": ("Keras 3's model.fit fails there (keras-team/keras#20585)", "custom"),
+            "jax": ("the processes of a run train through the jitted JAX loop", "jax"),
+        }.get(backend, ("it needs TensorFlow or JAX", "custom"))
         raise flags.ValidationError(
-            "--loop=fit cannot train under --strategy=multi_worker_mirrored: Keras 3's "
-            "model.fit fails there (keras-team/keras#20585). Use --loop=custom (or auto)."
+            f"--loop=fit cannot train under --strategy=multi_worker_mirrored: {reason}. "
+            f"Use --loop={use} (or auto)."
         )
-    if values["loop"] == "jax" and backend != "jax":
-        raise flags.ValidationError(
-            f"--loop=jax (the jitted JAX step loop) needs KERAS_BACKEND=jax; got "
-            f"KERAS_BACKEND={backend}. Use --loop=fit."
-        )
+    for loop, needs, what in (("jax", "jax", "the jitted JAX step loop"),
+                              ("torch", "torch", "PyTorch's DistributedDataParallel")):  # fmt: skip
+        if values["loop"] == loop and backend != needs:
+            raise flags.ValidationError(
+                f"--loop={loop} ({what}) needs KERAS_BACKEND={needs}; got "
+                f"KERAS_BACKEND={backend}. Use --loop=fit."
+            )
     return True
 
 
@@ -285,7 +302,8 @@ def _strategy_has_backend(strategy):
     import keras
 
     backend = keras.backend.backend()
-    allowed = {"tensorflow": STRATEGIES, "jax": ("default", "one_device", "mirrored")}
+    several = ("default", "one_device", "mirrored", "multi_worker_mirrored")
+    allowed = {"tensorflow": STRATEGIES, "jax": several, "torch": several}
     allowed = allowed.get(backend, ("default", "one_device"))
     if strategy not in allowed:
         raise flags.ValidationError(

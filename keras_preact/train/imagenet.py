@@ -33,7 +33,7 @@ import warnings
 
 from absl import flags
 
-from keras_preact.train import config, distribution, modeling, sources, trainer
+from keras_preact.train import config, modeling, sources, trainer
 from keras_preact.train import flags as train_flags
 
 FLAGS = flags.FLAGS
@@ -166,6 +166,11 @@ class ImagenetData(trainer.Data):
     def _distributed(self, fn):
         if self.per_replica:
             return self.run.strategy.distribute_datasets_from_function(fn)
+        if self.run.processes > 1:  # the JAX loop: each process reads its own shard
+            import tensorflow as tf
+
+            processes, index = self.run.processes, self.run.index
+            return fn(tf.distribute.InputContext(processes, index, processes))
         return fn(None)
 
     def train(self, epoch, step, steps):
@@ -193,7 +198,7 @@ class ImagenetData(trainer.Data):
     def restore(self, restored):
         saved = restored.state.get("input") if restored.step else None
         if isinstance(saved, list):  # one position per process, in process order
-            mine = saved[distribution.worker_index(self.run.strategy)]
+            mine = saved[self.run.index]
             self.resume_at = (mine["epoch"], mine["records"])
 
     def evaluate(self):

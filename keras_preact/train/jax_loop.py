@@ -119,15 +119,16 @@ def make_eval_step(model, *, label_smoothing=0.0, mesh=None):
     return jax.jit(step, **placed)
 
 
-def prefetch(batches, size=3, sharding=None):
+def prefetch(batches, size=3, sharding=None, place=None):
     """Yields `batches`' items, produced `size` ahead in a thread and moved to the device
-    (split over a mesh by `sharding`, when given).
+    (split over a mesh by `sharding`, when given; or each array by `place(array)`).
 
     numpy's augmentation and the host-to-device copy overlap the device's work this way.
     An exception in the producer is raised in the consumer.
     """
     q = queue.Queue(maxsize=size)
     done, stop = object(), threading.Event()
+    place = place or (lambda a: jax.device_put(a, sharding))
 
     def put(item):
         while not stop.is_set():
@@ -141,7 +142,7 @@ def prefetch(batches, size=3, sharding=None):
     def produce():
         try:
             for item in batches:
-                if not put(tuple(jax.device_put(a, sharding) for a in item)):
+                if not put(tuple(place(a) for a in item)):
                     return
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             put(e)
@@ -179,20 +180,25 @@ def _penalty(model, trainable):
 
 
 class JaxRunner(runners.Runner):
-    """`--loop=jax`: the jitted step over every local device (a runner of
+    """`--loop=jax`: the jitted step over every device of every process (a runner of
     `controller.Controller`).
 
-    One `Mesh` over `jax.devices()`: each batch split over its `"data"` axis, the state
-    replicated (and donated to the step); XLA's partitioner makes the gradient all-reduce,
-    and BatchNorm sees the global batch, as on one device.
+    One `Mesh` over `jax.devices()` (every process's, after `jax.distributed` started them):
+    each batch split over its `"data"` axis, the state replicated (and donated to the
+    step); XLA's partitioner makes the gradient all-reduce, and BatchNorm sees the global
+    batch, as on one device. Each process feeds only its share of every batch (its rows:
+    the data's `shard`), from which `jax.make_array_from_process_local_data` assembles the
+    global batch. The processes agree on a stop through the step after it (`train`).
 
     Args:
         model: the model, compiled with its optimizer.
         label_smoothing: of the loss.
         devices: the devices of the mesh (default: `jax.devices()`).
+        eval_batch_size: the global evaluation batch (each process pads its share to
+            `eval_batch_size / processes`; default: the first batch, padded to the devices).
     """
 
-    def __init__(self, model, *, label_smoothing=0.0, devices=None):
+    def __init__(self, model, *, label_smoothing=0.0, devices=None, eval_batch_size=None):
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
         self.model, self.optimizer = model, model.optimizer
@@ -200,12 +206,16 @@ class JaxRunner(runners.Runner):
         mesh = Mesh(devices, ("data",))
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.split = NamedSharding(mesh, PartitionSpec("data"))
-        self.devices = devices.size
+        self.devices, self.processes = devices.size, jax.process_count()
+        # Every process's share of an evaluation batch has one size (one program for all).
+        multi = eval_batch_size and self.processes > 1
+        self.eval_share = eval_batch_size // self.processes if multi else None
         placed = (self.replicated, self.split)
         self.train_step = make_train_step(
             model, self.optimizer, label_smoothing=label_smoothing, mesh=placed
         )
         self.eval_step = make_eval_step(model, label_smoothing=label_smoothing, mesh=placed)
+        self.largest = jax.jit(jnp.max, in_shardings=self.split, out_shardings=self.replicated)
         self.state = None
 
     def _state(self):
@@ -213,17 +223,32 @@ class JaxRunner(runners.Runner):
             self.state = jax.device_put(init_state(self.model, self.optimizer), self.replicated)
         return self.state
 
+    def _global(self, local):
+        """The global array of every process's `local` share (rows in process order)."""
+        if self.processes == 1:
+            return jax.device_put(local, self.split)
+        return jax.make_array_from_process_local_data(self.split, np.asarray(local))
+
+    def _wishes(self, wish):
+        """A step's stop wishes: this process's on each of its devices."""
+        return self._global(np.full(self.devices // self.processes, wish, np.int32))
+
     def train(self, inputs, steps, *, stop, progress, every):
         """`steps` steps of `inputs`; see `runners`. Host syncs happen only where a value
-        is shown (every `every` steps)."""
-        state, sums, done, wish = self._state(), None, 0, 0
-        for x, y in prefetch(_batches(inputs, steps), sharding=self.split):
+        is shown (every `every` steps). With several processes each step also carries the
+        stop wishes after the step before it: all stop after that step, one step late."""
+        state, sums, done, wish, agreed = self._state(), None, 0, 0, None
+        for x, y in prefetch(_batches(inputs, steps), place=self._global):
             state, out = self.train_step(state, x, y)
+            if agreed is not None and (wish := int(agreed)):
+                agreed = None  # the processes agreed on a stop: this step is the last
+            elif self.processes > 1 and done + 1 < steps:
+                agreed = self.largest(self._wishes(stop(done + 1)))
             sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
             done += 1
             if done % every == 0 or done == steps:
                 progress(done, self._sums(sums, done, len(y)))
-            if done == steps or (wish := stop(done)):
+            if wish or done == steps or (self.processes == 1 and (wish := stop(done))):
                 break
         self.state = state
         return runners.Trained(done, self._sums(sums, done, len(y)) if done else {}, wish)
@@ -235,21 +260,53 @@ class JaxRunner(runners.Runner):
 
     def evaluate(self, inputs):
         """Loss (with the weight-decay penalty, as `model.evaluate` reports it), top-1,
-        top-5 and the examples of `inputs`; a short last batch is padded and masked."""
-        state, totals, n, size = self._state(), np.zeros(3), 0, None
-        for x, y in _batches(inputs):
+        top-5 and the examples of `inputs`; a short batch is padded and masked, and with
+        several processes every batch of any process is scored (the others add empty
+        shares), each image once."""
+        state, totals, n, size, shape = self._state(), np.zeros(3), 0, self.eval_share, None
+        batches = iter(_batches(inputs))
+        while True:
+            item = next(batches, None)
+            if self.processes > 1:
+                if not self.agree(int(item is not None)):
+                    break
+                if item is None:  # this process's data ended before another's
+                    item = tuple(np.zeros((0, *a.shape[1:]), a.dtype) for a in shape)
+            elif item is None:
+                break
+            x, y = shape = item  # the last batch: the form of an empty share
             size = size or -(-len(x) // self.devices) * self.devices
             valid = np.arange(size) < len(x)
             if len(x) < size:  # one shape, one compilation
                 pad = ((0, size - len(x)),)
                 x, y = np.pad(x, pad + ((0, 0),) * (x.ndim - 1)), np.pad(y, pad)
-            totals += np.array([float(t) for t in self.eval_step(state, x, y, valid)])
+            arrays = (self._global(a) for a in (x, y, valid))
+            totals += np.array([float(t) for t in self.eval_step(state, *arrays)])
             n += int(valid.sum())
+        n = sum(counts["n"] for counts in self.gather({"n": n}))
         loss, top1, top5 = totals / max(n, 1)
         penalty = float(_penalty(self.model, state[0]))
         return {"loss": loss + penalty, "top1": top1, "top5": top5, "examples": n}
 
     def sync(self):
-        """Writes the state into the model's and the optimizer's variables."""
+        """Writes the state into the model's and the optimizer's variables (every process
+        holds it whole: the local copy of each replicated array)."""
         if self.state is not None:
-            assign_state(self.model, self.optimizer, self.state)
+            local = jax.tree_util.tree_map(lambda a: a.addressable_data(0), self.state)
+            assign_state(self.model, self.optimizer, local)
+
+    def agree(self, wish):
+        """The largest `wish` of every process."""
+        if self.processes == 1:
+            return wish
+        return int(self.largest(self._wishes(wish)))
+
+    def gather(self, value):
+        """Every process's `value` (a dict of ints), in process order."""
+        if self.processes == 1:
+            return [value]
+        from jax.experimental import multihost_utils
+
+        keys = sorted(value)
+        rows = multihost_utils.process_allgather(np.array([value[k] for k in keys], np.int64))
+        return [dict(zip(keys, map(int, row))) for row in np.asarray(rows)]

@@ -229,6 +229,10 @@ def build(cfg, run, schedule, *, input_shape, classes):
         )
         if run.replicas > 1 and keras.backend.backend() == "tensorflow":
             global_batchnorm(model)
+        if run.loop == "torch":
+            from keras_preact.train import torch_loop
+
+            torch_loop.global_batchnorm(model)
         decayed = optimization.add_weight_decay(model, cfg.weight_decay, cfg.weight_decay_on)
         decayed = sum(int(keras.ops.size(v)) for v in decayed)
         optimizer = optimization.make_optimizer(

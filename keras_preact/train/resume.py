@@ -33,7 +33,8 @@ ARCHITECTURE = ("model", "unit", "shortcut", "layout", "width_multiplier", "scan
 HARMLESS = ("epochs", "verbose", "eval_batch_size", "eval_examples", "num_test",
             "num_eval_examples", "eval_split", "eval_resize", "eval_size", "time_budget",
             "max_steps", "model_dir", "data_dir", "source", "loop", "pipeline", "strategy",
-            "tpu", "jit_compile", "compilation_cache", "fused_decode", "preset",
+            "tpu", "coordinator_address", "num_processes", "process_id", "jit_compile",
+            "compilation_cache", "fused_decode", "preset",
             "weights",  # start weights: the checkpoint's replace them on resume
             "allow_changes", "restart_optimizer", "decayed_weights")  # fmt: skip
 #: The options a derived value is computed from: it may change with any of them.

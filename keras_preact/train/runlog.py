@@ -50,14 +50,16 @@ class RunLog:
         monitor: the log key whose improvement (higher is better) writes `best.weights.h5`.
         export: `model -> model` whose weights `best.weights.h5` holds (default: the model;
             a scanned net's written-out twin, `modeling.WrittenOut`).
+        writes: False on a process that keeps the log without writing it (JAX's processes
+            other than the first).
     """
 
-    def __init__(self, folder, *, monitor="val_top1", export=None):
-        self.folder, self.monitor = folder, monitor
+    def __init__(self, folder, *, monitor="val_top1", export=None, writes=True):
+        self.folder, self.monitor, self.writes = folder, monitor, writes
         self.export = export or (lambda model: model)
         self.rows, self.best = [], -float("inf")
         self._unrecorded = False
-        for name in fs.listdir(folder) if fs.isdir(folder) else []:
+        for name in fs.listdir(folder) if writes and fs.isdir(folder) else []:
             if fs.TEMP.search(name):  # a killed process's (one trainer writes a folder)
                 fs.remove(fs.join(folder, name))
         self._read_best()
@@ -91,7 +93,7 @@ class RunLog:
         an earlier `log.csv` is kept aside) and rewrites `log.csv` to them."""
         if not state:
             path = fs.join(self.folder, LOG)
-            if fs.exists(path):
+            if self.writes and fs.exists(path):
                 kept = fs.join(self.folder, f"log.replaced-{time.strftime('%Y%m%d-%H%M%S')}.csv")
                 fs.rename(path, kept)
                 log.warning("No checkpoint to resume from: the earlier %s is kept as %s.", path,
@@ -116,18 +118,20 @@ class RunLog:
         if value is None or value <= self.best:
             return
         record = {"monitor": self.monitor, "value": float(value), "epoch": int(epoch)}
+        self.best = float(value)
+        if not self.writes:
+            return
         fs.makedirs(self.folder)
         checkpoints.save_model_weights(
             self.export(model),
             fs.join(self.folder, BEST),
             {"keras_preact_best": json.dumps(record)},
         )
-        self.best = float(value)
 
     def commit(self, rows):
         """The rows of the committed checkpoint: `log.csv` is rewritten to them."""
         self.rows = rows
-        if rows or fs.exists(fs.join(self.folder, LOG)):
+        if self.writes and (rows or fs.exists(fs.join(self.folder, LOG))):
             fs.makedirs(self.folder)
             fs.write_text_atomic(fs.join(self.folder, LOG), _csv_text(rows))
 

@@ -65,7 +65,13 @@ def make_runner(cfg, run, built):
     if run.loop == "jax":
         from keras_preact.train import jax_loop
 
-        return jax_loop.JaxRunner(built.model, label_smoothing=cfg.label_smoothing)
+        return jax_loop.JaxRunner(built.model, label_smoothing=cfg.label_smoothing,
+                                  eval_batch_size=getattr(cfg, "eval_batch_size", None)
+                                  or cfg.batch_size)  # fmt: skip
+    if run.loop == "torch":
+        from keras_preact.train import torch_loop
+
+        return torch_loop.TorchRunner(built.model, label_smoothing=cfg.label_smoothing)
     from keras_preact.train import custom_loop
 
     return custom_loop.TFRunner(built.model, run.strategy, cfg.batch_size,
@@ -81,7 +87,8 @@ def train(cfg, prepare):
     # 1. Seeds, strategy and precision: variables are created under them. One trainer
     # per run folder.
     run = distribution.setup(cfg)
-    lease = fs.lock(run.write_dir)  # noqa: F841 - held until the process ends
+    writes = run.write_dir is not None  # all but one process of a JAX run write nothing
+    lease = fs.lock(run.write_dir) if writes else None  # noqa: F841 - held until the end
 
     # 2. Data, and the values that follow from it.
     cfg, data = prepare(cfg, run)
@@ -94,10 +101,10 @@ def train(cfg, prepare):
     # 4. Resume: the options are checked against config.json before anything is written;
     # config.json records the resume once its checkpoint has loaded.
     changed = resume.check(cfg, run, cfg.model_dir)
-    store = checkpoints.Store(cfg.model_dir, run.write_dir)
+    store = checkpoints.Store(cfg.model_dir, run.write_dir, writes=writes)
     restored = store.restore(built.model, restart_optimizer=cfg.restart_optimizer)
     runlog.write_config(cfg, run, resume.history(cfg.model_dir, changed, restored))
-    log = runlog.RunLog(run.write_dir, export=built.export)
+    log = runlog.RunLog(run.write_dir or cfg.model_dir, export=built.export, writes=writes)
     log.restore(restored.state)
     data.restore(restored)
 
@@ -114,9 +121,10 @@ def train(cfg, prepare):
     final = runner.evaluate(data.evaluate())
     history = log.history()
     controller.check_finite(built.model, {}, len(history.get("loss", [])))
-    checkpoints.save_model_weights(
-        built.export(built.model), fs.join(run.write_dir, "final.weights.h5")
-    )
+    if writes:
+        checkpoints.save_model_weights(
+            built.export(built.model), fs.join(run.write_dir, "final.weights.h5")
+        )
     done = len(history.get("loss", []))
     summary = {
         "model": cfg.model, **data.summary(final), "epochs_run": done,
