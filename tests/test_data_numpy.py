@@ -99,6 +99,29 @@ def test_array_dataset_is_reproducible_and_resumable():
     assert len(ev) == 7 and ev[6][0].shape == (2, 8, 8, 3)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_shards_of_an_array_dataset_make_its_batches(training):
+    """Each process's share (`shard=(index, count)`) of every batch, put together in process
+    order, is the one-process batch: the same images, crops, flips and erased patches for
+    training; every evaluation image once, the last batch's shares short or empty."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (70, 12, 12, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 70)
+    kw = dict(mean=[0.5] * 3, std=[0.25] * 3, training=training, erasing=0.5 * training)
+    one = numpy_pipeline.ArrayDataset(x, y, 32, **kw)
+    shares = [numpy_pipeline.ArrayDataset(x, y, 32, shard=(i, 4), **kw) for i in range(4)]
+    assert all(len(s) == len(one) for s in shares)
+    sizes = []
+    for b in range(len(one)):
+        parts = [s[b] for s in shares]
+        sizes.append([len(p[1]) for p in parts])
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), one[b][0])
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), one[b][1])
+    assert sizes[-1] == ([8, 8, 8, 8] if training else [6, 0, 0, 0]), sizes
+    with pytest.raises(ValueError, match="shard=\\(0, 3\\)"):
+        numpy_pipeline.ArrayDataset(x, y, 32, shard=(0, 3), **kw)
+
+
 def test_numpy_modules_import_without_tensorflow():
     code = (
         "import sys; sys.modules['tensorflow'] = None\n"

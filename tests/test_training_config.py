@@ -271,11 +271,10 @@ def test_bad_cifar_flags_fail_at_parsing(tmp_path):
         "jax loop": None if JAX else ["--loop=jax", "KERAS_BACKEND=jax"],
         "time_budget=0": ["--time_budget", "> 0 seconds"],
         "erasing=1.5": ["--erasing", "[0, 1]"],
-        "fit under multi-worker": (
-            ["--loop=fit cannot train under --strategy=multi_worker_mirrored", "--loop=custom"]
-            if TF
-            else ["--strategy=multi_worker_mirrored", "not available"]
-        ),
+        "fit under multi-worker": [
+            "--loop=fit cannot train under --strategy=multi_worker_mirrored",
+            "--loop=" + {"tensorflow": "custom", "jax": "jax"}.get(keras.backend.backend(), "torch"),
+        ],
     }
     if not TF:  # the default strategy-less backends refuse tf.distribute strategies
         cases["tpu without name"] = base + ["--strategy=tpu", "--tpu=x"]

@@ -283,7 +283,8 @@ def _loop_has_backend(values):
         reason, use = {
             "tensorflow": ("Keras 3's model.fit fails there (keras-team/keras#20585)", "custom"),
             "jax": ("the processes of a run train through the jitted JAX loop", "jax"),
-        }.get(backend, ("it needs TensorFlow or JAX", "custom"))
+            "torch": ("the processes of a torchrun launch train through DDP", "torch"),
+        }[backend]
         raise flags.ValidationError(
             f"--loop=fit cannot train under --strategy=multi_worker_mirrored: {reason}. "
             f"Use --loop={use} (or auto)."
