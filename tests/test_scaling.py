@@ -397,3 +397,50 @@ def test_a_killed_tensorflow_worker_stops_the_run_and_the_same_command_resumes_i
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["epochs_run"] == 3, summary
     assert summary["resumed_from_epoch"] >= 1, summary
+
+
+def _imagenet_shards(root):
+    """ImageNet-format shards of real photos: 2 training shards, and 2 validation shards
+    whose second (the second process's) holds one undecodable record."""
+    import io
+
+    import PIL.Image
+    from skimage import data as photos
+
+    from keras_preact.data import tfdata
+
+    def jpeg(array):
+        out = io.BytesIO()
+        PIL.Image.fromarray(array).save(out, format="JPEG", quality=90)
+        return out.getvalue()
+
+    images = [jpeg(getattr(photos, n)()[..., :3]) for n in ("astronaut", "coffee", "chelsea")]
+    labels = [1, 2, 3]
+    root.mkdir()
+    for i in range(2):
+        tfdata.write_imagenet_tfrecords(str(root / f"train-{i:05d}-of-00002"), images, labels)
+    tfdata.write_imagenet_tfrecords(str(root / "validation-00000-of-00002"), images, labels)
+    tfdata.write_imagenet_tfrecords(
+        str(root / "validation-00001-of-00002"), images[:2] + [b"not an image"], [1, 2, 3]
+    )
+    return root
+
+
+@jax_only
+def test_jax_processes_read_their_imagenet_shards_and_count_every_record_once(tmp_path):
+    """The ImageNet trainer as two JAX processes: each reads its own shards; the evaluation
+    scores every image of both processes' shards once (3 + 2, batches of unequal count)
+    and the summary counts the undecodable record that only process 1 read."""
+    shards = _imagenet_shards(tmp_path / "shards")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    cmd = [sys.executable, "training/imagenet.py", "--source=tfrecord", f"--data_dir={shards}",
+           "--model=PreActResNet20", "--num_classes=3", "--num_train_examples=6",
+           "--image_size=32", "--eval_size=32", "--eval_resize=36", "--batch_size=4",
+           "--shuffle_buffer=8", "--verbose=2", "--epochs=1", "--lr_schedule=constant",
+           f"--model_dir={tmp_path / 'run'}"]  # fmt: skip
+    _wait(_start(cmd, 2, logs), logs)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 1, summary
+    assert summary["eval_images_scored"] == 5, summary
+    assert summary["eval_skipped_by_cause"]["undecodable"] == 1, summary

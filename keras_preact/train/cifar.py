@@ -159,7 +159,7 @@ class MemoryData(trainer.Data):
             )
         return tfdata.array_dataset(**kwargs(None))
 
-    def summary(self, final):
+    def summary(self, final, gather=None):
         return {"dataset": self.cfg.dataset, "test_top1": float(final["top1"]),
                 "test_top5": float(final["top5"]), "test_loss": float(final["loss"]),
                 "test_images_scored": int(final.get("examples", len(self.xt)))}  # fmt: skip

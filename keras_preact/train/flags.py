@@ -269,9 +269,9 @@ def _loop_has_backend(values):
     import keras
 
     backend = keras.backend.backend()
-    custom = values["loop"] == "custom" or (
-        values["loop"] == "auto" and values["strategy"] == "multi_worker_mirrored"
-    )
+    from keras_preact.train import distribution
+
+    custom = distribution.resolve_loop(values["loop"], values["strategy"], backend) == "custom"
     if custom and backend != "tensorflow":
         raise flags.ValidationError(
             f"--loop=custom (the strategy.run loop, also chosen by --loop=auto with "

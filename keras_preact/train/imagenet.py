@@ -220,10 +220,17 @@ class ImagenetData(trainer.Data):
 
         return self._distributed(fn)
 
-    def summary(self, final):
+    def summary(self, final, gather=lambda value: [value]):
         from keras_preact.data import tfdata
 
-        evaluated, trained = self.eval_counter.counts(), self.counter.counts()
+        def every_process(counts):  # each process counted the records it read
+            counts = {c: int(counts[c]) for c in tfdata.SKIP_CAUSES}
+            return {c: sum(p[c] for p in gather(counts)) for c in counts}
+
+        evaluated, trained = (
+            every_process(self.eval_counter.counts()),
+            every_process(self.counter.counts()),
+        )
         return {
             "source": self.cfg.source,
             "eval_top1": float(final["top1"]),
@@ -233,7 +240,7 @@ class ImagenetData(trainer.Data):
             "eval_resize": self.cfg.eval_resize,
             "eval_images_scored": int(final["examples"]),
             "eval_skipped_by_cause": {c: evaluated[c] for c in tfdata.SKIP_CAUSES},
-            "train_skipped_images": self.counter.skipped(),
+            "train_skipped_images": sum(trained.values()),
             "train_skipped_by_cause": {c: trained[c] for c in tfdata.SKIP_CAUSES},
         }
 

@@ -18,7 +18,6 @@ import torch
 
 from keras_preact.train import optimization, runners
 
-
 #: What `torchrun` (or another launcher of `torch.distributed`) sets for each process.
 LAUNCH_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

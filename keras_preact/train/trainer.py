@@ -53,8 +53,10 @@ class Data:
     def restore(self, restored):
         """Takes a restored checkpoint's position (`restored.state["input"]`)."""
 
-    def summary(self, final):
-        """The trainer's entries of `summary.json`, from the final evaluation `final`."""
+    def summary(self, final, gather=lambda value: [value]):
+        """The trainer's entries of `summary.json`, from the final evaluation `final`;
+        `gather(value)` is every process's `value` (a dict of ints; a collective: every
+        process calls `summary`)."""
         return {}
 
 
@@ -127,7 +129,7 @@ def train(cfg, prepare):
         )
     done = len(history.get("loss", []))
     summary = {
-        "model": cfg.model, **data.summary(final), "epochs_run": done,
+        "model": cfg.model, **data.summary(final, runner.gather), "epochs_run": done,
         "epochs_run_this_process": done - restored.epoch, "resumed_from_epoch": restored.epoch,
         "stopped_by": None if ended == "done" else ended,
         "steps": int(metrics.scalar(built.optimizer.iterations)),
