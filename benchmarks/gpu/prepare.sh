@@ -11,8 +11,8 @@
 # Keras 3.15 requires absl-py, numpy, rich, namex, h5py, optree, ml-dtypes and packaging
 # (its wheel's METADATA); a CUDA machine with JAX and PyTorch usually has all but namex and
 # optree (EXTRA_WHEELS adds more, e.g. EXTRA_WHEELS="h5py ml-dtypes"). The wheels and the data
-# (about 33 MB) travel with the repository (about 5 MB) under a 64 MiB limit; the script
-# fails if they exceed LIMIT_MIB (default 56, leaving room for a checkpoint folder to carry).
+# come to about 33 MB, to copy to the GPU machine with the repository (about 5 MB); the
+# script fails if they exceed LIMIT_MIB (default 56), so that a copy stays small.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 KERAS_VERSION="${KERAS_VERSION:-$(python3 -c 'import keras; print(keras.__version__)' 2>/dev/null || echo 3.15.1)}"
@@ -52,11 +52,11 @@ assert x.shape == (60000, 28, 28, 1) and xt.shape == (10000, 28, 28, 1), (x.shap
 print(f"Fashion-MNIST: {len(x)} training and {len(xt)} test images read back")
 PY
 
-# 3. Sizes against the carry budget.
+# 3. Sizes.
 ls -l "$OUT"/wheels "$OUT"/fashion-mnist
 total=$(du -sb "$OUT" | cut -f1)
 tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-echo "$OUT: $((total / 1024)) KiB; tracked files: $((tree / 1024)) KiB; limit for both: 64 MiB"
+echo "$OUT: $((total / 1024)) KiB; tracked files: $((tree / 1024)) KiB"
 if [ "$total" -gt $((LIMIT_MIB * 1024 * 1024)) ]; then
   echo "error: $OUT is over LIMIT_MIB=$LIMIT_MIB MiB" >&2
   exit 1
