@@ -69,6 +69,8 @@ def setup(cfg):
     # Strategy and precision come first: variables are created under them.
     strategy = make_strategy(cfg.strategy, cfg.tpu, loop)
     replicas = processes if loop == "torch" else num_replicas(strategy, loop)
+    if loop == "jax" and cfg.strategy == "one_device":
+        replicas = 1  # the JAX loop's mesh is the first device (`trainer.make_runner`)
     evaluation = getattr(cfg, "eval_batch_size", None)
     for name, batch in (("batch_size", cfg.batch_size), ("eval_batch_size", evaluation)):
         if batch and batch % replicas:

@@ -65,9 +65,13 @@ def make_runner(cfg, run, built):
     if run.loop == "fit":
         return runners.FitRunner(built.model)
     if run.loop == "jax":
+        import jax
+
         from keras_preact.train import jax_loop
 
+        one = cfg.strategy == "one_device"
         return jax_loop.JaxRunner(built.model, label_smoothing=cfg.label_smoothing,
+                                  devices=jax.local_devices()[:1] if one else None,
                                   eval_batch_size=getattr(cfg, "eval_batch_size", None)
                                   or cfg.batch_size)  # fmt: skip
     if run.loop == "torch":
