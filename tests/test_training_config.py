@@ -273,12 +273,17 @@ def test_bad_cifar_flags_fail_at_parsing(tmp_path):
         "erasing=1.5": ["--erasing", "[0, 1]"],
         "fit under multi-worker": [
             "--loop=fit cannot train under --strategy=multi_worker_mirrored",
-            "--loop=" + {"tensorflow": "custom", "jax": "jax"}.get(keras.backend.backend(), "torch"),
+            "--loop="
+            + {"tensorflow": "custom", "jax": "jax"}.get(keras.backend.backend(), "torch"),
         ],
     }
     if not TF:  # the default strategy-less backends refuse tf.distribute strategies
         cases["tpu without name"] = base + ["--strategy=tpu", "--tpu=x"]
         expected["tpu without name"] = ["--strategy=tpu", "not available"]
+    if keras.backend.backend() == "torch":  # several processes are torchrun's
+        cases["mirrored without torchrun"] = base + ["--strategy=mirrored"]
+        expected["mirrored without torchrun"] = ["--strategy=mirrored", "torchrun --nproc_per_node"]
+        expected["fit under multi-worker"] = ["--strategy=multi_worker_mirrored", "torchrun"]
     _check_errors(_parse_errors("training/cifar.py", cases), expected)
 
 

@@ -305,6 +305,15 @@ def _strategy_has_backend(strategy):
     backend = keras.backend.backend()
     several = ("default", "one_device", "mirrored", "multi_worker_mirrored")
     allowed = {"tensorflow": STRATEGIES, "jax": several, "torch": several}
+    if backend == "torch" and strategy in several[2:]:
+        from keras_preact.train import torch_loop
+
+        if not torch_loop.launched():
+            raise flags.ValidationError(
+                f"--strategy={strategy} under KERAS_BACKEND=torch means the processes of a "
+                f"torchrun launch: start it with `torchrun --nproc_per_node=N -m "
+                f"keras_preact.train.cifar ...` (one process: --strategy=default)."
+            )
     allowed = allowed.get(backend, ("default", "one_device"))
     if strategy not in allowed:
         raise flags.ValidationError(
