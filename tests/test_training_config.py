@@ -371,12 +371,12 @@ def test_tfds_offline_says_what_to_do_instead(tmp_path):
     keras.backend.backend() != "torch", reason="backend-independent; run once, under torch"
 )
 def test_programs_import_side_by_side_and_list_their_flags_in_help():
-    """Importing the three programs defines no flag (a program defines its own where it
+    """Importing the four programs defines no flag (a program defines its own where it
     starts), so they import in one process; each program's `--help`, through `python -m`
     and through its console script, lists its flags (the shared ones too)."""
     code = (
         "from absl import flags\n"
-        "from keras_preact.train import cifar, evaluate, imagenet\n"
+        "from keras_preact.train import cifar, evaluate, imagenet, predict\n"
         "assert 'batch_size' not in flags.FLAGS\n"
         "names = imagenet.define_flags()\n"
         "assert 'eval_resize' in names and 'batch_size' in names, names\n"
@@ -388,7 +388,7 @@ def test_programs_import_side_by_side_and_list_their_flags_in_help():
     import shutil
 
     for program, own in (("cifar", "--padding"), ("imagenet", "--eval_resize"),
-                         ("evaluate", "--max_batches")):  # fmt: skip
+                         ("evaluate", "--max_batches"), ("predict", "--top")):  # fmt: skip
         commands = [[sys.executable, "-m", f"keras_preact.train.{program}"]]
         script = shutil.which(f"keras-preact-{program}")
         if script:

@@ -15,6 +15,24 @@ from keras_preact._optional import MissingDependency, require
 
 #: The in-memory datasets of `cifar.py` and `evaluate.py`, with their number of classes.
 MEMORY_DATASETS = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
+#: The class names of the in-memory datasets, in label order (the datasets' own lists).
+CLASS_NAMES = {
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                "ship", "truck"),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+    "cifar100": tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl
+        boy bridge bus butterfly camel can castle caterpillar cattle chair chimpanzee clock
+        cloud cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish forest fox
+        girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+        maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree
+        pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road
+        rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar
+        sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip
+        turtle wardrobe whale willow_tree wolf woman worm""".split()),
+}  # fmt: skip
+#: The image shape of each in-memory dataset.
+MEMORY_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "fashion_mnist": (28, 28, 1)}
 #: The host each TFDS builder downloads from (tensorflow_datasets' builders' URLs).
 TFDS_HOSTS = {
     "cifar10": "www.cs.toronto.edu",
