@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 from trainer_runs import REPO, cifar_cmd, fake_cifar, run
@@ -13,6 +14,11 @@ from trainer_runs import REPO, cifar_cmd, fake_cifar, run
 from keras_preact.train import predict, sources
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
+# How files become the net's input does not depend on the backend (the models' numerics
+# are tested per backend elsewhere): once, under JAX, the quickest to build and run a net.
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="backend-independent; run once, under jax"
+)
 
 
 def _pngs(folder, images, labels):
