@@ -140,6 +140,33 @@ def _files(model_dir):
     return found
 
 
+def _first_checkpoint(model_dir, running, log):
+    """Waits for the epoch-1 checkpoint while `running()`; fails with the end of `log`."""
+    first, deadline = model_dir / "checkpoints" / "epoch-0001" / "state.json", time.time() + 400
+    while not first.exists() and time.time() < deadline and running():
+        time.sleep(0.1)
+    assert first.exists(), log.read_text()[-3000:]
+
+
+def _kill_one_in_epoch_two(model_dir, procs, logs):
+    """SIGKILL to process 1 once the epoch-1 checkpoint exists; process 0 must then stop
+    with an error (its collectives fail), not wait forever."""
+    _first_checkpoint(model_dir, lambda: procs[0][0].poll() is None, logs / "process0.log")
+    procs[1][0].send_signal(signal.SIGKILL)
+    begun = time.time()
+    texts = _wait(procs, logs, codes=[None, -signal.SIGKILL], timeout=300)
+    assert procs[0][0].returncode != 0, texts[0][-3000:]
+    print(f"process 0 exited {procs[0][0].returncode} {time.time() - begun:.0f} s after the kill")
+
+
+def _ended_as_one_run(model_dir, texts):
+    """The resumed run (3 epochs of 20 steps, killed in epoch 2) ended as one run does."""
+    assert all("Resuming from" in text for text in texts), texts[0][-3000:]
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["epochs_run"] == 3, summary
+    assert summary["resumed_from_epoch"] >= 1, summary
+
+
 def _compare(one, other):
     """`(loss difference, largest weight difference)` of two runs' folders."""
     a = json.loads((one / "summary.json").read_text())
@@ -189,24 +216,10 @@ def test_a_killed_jax_process_stops_the_run_and_the_same_command_resumes_it(tmp_
     logs.mkdir()
     cmd = cifar_cmd(data, model_dir, "--loop=jax", "--epochs=3", "--steps_per_epoch=20",
                     "--lr_schedule=constant")  # fmt: skip
-    procs = _start(cmd, 2, logs)
-    first, deadline = model_dir / "checkpoints" / "epoch-0001" / "state.json", time.time() + 400
-    while not first.exists() and time.time() < deadline and procs[0][0].poll() is None:
-        time.sleep(0.1)
-    assert first.exists(), (logs / "process0.log").read_text()[-3000:]
-    procs[1][0].send_signal(signal.SIGKILL)
-    begun = time.time()
-    texts = _wait(procs, logs, codes=[None, -signal.SIGKILL], timeout=300)
-    assert procs[0][0].returncode != 0, texts[0][-3000:]
-    print(f"process 0 exited {procs[0][0].returncode} {time.time() - begun:.0f} s after the kill")
-    saved = sorted(os.listdir(model_dir / "checkpoints"))
-    assert saved and all(name.startswith("epoch-000") for name in saved), saved
+    _kill_one_in_epoch_two(model_dir, _start(cmd, 2, logs), logs)
     (logs / "resumed").mkdir()
     texts = _wait(_start(cmd, 2, logs / "resumed"), logs / "resumed")
-    assert "Resuming from" in texts[0] and "Resuming from" in texts[1], texts[0][-3000:]
-    summary = json.loads((model_dir / "summary.json").read_text())
-    assert summary["steps"] == 60 and summary["epochs_run"] == 3, summary
-    assert summary["resumed_from_epoch"] >= 1, summary
+    _ended_as_one_run(model_dir, texts)
 
 
 #: DDP without its gradient all-reduce: each process steps on its own share's gradients
@@ -311,10 +324,9 @@ def test_a_killed_torch_process_stops_the_run_and_the_same_command_resumes_it(tm
     data = fake_cifar(tmp_path / "data")
     extra = ("--loop=torch", "--epochs=3", "--steps_per_epoch=20")
     model_dir, proc, log = _torchrun(tmp_path, "run", data, 2, *extra, wait=False)
-    first, deadline = model_dir / "checkpoints" / "epoch-0001" / "state.json", time.time() + 400
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert first.exists(), (tmp_path / "logs_run" / "torchrun.log").read_text()[-3000:]
+    _first_checkpoint(
+        model_dir, lambda: proc.poll() is None, tmp_path / "logs_run" / "torchrun.log"
+    )
     workers = _children(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)
@@ -327,10 +339,7 @@ def test_a_killed_torch_process_stops_the_run_and_the_same_command_resumes_it(tm
     text = (tmp_path / "logs_run" / "torchrun.log").read_text()
     assert proc.returncode != 0, text[-3000:]
     model_dir, text = _torchrun(tmp_path, "run", data, 2, *extra)
-    assert "Resuming from" in text, text[-3000:]
-    summary = json.loads((model_dir / "summary.json").read_text())
-    assert summary["steps"] == 60 and summary["epochs_run"] == 3, summary
-    assert summary["resumed_from_epoch"] >= 1, summary
+    _ended_as_one_run(model_dir, [text])
 
 
 def _tf_workers(tmp_path, tag, data, workers, *extra, wait=True):
@@ -382,21 +391,9 @@ def test_a_killed_tensorflow_worker_stops_the_run_and_the_same_command_resumes_i
     checkpoint and end at the uninterrupted run's step count."""
     data = fake_cifar(tmp_path / "data")
     extra = ("--epochs=3", "--steps_per_epoch=20")
-    model_dir, procs, logs = _tf_workers(tmp_path, "run", data, 2, *extra, wait=False)
-    first, deadline = model_dir / "checkpoints" / "epoch-0001" / "state.json", time.time() + 400
-    while not first.exists() and time.time() < deadline and procs[0][0].poll() is None:
-        time.sleep(0.1)
-    assert first.exists(), (logs / "process0.log").read_text()[-3000:]
-    procs[1][0].send_signal(signal.SIGKILL)
-    begun = time.time()
-    texts = _wait(procs, logs, codes=[None, -signal.SIGKILL], timeout=300)
-    assert procs[0][0].returncode != 0, texts[0][-3000:]
-    print(f"worker 0 exited {procs[0][0].returncode} {time.time() - begun:.0f} s after the kill")
-    _, texts = _tf_workers(tmp_path, "run", data, 2, *extra)
-    assert "Resuming from" in texts[0] and "Resuming from" in texts[1], texts[0][-3000:]
-    summary = json.loads((model_dir / "summary.json").read_text())
-    assert summary["steps"] == 60 and summary["epochs_run"] == 3, summary
-    assert summary["resumed_from_epoch"] >= 1, summary
+    _kill_one_in_epoch_two(*_tf_workers(tmp_path, "run", data, 2, *extra, wait=False))
+    model_dir, texts = _tf_workers(tmp_path, "run", data, 2, *extra)
+    _ended_as_one_run(model_dir, texts)
 
 
 def _imagenet_shards(root):

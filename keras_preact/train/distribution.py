@@ -40,8 +40,17 @@ def resolve_loop(loop, strategy, backend=None):
     if backend == "jax":
         return "jax"
     if backend == "torch":
-        return "torch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "fit"
+        return "torch" if torch_launched() else "fit"
     return "custom" if strategy == "multi_worker_mirrored" else "fit"
+
+
+#: What `torchrun` (or another launcher of `torch.distributed`) sets for each process.
+TORCH_LAUNCH_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torch_launched():
+    """Whether `torchrun` (or another launcher of `torch.distributed`) started this process."""
+    return all(name in os.environ for name in TORCH_LAUNCH_ENVIRONMENT)
 
 
 def setup(cfg):

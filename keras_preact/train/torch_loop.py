@@ -18,13 +18,12 @@ import torch
 
 from keras_preact.train import optimization, runners
 
-#: What `torchrun` (or another launcher of `torch.distributed`) sets for each process.
-LAUNCH_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 def launched():
     """Whether `torchrun` (or another launcher of `torch.distributed`) started this process."""
-    return all(name in os.environ for name in LAUNCH_ENVIRONMENT)
+    from keras_preact.train import distribution
+
+    return distribution.torch_launched()
 
 
 def start_processes():
