@@ -128,15 +128,15 @@ def start_processes(cfg, loop):
     so the same run works as several processes of one machine.
     """
     if loop == "torch":
-        from keras_preact.train import torch_loop
-
-        if not torch_loop.launched():
+        if not torch_launched():
             from absl import app
 
             raise app.UsageError(
                 "--loop=torch trains the processes of a torchrun launch: start it with "
                 "`torchrun --nproc_per_node=N -m keras_preact.train.cifar ...`."
             )
+        from keras_preact.train import torch_loop
+
         return torch_loop.start_processes()
     named = cfg.coordinator_address or any(v in os.environ for v in PROCESS_ENVIRONMENT)
     if keras.backend.backend() != "jax" or (cfg.strategy != "multi_worker_mirrored" and not named):

@@ -306,9 +306,9 @@ def _strategy_has_backend(strategy):
     several = ("default", "one_device", "mirrored", "multi_worker_mirrored")
     allowed = {"tensorflow": STRATEGIES, "jax": several, "torch": several}
     if backend == "torch" and strategy in several[2:]:
-        from keras_preact.train import torch_loop
+        from keras_preact.train import distribution
 
-        if not torch_loop.launched():
+        if not distribution.torch_launched():
             raise flags.ValidationError(
                 f"--strategy={strategy} under KERAS_BACKEND=torch means the processes of a "
                 f"torchrun launch: start it with `torchrun --nproc_per_node=N -m "

@@ -19,13 +19,6 @@ import torch
 from keras_preact.train import optimization, runners
 
 
-def launched():
-    """Whether `torchrun` (or another launcher of `torch.distributed`) started this process."""
-    from keras_preact.train import distribution
-
-    return distribution.torch_launched()
-
-
 def start_processes():
     """Joins the process group of a `torchrun` launch; returns `(processes, index)`."""
     import torch.distributed as dist
