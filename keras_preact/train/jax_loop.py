@@ -159,18 +159,6 @@ def prefetch(batches, size=3, sharding=None, place=None):
         stop.set()
 
 
-def _batches(inputs, steps=None):
-    """The numpy batches of a runner's input: an indexable `ArrayDataset` (from its current
-    position), a `tf.data.Dataset` or any iterable of `(images, labels)`."""
-    if hasattr(inputs, "as_numpy_iterator"):
-        yield from inputs.as_numpy_iterator()
-    elif hasattr(inputs, "__getitem__"):
-        for i in range(len(inputs) if steps is None else steps):
-            yield inputs[i]
-    else:
-        yield from inputs
-
-
 def _penalty(model, trainable):
     """The L2 penalties of the variables that carry a regularizer, at values `trainable`."""
     terms = [
@@ -238,7 +226,7 @@ class JaxRunner(runners.Runner):
         is shown (every `every` steps). With several processes each step also carries the
         stop wishes after the step before it: all stop after that step, one step late."""
         state, sums, done, wish, agreed = self._state(), None, 0, 0, None
-        for x, y in prefetch(_batches(inputs, steps), place=self._global):
+        for x, y in prefetch(runners.batches(inputs, steps), place=self._global):
             state, out = self.train_step(state, x, y)
             if agreed is not None and (wish := int(agreed)):
                 agreed = None  # the processes agreed on a stop: this step is the last
@@ -264,7 +252,7 @@ class JaxRunner(runners.Runner):
         several processes every batch of any process is scored (the others add empty
         shares), each image once."""
         state, totals, n, size, shape = self._state(), np.zeros(3), 0, self.eval_share, None
-        batches = iter(_batches(inputs))
+        batches = iter(runners.batches(inputs))
         while True:
             item = next(batches, None)
             if self.processes > 1:

@@ -36,6 +36,19 @@ def sums_of(logs, steps):
             "top5": logs.get("top5", 0.0) * examples, "examples": examples, "steps": steps}  # fmt: skip
 
 
+def batches(inputs, steps=None):
+    """The numpy batches of a runner's input: an indexable `ArrayDataset` (from its current
+    position; `steps` of them, default all), a `tf.data.Dataset` or any iterable of
+    `(images, labels)`."""
+    if hasattr(inputs, "as_numpy_iterator"):
+        yield from inputs.as_numpy_iterator()
+    elif hasattr(inputs, "__getitem__"):
+        for i in range(len(inputs) if steps is None else steps):
+            yield inputs[i]
+    else:
+        yield from inputs
+
+
 class _Steps(keras.callbacks.Callback):
     """`model.fit`'s side of a runner's `train`: counts steps, reports, asks to stop."""
 

@@ -106,7 +106,7 @@ class TorchRunner(runners.Runner):
         wish is all-reduced (MAX): all stop after the same step."""
         world = self.dist.get_world_size()
         totals, done, wish = torch.zeros(3, device=self.device), 0, 0
-        for x, y in _batches(inputs, steps):
+        for x, y in runners.batches(inputs, steps):
             x, y = self._tensors(x, y)
             out = self._sum(self._step(x, y))  # the global batch's counts
             out[0] /= world  # the mean of the shares' mean losses: the global batch's
@@ -133,7 +133,7 @@ class TorchRunner(runners.Runner):
         every process's share of every batch."""
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            for x, y in _batches(inputs):
+            for x, y in runners.batches(inputs):
                 x, y = self._tensors(x, y)
                 if len(y):  # a share at the end of the data may be empty
                     logits = self.model(x, training=False)
@@ -159,18 +159,9 @@ class TorchRunner(runners.Runner):
         return out
 
 
-def _batches(inputs, steps=None):
-    """The batches of an indexable input (`ArrayDataset`) or of any iterable."""
-    if hasattr(inputs, "__getitem__"):
-        for i in range(len(inputs) if steps is None else steps):
-            yield inputs[i]
-    else:
-        yield from inputs
-
-
 def _counts(logits, labels):
     """Correct top-1 and top-k (k = min(5, classes)) predictions of a batch, as floats."""
     labels = labels.reshape(-1).long()
     top = torch.topk(logits.float(), min(5, logits.shape[-1]), dim=-1).indices
-    return (torch.sum(top[:, 0] == labels).to(logits.dtype).float(),
+    return (torch.sum(top[:, 0] == labels).float(),
             torch.sum(torch.any(top == labels[:, None], -1)).float())  # fmt: skip
