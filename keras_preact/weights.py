@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pathlib
+import socket
 import struct
 import sys
 import time
@@ -569,10 +570,23 @@ def _write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
+def _lasting(error):
+    """Why a failed download will fail again within seconds, or None: a host name that does
+    not resolve (no DNS on a firewalled cluster), a local file that is missing or unreadable."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, socket.gaierror):
+        return "the host name does not resolve"
+    if isinstance(reason, (FileNotFoundError, NotADirectoryError, PermissionError)):
+        return "a local file is missing or unreadable"
+    return None
+
+
 def _may_pass(error):
     """Whether a failed download is worth another attempt."""
     if isinstance(error, urllib.error.HTTPError):
         return error.code >= 500 or error.code in (408, 429)
+    if _lasting(error) is not None:
+        return False
     return isinstance(error, (OSError, http.client.HTTPException))
 
 
@@ -598,10 +612,11 @@ def _download_once(url, tmp, timeout):
         print(f"Downloaded {done} bytes in {time.monotonic() - start:.1f} s.", flush=True)
 
 
-def _download(url, dest, policy, mirrored=False):
+def _download(url, dest, policy, advice):
     """Downloads `url` to a temporary name beside `dest` (a progress bar on a terminal, one
     line otherwise), with `policy`'s timeout and retries; returns the temporary path once
-    the server's announced size (if any) has arrived in full."""
+    the server's announced size (if any) has arrived in full. A failure raises OSError with
+    `advice` (what the user can do instead) appended."""
     tmp = f"{dest}.part{os.getpid()}"
     print(f"Downloading {url} to {dest}", flush=True)
     for attempt in range(1, policy.retries + 1):
@@ -619,17 +634,11 @@ def _download(url, dest, policy, mirrored=False):
                       flush=True)  # fmt: skip
                 time.sleep(wait)
                 continue
-            where = (
-                f"Does the mirror ({MIRROR_ENV}) hold {os.path.basename(dest)}?"
-                if mirrored
-                else "Offline, or behind a proxy?"
-            )
+            lasting = _lasting(e)
             raise OSError(
-                f"Download of {url} failed after {attempt} attempt{'s' * (attempt > 1)}: {e}. "
-                f"Nothing was cached. {where} Download the file by another "
-                f"route, then copy it to {dest} (the cache, under the record's file name) or "
-                f"pass its path: weights='/path/to/{os.path.basename(dest)}' (docs/weights.md, "
-                "'Offline use')."
+                f"Download of {url} failed after {attempt} attempt{'s' * (attempt > 1)}"
+                + (f" (not retried: {lasting})" if lasting and policy.retries > 1 else "")
+                + f": {e}. Nothing was cached. {advice}"
             ) from e
     raise AssertionError("unreachable")
 
@@ -683,12 +692,26 @@ def _incomplete(path, fmt):
     return None
 
 
-def _discard(path, why):
-    """Removes a cached file (and what was derived from it), saying which and why."""
-    print(f"Removing the cached weights file {path}: {why}. Downloading it again.", flush=True)
-    for p in (path, f"{path}.sha256", f"{path}.keras_preact.h5"):
+def _set_aside(path, why):
+    """Moves a cached file that failed its check to `<file>.bad` (replacing an older one)
+    and removes what was derived from it, saying which, why and where it went; returns the
+    new path. Never deleted: it may be a file a user copied there by hand."""
+    bad = f"{path}.bad"
+    print(f"Removing the cached weights file {path}: {why}. Moved it to {bad}; downloading "
+          "it again.", flush=True)  # fmt: skip
+    try:
+        if os.path.isfile(bad) or os.path.islink(bad):
+            os.remove(bad)
+        os.replace(path, bad)
+    except OSError as e:
+        raise OSError(
+            f"The cached weights file {path} failed its check ({why}) and cannot be moved to "
+            f"{bad}: {e}. Move or delete it, then call again."
+        ) from e
+    for p in (f"{path}.sha256", f"{path}.keras_preact.h5"):
         if os.path.exists(p):
             os.remove(p)
+    return bad
 
 
 def _recorded_sha256(seen):
@@ -702,35 +725,33 @@ def _recorded_sha256(seen):
     return word if len(word) == 64 and all(c in "0123456789abcdef" for c in word) else None
 
 
-def _cached_is_good(path, record):
-    """Whether the cached `path` is the complete, verified file of `record`; a bad or
-    unreadable one is discarded with a message naming it."""
-    if not os.path.exists(path):
-        return False
+def _cached_problem(path, record):
+    """Why the cached `path` is not the complete, verified file of `record`, or None if it
+    is (then its sha256 is recorded beside it, if it was not yet)."""
     seen = f"{path}.sha256"
     try:
         expected = _recorded_sha256(seen)
         if record.file_hash:
             actual = file_digest(path, record.hash_algorithm)
             if actual != record.file_hash:
-                _discard(path, f"{record.hash_algorithm} {actual}, expected {record.file_hash}")
-                return False
+                return (
+                    f"{record.hash_algorithm} {actual} where {record.file_hash} is expected: "
+                    f"it is not the published file of {record.name} (a wrong file, or a "
+                    "corrupt copy)"
+                )
         elif expected is not None:
             actual = file_digest(path)
             if actual != expected:
-                _discard(path, f"sha256 {actual}, but it was {expected} when downloaded")
-                return False
+                return f"sha256 {actual}, but it was {expected} when downloaded"
         else:
             why = _incomplete(path, record.format)
             if why is not None:
-                _discard(path, f"not a complete {record.format} file: {why}")
-                return False
+                return f"not a complete {record.format} file: {why}"
             # cached before hashes were recorded (or its record was lost): record it now
             _write_text_atomic(seen, f"{file_digest(path)}  {os.path.basename(path)}\n")
     except OSError as e:  # a directory, no permission, ...
-        _discard(path, f"it cannot be read ({e})")
-        return False
-    return True
+        return f"it cannot be read ({e})"
+    return None
 
 
 #: The environment variable that redirects weight downloads to a mirror: a base URL
@@ -744,23 +765,32 @@ def source_url(record, mirror=None):
 
     Without a mirror (`mirror`, default `$KERAS_PREACT_WEIGHTS_MIRROR`; unset or empty:
     none) that is `record.url`. With one, it is the record's `file_name` under the mirror:
-    `<base URL>/<file_name>` for a URL, `file://<folder>/<file_name>` for a folder, which
-    must exist and hold the file. A mirrored file is checked exactly as a download from
-    `record.url` would be (the published hash, or the format's completeness check).
+    `<base URL>/<file_name>` for an HTTP(S) URL, `file://<folder>/<file_name>` for a folder
+    or a `file://` URL, whose folder must exist and hold the file. A mirrored file is
+    checked exactly as a download from `record.url` would be (the published hash, or the
+    format's completeness check).
     """
     mirror = os.environ.get(MIRROR_ENV) if mirror is None else mirror
     if not mirror:
         return record.url
     name = record.file_name or os.path.basename(urllib.parse.urlsplit(record.url).path)
-    scheme = urllib.parse.urlsplit(mirror).scheme.lower()
-    if scheme in ("http", "https", "file"):
+    parts = urllib.parse.urlsplit(mirror)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
         return f"{mirror.rstrip('/')}/{urllib.parse.quote(name)}"
-    if len(scheme) > 1:  # (one letter: a Windows drive)
+    if scheme == "file" and parts.netloc not in ("", "localhost"):
+        raise ValueError(
+            f"{MIRROR_ENV}={mirror!r}: a file:// URL names a local folder "
+            "(file:///shared/weights); mount the share and name its folder."
+        )
+    if scheme not in ("", "file") and len(scheme) > 1:  # (one letter: a Windows drive)
         raise ValueError(
             f"{MIRROR_ENV}={mirror!r}: expected an https://, http:// or file:// base URL or a "
             "local folder."
         )
-    folder = os.path.abspath(os.path.expanduser(mirror))
+    # A file:// mirror is checked as its folder: a missing file is named with the record's URL.
+    folder = urllib.request.url2pathname(parts.path) if scheme == "file" else mirror
+    folder = os.path.abspath(os.path.expanduser(folder))
     if not os.path.isdir(folder):
         raise FileNotFoundError(
             f"{MIRROR_ENV}={mirror!r}: no such folder. Set it to the folder or base URL that "
@@ -771,7 +801,8 @@ def source_url(record, mirror=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"The weights mirror {folder} ({MIRROR_ENV}) has no {name}, the file of "
-            f"{record.name}. Copy it there from {record.url}, or unset {MIRROR_ENV}."
+            f"{record.name}: {path} is not a file. Copy it there from {record.url}, or unset "
+            f"{MIRROR_ENV} to download from that URL."
         )
     return pathlib.Path(path).as_uri()
 
@@ -784,9 +815,11 @@ def fetch(record, cache_dir=None, policy=None):
     and the format's completeness check. The sha256 of the file is then recorded beside it
     (`<file>.sha256`), so every later use verifies against it. A cross-process lock makes
     concurrent users share one download. A cached file that fails its check (a partial,
-    corrupt or tampered file, or one that cannot be read at all) is removed with a message
-    naming it and downloaded again. `policy` (a `DownloadPolicy`; default
-    `DownloadPolicy.from_env()`) sets the timeouts, retries and the lock wait.
+    corrupt or tampered file, a wrong file copied there by hand, or one that cannot be read
+    at all) is moved aside to `<file>.bad`, with a message naming it and its hash, and
+    downloaded again. A failed download says what to do offline. `policy` (a
+    `DownloadPolicy`; default `DownloadPolicy.from_env()`) sets the timeouts, retries and
+    the lock wait.
     `$KERAS_PREACT_WEIGHTS_MIRROR` redirects the download to a mirror URL or a local
     folder (`source_url`); the checks stay the same.
     """
@@ -809,8 +842,13 @@ def fetch(record, cache_dir=None, policy=None):
     _check_file_name(record)  # again: a record changed after it was made
     path = os.path.join(_cache_dir(cache_dir), record.file_name)
     with _exclusive(path, policy):
-        if _cached_is_good(path, record):
-            return path
+        set_aside = ""
+        if os.path.exists(path):
+            why = _cached_problem(path, record)
+            if why is None:
+                return path
+            bad = _set_aside(path, why)
+            set_aside = f"The file that was in the cache had {why}; it was moved to {bad}. "
         url = source_url(record)
         again = "call again to download it anew"
         if url != record.url:
@@ -820,7 +858,8 @@ def fetch(record, cache_dir=None, policy=None):
             )
         for stale in glob.glob(glob.escape(path) + ".part*"):  # killed downloads: no one
             os.remove(stale)  # else can be writing them while we hold the lock
-        tmp = _download(url, path, policy, mirrored=url != record.url)
+        advice = set_aside + _offline_advice(record, path, mirrored=url != record.url)
+        tmp = _download(url, path, policy, advice)
         try:
             if record.file_hash:
                 actual = file_digest(tmp, record.hash_algorithm)
@@ -843,6 +882,27 @@ def fetch(record, cache_dir=None, policy=None):
                 os.remove(tmp)
         _write_text_atomic(f"{path}.sha256", f"{digest}  {os.path.basename(path)}\n")
     return path
+
+
+def _offline_advice(record, path, mirrored):
+    """What a user can do when the file of `record` cannot be downloaded into `path`."""
+    name = os.path.basename(path)
+    check = f" (its {record.hash_algorithm} must be {record.file_hash})" if record.file_hash else ""
+    by_hand = (
+        f"copy the file published at {record.url}{check} to {path} (the cache, under the "
+        f"record's file name), or pass its path: weights='/path/to/{name}' (docs/weights.md, "
+        "'Offline use')."
+    )
+    if mirrored:
+        return (
+            f"Does the mirror ({MIRROR_ENV}) hold {name}? Copy it there from {record.url}, "
+            f"or unset {MIRROR_ENV} to download from that URL; or {by_hand}"
+        )
+    return (
+        f"Offline, or behind a firewall or proxy? Point {MIRROR_ENV} at a folder or URL that "
+        f"holds {name} (export {MIRROR_ENV}=/shared/weights, or file:///shared/weights, or "
+        f"https://mirror.example.org/keras-preact), or {by_hand}"
+    )
 
 
 def _read(path, fmt, *, downloaded, expected=None):
@@ -1016,7 +1076,7 @@ def load(model, resolved):
                 raise
             # A cached download that passed its checks but does not read (a Torch7 file
             # cut short before sizes were checked): remove it and download it once more.
-            _discard(path, f"it cannot be read ({e.__cause__ or e})")
+            _set_aside(path, f"it cannot be read ({e.__cause__ or e})")
             path = fetch(record)
             tensors = converted_tensors(path, record.format, cache=True, expected=expected)
     if record.format == "torch7":

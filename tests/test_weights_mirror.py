@@ -151,4 +151,5 @@ def test_http_mirror_without_the_file(monkeypatch, tmp_path, record, server):
     message = str(excinfo.value)
     assert f"{base}/mirrored.safetensors" in message and "404" in message
     assert f"Does the mirror ({ENV}) hold mirrored.safetensors?" in message
+    assert record.url in message  # where to copy the file from
     assert not _cached(tmp_path).exists()

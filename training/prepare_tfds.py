@@ -15,10 +15,15 @@ network access:
     python training/prepare_tfds.py --dataset=fashion_mnist \
         --files_dir=/usr/share/datasets/fashion-mnist --data_dir=~/tensorflow_datasets
 
-CIFAR-10 works the same from the python-version archive
-(`cifar-10-python.tar.gz`; CIFAR-100 needs its coarse labels, which the numpy
-reader does not load: use `--source=files` for it); for ImageNet use TFDS's own manual-directory build
+CIFAR-10 works the same from the python-version archive (`--dataset=cifar10
+--files_dir=FOLDER` holding `cifar-10-python.tar.gz`). CIFAR-100 is not offered:
+its TFDS features include the coarse labels, which the numpy reader does not load;
+train on its files directly (`training/cifar.py --dataset=cifar100 --source=files
+--data_dir=FOLDER`). For ImageNet use TFDS's own manual-directory build
 (`tfds build imagenet2012 --manual_dir=...`), see docs/training.md.
+
+Needs tensorflow-datasets (`pip install 'keras-preact[train]'`); without it the
+script says so in one line and exits with status 1.
 """
 
 import os
@@ -33,8 +38,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from keras_preact._optional import MissingDependency, require
+
+    try:
+        tfds = require("tensorflow_datasets")
+    except MissingDependency as e:  # one line naming the package, not a traceback
+        raise SystemExit(f"prepare_tfds.py: {e}") from None
     import tensorflow as tf
-    import tensorflow_datasets as tfds
 
     if FLAGS.dataset == "fashion_mnist":
         from keras_preact.data import idx
