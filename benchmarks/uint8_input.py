@@ -103,15 +103,9 @@ def imagenet_pipelines(batch):
     out = {"tfdata imagenet": {}}
     first = None
     for normalize in (True, False):
-        ds = tfdata.imagenet_dataset(
-            source="tfrecord",
-            split="train",
-            data_dir=folder,
-            batch_size=batch,
-            training=True,
-            normalize=normalize,
-            shuffle_buffer=8,
-        )
+        spec = tfdata.InputSpec(source="tfrecord", data_dir=folder, batch_size=batch,
+                                normalize=normalize, shuffle_buffer=8)  # fmt: skip
+        ds = tfdata.imagenet_dataset(spec, "train", training=True)
         images, labels = next(iter(ds))
         out["tfdata imagenet"][normalize] = (*batch_bytes((images, labels)), None)
         if not normalize:

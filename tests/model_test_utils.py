@@ -145,3 +145,17 @@ def run_python(code, *, backend=None, timeout=300):
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+#: The arguments of a pipeline call that are not its `tfdata.InputSpec`'s.
+PIPELINE_CALL = ("training", "input_context", "counter", "epoch", "skip_records", "position")
+
+
+def pipeline(make, **kwargs):
+    """`make(spec, split, **call)` (`tfdata.imagenet_dataset` or `tfdata.encoded_records`)
+    from one set of keywords: `split`, the call's (`PIPELINE_CALL`) and the `InputSpec`'s."""
+    from keras_preact.data import tfdata
+
+    split = kwargs.pop("split")
+    call = {k: kwargs.pop(k) for k in PIPELINE_CALL if k in kwargs}
+    return make(tfdata.InputSpec(**kwargs), split, **call)

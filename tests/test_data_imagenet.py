@@ -10,6 +10,8 @@ tf = pytest.importorskip("tensorflow")
 skimage_data = pytest.importorskip("skimage.data")
 PIL = pytest.importorskip("PIL.Image")
 
+from model_test_utils import pipeline  # noqa: E402
+
 from keras_preact.data import imagenet_preprocessing as ipp  # noqa: E402
 from keras_preact.data import tfdata  # noqa: E402
 
@@ -33,7 +35,9 @@ def _png(array):
 
 def _shard_dataset(shards, split, **kwargs):
     """`tfdata.imagenet_dataset` over the test's TFRecord shards."""
-    return tfdata.imagenet_dataset(source="tfrecord", split=split, data_dir=str(shards), **kwargs)
+    return pipeline(
+        tfdata.imagenet_dataset, source="tfrecord", split=split, data_dir=str(shards), **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +165,12 @@ def test_file_level_sharding(shards):
     contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
     seen = []
     for ctx in contexts:
-        files = tfdata.encoded_records(
-            source="tfrecord", split="train", data_dir=str(shards), input_context=ctx
+        files = pipeline(
+            tfdata.encoded_records,
+            source="tfrecord",
+            split="train",
+            data_dir=str(shards),
+            input_context=ctx,
         )
         seen.append(sorted(int(y) for _, y in files))
     assert seen[0] and seen[1]
@@ -172,8 +180,13 @@ def test_file_level_sharding(shards):
 def test_tfds_source_under_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=6):
-        ds = tfdata.imagenet_dataset(
-            source="imagenette", split="train", batch_size=2, training=True, shuffle_buffer=4
+        ds = pipeline(
+            tfdata.imagenet_dataset,
+            source="imagenette",
+            split="train",
+            batch_size=2,
+            training=True,
+            shuffle_buffer=4,
         )
         images, labels = next(iter(ds))
     assert images.shape == (2, 224, 224, 3)
@@ -281,7 +294,7 @@ def test_corrupt_record_costs_only_that_record(tmp_path, small_photos):
     # epochs can already be counted. One pass of the training reader is exact:
     assert counts["corrupt_record"] >= 3 and counter.skipped() == counts["corrupt_record"]
     counter = tfdata.SkipCounter()
-    records = tfdata.encoded_records(
+    records = pipeline(tfdata.encoded_records,
         source="tfrecord", split="train", data_dir=str(tmp_path / "shards"), training=True,
         counter=counter,
     )  # fmt: skip
@@ -324,7 +337,8 @@ def test_reader_resumes_after_unreadable_records(tmp_path, damage):
     expected = [i for i in range(10) if i not in lost]
 
     def labels(**kwargs):
-        records = tfdata.encoded_records(
+        records = pipeline(
+            tfdata.encoded_records,
             source="tfrecord",
             split="validation",
             data_dir=str(tmp_path),
@@ -375,8 +389,13 @@ def test_bad_class_counts_raise(tmp_path, small_photos):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=4):
         with pytest.raises(ValueError, match="declares 10 classes, more than num_classes=3"):
-            tfdata.imagenet_dataset(
-                source="imagenette", split="train", batch_size=2, training=True, num_classes=3
+            pipeline(
+                tfdata.imagenet_dataset,
+                source="imagenette",
+                split="train",
+                batch_size=2,
+                training=True,
+                num_classes=3,
             )
 
 

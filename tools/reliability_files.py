@@ -456,12 +456,11 @@ def shard_trial(rng, folder):
         paths.append(os.path.join(root, f"{split}-{i:05d}-of-{count:05d}"))
         tfdata.write_imagenet_tfrecords(paths[-1], [jpeg] * 3, [1, 2, 3])
     if rng.integers(2):
-        ds = tfdata.imagenet_dataset(
-            source="tfrecord", split=split, data_dir=root, batch_size=2,
-            training=split == "train", image_size=8, eval_resize=8, shuffle_buffer=2,
-        )  # fmt: skip
+        spec = tfdata.InputSpec(source="tfrecord", data_dir=root, batch_size=2, image_size=8,
+                                eval_resize=8, shuffle_buffer=2)  # fmt: skip
+        ds = tfdata.imagenet_dataset(spec, split, training=split == "train")
     else:
-        ds = tfdata.encoded_records(source="tfrecord", split=split, data_dir=root)
+        ds = tfdata.encoded_records(tfdata.InputSpec(source="tfrecord", data_dir=root), split)
     gone = paths[rng.integers(count)]
     os.remove(gone)
     finished, error = with_deadline(lambda: [None for _ in ds], 30)

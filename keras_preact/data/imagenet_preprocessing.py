@@ -15,7 +15,12 @@ Training crops (both decode only the crop window of a JPEG with
 Then a random horizontal flip and optionally colour jitter and AlexNet-style
 PCA lighting noise. Evaluation resizes the shorter side to `resize` and takes
 the centre `crop` square (224 from 256; 320 from 320 as in the paper's Table 5).
-PNG, GIF, BMP, grayscale and CMYK JPEGs decode to 3-channel RGB.
+PNG, GIF, BMP, grayscale and CMYK JPEGs decode to 3-channel RGB (or to one
+channel with `channels=1`); an alpha channel is dropped and 16-bit PNGs are scaled to 8 bits.
+
+Small images (Fashion-MNIST, CIFAR, thumbnails: no larger than the crop) take the CIFAR
+recipe instead (`preprocess_small_train`): resized to the crop size, padded and randomly
+cropped back, flipped; evaluation resizes them to the crop size (`preprocess_small_eval`).
 """
 
 import math
@@ -33,7 +38,7 @@ _EIGVEC = (
     (-0.5808, -0.0045, -0.8140),
     (-0.5836, -0.6948, 0.4203),
 )
-TRAIN_CROPS = ("scale", "inception")
+TRAIN_CROPS = ("scale", "inception", "pad")
 
 
 def _uniform(shape, minval, maxval, seed, dtype=tf.float32):
@@ -51,37 +56,40 @@ def image_shape(image_bytes):
     )
 
 
-def decode_full(image_bytes):
-    """Decodes a whole JPEG, PNG, GIF or BMP image to uint8 RGB `(H, W, 3)`."""
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
+def decode_full(image_bytes, channels=3):
+    """Decodes a whole JPEG, PNG, GIF or BMP image to uint8 `(H, W, channels)`: RGB, or
+    gray with `channels=1` (alpha dropped, 16 bits scaled to 8)."""
+    image = tf.io.decode_image(
+        image_bytes, channels=channels, dtype=tf.uint8, expand_animations=False
+    )
+    image.set_shape([None, None, channels])
     return image
 
 
-def decode_crop(image_bytes, window):
+def decode_crop(image_bytes, window, channels=3):
     """Decodes `window = [y, x, h, w]` of an image, only that window for JPEG.
 
     Returns:
-        A uint8 `(h, w, 3)` RGB tensor.
+        A uint8 `(h, w, channels)` tensor.
     """
     window = tf.cast(window, tf.int32)
 
     def fused():
-        return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+        return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=channels)
 
     def full():
-        image = decode_full(image_bytes)
+        image = decode_full(image_bytes, channels)
         return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
 
     image = tf.cond(tf.io.is_jpeg(image_bytes), fused, full)
-    image.set_shape([None, None, 3])
+    image.set_shape([None, None, channels])
     return image
 
 
-def decode_then_crop(image_bytes, window):
+def decode_then_crop(image_bytes, window, channels=3):
     """Like `decode_crop` but always decodes the whole image (benchmark baseline)."""
     window = tf.cast(window, tf.int32)
-    image = decode_full(image_bytes)
+    image = decode_full(image_bytes, channels)
     return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
 
 
@@ -206,9 +214,11 @@ def preprocess_train(
     flip=True,
     color=False,
     fused=True,
+    channels=3,
+    padding=None,
     seed=None,
 ):
-    """Encoded image -> augmented float32 `(size, size, 3)` in [0, 255].
+    """Encoded image -> augmented float32 `(size, size, channels)` in [0, 255].
 
     Args:
         image_bytes: scalar string tensor (JPEG, PNG, GIF or BMP).
@@ -220,10 +230,12 @@ def preprocess_train(
         flip: random horizontal flip.
         color: colour jitter (0.4) and PCA lighting (0.1) as in fb.resnet.torch.
         fused: decode only the crop window (`decode_and_crop_jpeg`).
+        channels: 3 (RGB) or 1 (gray).
+        padding: the `"pad"` crop's padding (`preprocess_small_train`).
         seed: stateless seed `(2,)` for deterministic output, or None.
 
     Returns:
-        float32 `(size, size, 3)`, values in [0, 255].
+        float32 `(size, size, channels)`, values in [0, 255].
 
     Example:
 
@@ -233,6 +245,9 @@ def preprocess_train(
     """
     if crop not in TRAIN_CROPS:
         raise ValueError(f"crop must be one of {TRAIN_CROPS}; got {crop!r}.")
+    if crop == "pad":
+        return preprocess_small_train(image_bytes, size=size, padding=padding, flip=flip,
+                                      channels=channels, seed=seed)  # fmt: skip
     seeds = (
         [None] * 4 if seed is None else tf.unstack(tf.random.experimental.stateless_split(seed, 4))
     )
@@ -243,7 +258,7 @@ def preprocess_train(
         )
     else:
         window = scale_window(shape, size=size, scale_range=scale_range, seed=seeds[0])
-    image = (decode_crop if fused else decode_then_crop)(image_bytes, window)
+    image = (decode_crop if fused else decode_then_crop)(image_bytes, window, channels)
     image = _resize(tf.cast(image, tf.float32), size)
     if flip:
         image = (
@@ -251,14 +266,65 @@ def preprocess_train(
             if seed is None
             else tf.image.stateless_random_flip_left_right(image, seeds[1])
         )
-    if color:
+    if color and channels == 3:
         image = lighting(color_jitter(image, seed=seeds[2]), seed=seeds[3])
-    image.set_shape([size, size, 3])
+    image.set_shape([size, size, channels])
     return image
 
 
-def preprocess_eval(image_bytes, *, resize=256, crop=224):
-    """Encoded image -> centre crop float32 `(crop, crop, 3)` in [0, 255].
+def preprocess_small_train(image_bytes, *, size, padding=None, flip=True, channels=3, seed=None):
+    """Encoded small image -> float32 `(size, size, channels)` in [0, 255], the CIFAR recipe:
+    resized to `size` (if it is not that size), zero-padded by `padding` pixels (default
+    `size / 8` rounded, 4 for 32 and 28), randomly cropped back to `size`, randomly flipped.
+
+    Example:
+
+    >>> data = tf.io.encode_png(tf.zeros([28, 28, 1], tf.uint8))
+    >>> preprocess_small_train(data, size=28, channels=1).shape
+    TensorShape([28, 28, 1])
+    """
+    padding = round(size / 8) if padding is None else padding
+    image = tf.cast(_to_size(decode_full(image_bytes, channels), size), tf.float32)
+    image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    seeds = (
+        [None] * 2 if seed is None else tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    )
+    shape = [size, size, channels]
+    if seed is None:
+        image = tf.image.random_crop(image, shape)
+    else:
+        image = tf.image.stateless_random_crop(image, shape, seed=seeds[0])
+    if flip:
+        image = (
+            tf.image.random_flip_left_right(image)
+            if seed is None
+            else tf.image.stateless_random_flip_left_right(image, seeds[1])
+        )
+    image.set_shape(shape)
+    return image
+
+
+def preprocess_small_eval(image_bytes, *, size, channels=3):
+    """Encoded small image -> float32 `(size, size, channels)` in [0, 255]: resized to `size`
+    if it is not that size (no crop: a small image is seen whole)."""
+    image = tf.cast(_to_size(decode_full(image_bytes, channels), size), tf.float32)
+    image.set_shape([size, size, channels])
+    return image
+
+
+def _to_size(image, size):
+    """`image` resized to `size` x `size` unless it is that size already (kept exact)."""
+    shape = tf.shape(image)
+    same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+    return tf.cond(
+        same,
+        lambda: image,
+        lambda: tf.cast(tf.round(_resize(tf.cast(image, tf.float32), size)), tf.uint8),
+    )
+
+
+def preprocess_eval(image_bytes, *, resize=256, crop=224, channels=3):
+    """Encoded image -> centre crop float32 `(crop, crop, channels)` in [0, 255].
 
     Example:
 
@@ -267,8 +333,8 @@ def preprocess_eval(image_bytes, *, resize=256, crop=224):
     TensorShape([320, 320, 3])
     """
     window = center_window(image_shape(image_bytes), resize=resize, crop=crop)
-    image = _resize(tf.cast(decode_crop(image_bytes, window), tf.float32), crop)
-    image.set_shape([crop, crop, 3])
+    image = _resize(tf.cast(decode_crop(image_bytes, window, channels), tf.float32), crop)
+    image.set_shape([crop, crop, channels])
     return image
 
 

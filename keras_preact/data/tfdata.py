@@ -12,6 +12,7 @@ in a `StreamPosition` where each batch it produces leaves the stream.
 """
 
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import sys
@@ -233,9 +234,10 @@ class SkipCounter:
 
     The causes (`SKIP_CAUSES`):
 
-    * `corrupt_record`: TFRecord bytes that fail their CRC or framing. Reading
+    * `corrupt_record`: TFRecord bytes that fail their CRC or framing (reading
       resumes at the next valid record of the shard; one unreadable stretch
-      counts once (usually one record).
+      counts once, usually one record), or an image file of a folder that can no
+      longer be read.
     * `unparsable`: not a `tf.train.Example`, or without exactly one
       `image/encoded` bytes value and one int64 `image/class/label`.
     * `bad_label`: a label (after `label_offset`) outside `[0, num_classes)`.
@@ -261,7 +263,7 @@ class SkipCounter:
     """
 
     def __init__(self):
-        names = [*SKIP_CAUSES, "delivered", "unparsable_done", "undecodable_done"]
+        names = [*SKIP_CAUSES, "delivered", *(f"{c}_done" for c in SKIP_CAUSES)]
         # init_scope: created eagerly even when a dataset function is being traced.
         with tf.init_scope(), tf.device("/CPU:0"):
             self._vars = {
@@ -275,7 +277,7 @@ class SkipCounter:
         """`{cause: records skipped for it, ..., "delivered": images delivered}` as ints."""
         v = {n: int(var.numpy()) for n, var in self._vars.items()}
         out = {c: v[c] for c in SKIP_CAUSES}
-        for c in ("unparsable", "undecodable"):  # started minus finished
+        for c in SKIP_CAUSES:  # the guarded ones: started minus finished
             out[c] -= v[f"{c}_done"]
         out["delivered"] = v["delivered"]
         return out
@@ -699,40 +701,105 @@ def _checked_num_classes(num_classes, one_hot_classes):
     return num_classes or one_hot_classes
 
 
-def encoded_records(
-    *,
-    source,
-    split,
-    data_dir=None,
-    training=False,
-    input_context=None,
-    seed=0,
-    deterministic=False,
-    label_offset=1,
-    cycle_length=16,
-    num_classes=None,
-    counter=None,
-):
-    """Dataset of `(encoded image, int64 label)`, one file-level shard per input pipeline.
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What an image pipeline reads and how it shapes the images: one value, built once by a
+    trainer (or a test) and passed to `encoded_records` and `imagenet_dataset`.
+
+    Where the records come from:
+
+    * `source`: `"tfrecord"` (ImageNet-format shards `train-*` / `validation-*` in
+      `data_dir`), `"folder"` (the class folders of `listing`, a `folders.Listing`), or a
+      TFDS name (`"imagenet2012"`, `"imagenette"`, `"oxford_flowers102"`, ...; `data_dir`
+      is its TFDS data_dir).
+    * `num_classes`: labels must lie in `[0, num_classes)`; others are skipped and counted.
+      None: `one_hot_classes`, else ImageNet's 1000 for TFRecords, else the classes a TFDS
+      dataset declares (a TFDS dataset that declares more is an error).
+    * `label_offset`: subtracted from TFRecord labels (1 for the TF scripts' 1..1000).
+
+    How images are shaped:
+
+    * `crop`: the training crop, `"inception"` (area and aspect ratio), `"scale"` ([1]:
+      the shorter side in `scale_range`) or `"pad"` (small images: resize to `image_size`,
+      pad by `padding`, random crop).
+    * `image_size`: the side of the crop (of the training crop, or of the evaluation crop for
+      an evaluation pipeline); `eval_resize`: the shorter side before the evaluation's centre
+      crop (not used by `"pad"`, which sees small images whole).
+    * `scale_range`: None follows `image_size`: the paper's [256, 480] for 224.
+    * `channels`: 3 (RGB) or 1 (gray).
+    * `normalize`: normalize with ImageNet's statistics here; False ships uint8 batches (the
+      model normalizes).
+
+    The rest: the global `batch_size`, `seed` of shuffles and augmentation, `deterministic`
+    order and stateless augmentation, `shuffle_buffer` (encoded records), `cycle_length`
+    (shards read in parallel), `color` augmentation, `fused` JPEG crop decoding, and
+    `one_hot_classes` (one-hot labels of that depth, for label smoothing).
+
+    Example:
+
+    >>> spec = InputSpec(source="tfrecord", data_dir="/data/imagenet", batch_size=256)
+    >>> spec.scale_range, InputSpec(source="tfrecord", image_size=112).scale_range
+    ((256, 480), (128, 240))
+    """
+
+    source: str
+    data_dir: str | None = None
+    batch_size: int = 256
+    num_classes: int | None = None
+    one_hot_classes: int | None = None
+    label_offset: int = 1
+    listing: object = dataclasses.field(default=None, repr=False, compare=False)
+    crop: str = "inception"
+    image_size: int = 224
+    eval_resize: int = 256
+    scale_range: tuple | None = None
+    padding: int | None = None
+    channels: int = 3
+    color: bool = False
+    fused: bool = True
+    normalize: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    shuffle_buffer: int = 10_000
+    cycle_length: int = 16
+
+    def __post_init__(self):
+        if self.crop not in ipp.TRAIN_CROPS:
+            raise ValueError(f"crop={self.crop!r}; allowed: {ipp.TRAIN_CROPS}.")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels={self.channels!r}; allowed: 1, 3.")
+        if self.normalize and self.channels != 3:
+            raise ValueError("normalize=True uses ImageNet's RGB statistics; with channels=1 "
+                             "pass normalize=False (the model normalizes).")  # fmt: skip
+        if self.source == "folder" and self.listing is None:
+            raise ValueError("source='folder' needs listing=folders.list_folder(data_dir).")
+        if self.scale_range is None:  # [256, 480] at 224: the same zoom at any crop size
+            scale = self.image_size / 224
+            object.__setattr__(self, "scale_range", (round(256 * scale), round(480 * scale)))
+        num_classes = _checked_num_classes(self.num_classes, self.one_hot_classes)
+        if num_classes is None and self.source == "tfrecord":
+            num_classes = IMAGENET_CLASSES  # a label past it would reach the loss unchecked
+        if num_classes is None and self.source == "folder":
+            num_classes = len(self.listing.class_names)
+        object.__setattr__(self, "num_classes", num_classes)
+
+    def replace(self, **changes):
+        """A copy with `changes` (e.g. the evaluation's `image_size`)."""
+        return dataclasses.replace(self, **changes)
+
+
+def encoded_records(spec, split, *, training=False, input_context=None, counter=None):
+    """Dataset of `(encoded image, int64 label)` of `spec`'s `split`, one shard per input
+    pipeline (of files for TFRecords and TFDS, of images for a folder).
 
     Records that cannot be read, parsed or that carry a label outside
-    `[0, num_classes)` are dropped and counted in `counter` (see `SkipCounter`).
+    `[0, spec.num_classes)` are dropped and counted in `counter` (see `SkipCounter`).
 
     Args:
-        source: `"tfrecord"` (shards `train-*` / `validation-*` in `data_dir`),
-            or a TFDS name.
+        spec: an `InputSpec`.
         split: `"train"` or `"validation"` (any TFDS split string for TFDS).
-        data_dir: shard folder, or the TFDS data_dir.
-        training: shuffle the shards.
+        training: shuffle the shards (the images of a folder).
         input_context: `tf.distribute.InputContext`, or None.
-        seed: seed of the shard shuffle.
-        deterministic: fixed order of records.
-        label_offset: subtracted from TFRecord labels (1 for the TF scripts).
-        cycle_length: shards read in parallel.
-        num_classes: labels must lie in `[0, num_classes)`; None checks only
-            `label >= 0` for TFRecords and uses the classes a TFDS dataset
-            declares. A TFDS dataset that declares more classes than
-            `num_classes` is an error.
         counter: a `SkipCounter`; None counts into a private one.
 
     Returns:
@@ -740,32 +807,39 @@ def encoded_records(
 
     Example:
 
-    >>> ds = encoded_records(source="tfrecord", split="validation",  # doctest: +SKIP
-    ...                      data_dir="/data/imagenet", num_classes=1000)
+    >>> spec = InputSpec(source="tfrecord", data_dir="/data/imagenet")
+    >>> ds = encoded_records(spec, "validation")  # doctest: +SKIP
 
     A TFRecord shard deleted or moved after the dataset was built stops the
     iteration with an `InvalidArgumentError` naming it.
     """
     counter = counter or SkipCounter()
-    ds = _encoded_records(
-        source=source, split=split, data_dir=data_dir, training=training,
-        input_context=input_context, seed=seed, deterministic=deterministic,
-        label_offset=label_offset, cycle_length=cycle_length, num_classes=num_classes,
-        counter=counter,
-    )  # fmt: skip
-    return _stop_on_missing_shard(ds, counter) if source == "tfrecord" else ds
+    ds = _encoded_records(spec, split, training=training, input_context=input_context,
+                          seed=spec.seed, counter=counter)  # fmt: skip
+    return _stop_on_missing_shard(ds, counter) if spec.source == "tfrecord" else ds
 
 
-def _encoded_records(
-    *, source, split, data_dir, training, input_context, seed, deterministic, label_offset,
-    cycle_length, num_classes, counter,
-):  # fmt: skip
+def tfds_keys(info):
+    """`(image feature, label feature)` of a TFDS dataset: its supervised keys, else
+    `("image", "label")`."""
+    keys = info.supervised_keys
+    if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        return keys
+    return "image", "label"
+
+
+def tfds_builder(spec):
+    """The TFDS builder of `spec.source` in `spec.data_dir`."""
+    return require("tensorflow_datasets").builder(spec.source, data_dir=spec.data_dir)
+
+
+def _encoded_records(spec, split, *, training, input_context, seed, counter):
     """`encoded_records` without the final missing-shard check (`imagenet_dataset` makes
     it after its own `ignore_errors`)."""
-    num_classes = _checked_num_classes(num_classes, None)
+    num_classes = spec.num_classes
     pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
-    order = bool(deterministic) or not training
+    order = bool(spec.deterministic) or not training
 
     def label_ok(image, label):
         # A filter predicate that counts what it drops.
@@ -775,14 +849,11 @@ def _encoded_records(
         with tf.control_dependencies([counter.add("bad_label", tf.cast(~ok, tf.int64))]):
             return tf.identity(ok)
 
-    if source == "tfrecord":
-        prefix = "train" if split.startswith("train") else "validation"
-        files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{prefix}-*")))
-        if not files:
-            raise FileNotFoundError(f"No {prefix}-* TFRecord shards in {data_dir!r}.")
+    if spec.source == "tfrecord":
+        files = shard_files(spec.data_dir, split)
         if len(files) < pipelines:
             raise ValueError(
-                f"{len(files)} {prefix} shards cannot be split over {pipelines} input "
+                f"{len(files)} {_prefix(split)} shards cannot be split over {pipelines} input "
                 "pipelines; write at least one shard per pipeline."
             )
         files = files[pipeline_id::pipelines]  # file-level sharding
@@ -792,12 +863,29 @@ def _encoded_records(
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
         ds = ds.interleave(
             lambda f, n: _shard_records(f, n, counter),
-            cycle_length=cycle_length,
+            cycle_length=spec.cycle_length,
             num_parallel_calls=AUTOTUNE,
             deterministic=order,
         )
         ds = ds.map(
-            counter.guard("unparsable", lambda r: parse_example(r, label_offset)),
+            counter.guard("unparsable", lambda r: parse_example(r, spec.label_offset)),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=order,
+        ).ignore_errors(log_warning=True)
+    elif spec.source == "folder":
+        files = spec.listing.split(split)
+        if len(files) < pipelines:
+            raise ValueError(
+                f"{len(files)} {split} images cannot be split over {pipelines} input pipelines."
+            )
+        ds = tf.data.Dataset.from_tensor_slices(
+            (np.asarray(files.paths), np.asarray(files.labels, np.int64))
+        ).shard(pipelines, pipeline_id)
+        if training:  # the file names, all of them: cheap, and a full shuffle
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
+        # A file deleted since the listing cannot be read: skipped, counted as corrupt.
+        ds = ds.map(
+            counter.guard("corrupt_record", lambda path, label: (tf.io.read_file(path), label)),
             num_parallel_calls=AUTOTUNE,
             deterministic=order,
         ).ignore_errors(log_warning=True)
@@ -808,57 +896,114 @@ def _encoded_records(
             input_context=input_context,
             shuffle_seed=seed,
             shuffle_reshuffle_each_iteration=False,
-            interleave_cycle_length=cycle_length,
+            interleave_cycle_length=spec.cycle_length,
             try_autocache=False,
         )
-        ds, info = tfds.load(
-            source,
+        info = tfds_builder(spec).info
+        image_key, label_key = tfds_keys(info)
+        ds = tfds.load(
+            spec.source,
             split=split,
-            data_dir=data_dir,
+            data_dir=spec.data_dir,
             shuffle_files=training,
-            decoders={"image": tfds.decode.SkipDecoding()},
+            decoders={image_key: tfds.decode.SkipDecoding()},
             read_config=read_config,
-            with_info=True,
         )
-        declared = info.features["label"].num_classes
+        declared = info.features[label_key].num_classes
         if num_classes is None:
             num_classes = declared
         elif declared > num_classes:
             raise ValueError(
-                f"{source!r} declares {declared} classes, more than num_classes={num_classes}: "
-                f"its labels {num_classes}..{declared - 1} would be out of range."
+                f"{spec.source!r} declares {declared} classes, more than "
+                f"num_classes={num_classes}: its labels {num_classes}..{declared - 1} would be "
+                "out of range."
             )
-        ds = ds.map(lambda e: (e["image"], e["label"]), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda e: (e[image_key], e[label_key]), num_parallel_calls=AUTOTUNE)
     return ds.filter(label_ok)
 
 
+def _prefix(split):
+    return "train" if split.startswith("train") else "validation"
+
+
+def shard_files(data_dir, split):
+    """The sorted TFRecord shards of `split` in `data_dir` (`train-*` or `validation-*`)."""
+    prefix = _prefix(split)
+    files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{prefix}-*")))
+    if not files:
+        raise FileNotFoundError(f"No {prefix}-* TFRecord shards in {data_dir!r}.")
+    return files
+
+
+def count_records(files):
+    """The number of records in TFRecord `files`, from their length headers alone (no
+    record is read: one 8-byte read and a seek per record)."""
+
+    def count(path):
+        n = 0
+        with tf.io.gfile.GFile(path, "rb") as f:
+            size = f.size()
+            offset = 0
+            while offset + _HEADER_BYTES <= size:
+                f.seek(offset)
+                length = int.from_bytes(f.read(8), "little")
+                offset += length + _FRAMING_BYTES
+                n += 1
+        return n
+
+    with concurrent.futures.ThreadPoolExecutor(min(16, max(1, len(files)))) as pool:
+        return sum(pool.map(count, files))
+
+
+def count_examples(spec, split):
+    """The number of examples in `spec`'s `split`: the folder's images, a TFDS split's from
+    its metadata (else counted), the records of TFRecord shards (counted from their headers; records that
+    are later skipped, for a bad label or an undecodable image, are in the count)."""
+    if spec.source == "folder":
+        return len(spec.listing.split(split))
+    if spec.source == "tfrecord":
+        return count_records(shard_files(spec.data_dir, split))
+    try:
+        return int(tfds_builder(spec).info.splits[split].num_examples)
+    except KeyError:  # a builder without split sizes in its metadata: count the records
+        tfds = require("tensorflow_datasets")
+        ds = tfds.load(
+            spec.source,
+            split=split,
+            data_dir=spec.data_dir,
+            decoders={tfds_keys(tfds_builder(spec).info)[0]: tfds.decode.SkipDecoding()},
+        )
+        return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def class_names(spec):
+    """The class names of `spec`'s data in label order (a folder's sub-folders, a TFDS
+    dataset's label names), or None where the data does not name them (TFRecords)."""
+    if spec.source == "folder":
+        return tuple(spec.listing.class_names)
+    if spec.source == "tfrecord":
+        return None
+    info = tfds_builder(spec).info
+    feature = info.features[tfds_keys(info)[1]]
+    names = getattr(feature, "names", None)
+    return tuple(names) if names else None
+
+
+def label_range(spec, split="train", records=2048):
+    """`(smallest, largest, records read)` of the labels of the first `records` records of
+    `spec`'s `split`, after `label_offset` (TFRecords; a quick check before training)."""
+    files = shard_files(spec.data_dir, split)
+    ds = tf.data.TFRecordDataset(files[:16]).take(records).ignore_errors()
+    ds = ds.map(lambda r: parse_example(r, spec.label_offset)[1]).ignore_errors()
+    labels = [int(v) for v in ds.as_numpy_iterator()]
+    return (min(labels), max(labels), len(labels)) if labels else (None, None, 0)
+
+
 def imagenet_dataset(
-    *,
-    source,
-    split,
-    batch_size,
-    training,
-    data_dir=None,
-    input_context=None,
-    crop="inception",
-    image_size=224,
-    eval_resize=256,
-    color=False,
-    fused=True,
-    normalize=True,
-    seed=0,
-    deterministic=False,
-    shuffle_buffer=10_000,
-    label_offset=1,
-    cycle_length=16,
-    counter=None,
-    one_hot_classes=None,
-    num_classes=None,
-    epoch=0,
-    skip_records=0,
+    spec, split, *, training, input_context=None, counter=None, epoch=0, skip_records=0,
     position=None,
-):
-    """The ImageNet input pipeline.
+):  # fmt: skip
+    """The image input pipeline of `spec` (an `InputSpec`): ImageNet's, and any other data's.
 
     Records stay encoded through the shuffle (a 10k-element buffer of JPEG bytes
     is ~1 GB less than of decoded images); decoding, cropping and augmentation
@@ -876,34 +1021,15 @@ def imagenet_dataset(
     it locally, and a resume at a position is exact up to that reordering.
 
     Args:
-        source: `"tfrecord"` (shards `train-*` / `validation-*` in `data_dir`),
-            or a TFDS name such as `"imagenet2012"` or `"imagenette"`.
+        spec: the `InputSpec`: source, classes, crop and sizes, batch size, seed.
         split: `"train"` or `"validation"` (any TFDS split string for TFDS).
-        batch_size: the global batch size; each pipeline yields per-replica
-            batches.
-        training: shuffle, repeat, augment, drop the remainder.
-        data_dir: shard folder, or the TFDS data_dir.
-        input_context: `tf.distribute.InputContext`, or None.
-        crop: training crop, `"inception"` or `"scale"`.
-        image_size: training crop size (224).
-        eval_resize: shorter side before the evaluation centre crop of
-            `image_size` (256 -> 224; 320 -> 320 for Table 5).
-        color: colour augmentation.
-        fused: decode only the crop window of JPEGs.
-        normalize: subtract the mean and divide by the std here; if False the
-            batches are uint8 and normalization runs on the accelerator.
-        seed: seed of shuffles and augmentation.
-        deterministic: fixed order and stateless augmentation, each record's
-            seeded by its index in the epoch's record stream.
-        shuffle_buffer: number of encoded records in the shuffle buffer.
-        label_offset: subtracted from TFRecord labels (1 for the TF scripts).
-        cycle_length: shards read in parallel.
+        training: shuffle, repeat, augment, drop the remainder. Evaluation takes the
+            centre `spec.image_size` crop of the image resized to `spec.eval_resize`
+            (small images under `crop="pad"`: the whole image at `image_size`).
+        input_context: `tf.distribute.InputContext`, or None; each pipeline yields
+            per-replica batches of the global `spec.batch_size`.
         counter: a `SkipCounter` that counts skipped records by cause and the
             images delivered; None counts into a private one.
-        one_hot_classes: emit one-hot labels of this depth (for label smoothing).
-        num_classes: labels must lie in `[0, num_classes)`, others are skipped
-            and counted; default `one_hot_classes`, else `IMAGENET_CLASSES` for
-            TFRecords (ImageNet's 1000) and a TFDS dataset's declared classes.
         epoch: the epoch whose stream a training dataset is.
         skip_records: records of the epoch's record stream (parsed, with a good
             label, shuffled) to skip, read but not decoded: a mid-epoch resume
@@ -919,47 +1045,48 @@ def imagenet_dataset(
     Example:
 
     >>> position = StreamPosition()
-    >>> ds = imagenet_dataset(source="tfrecord", split="train",  # doctest: +SKIP
-    ...     data_dir="/data/imagenet", batch_size=256, training=True, epoch=3,
+    >>> spec = InputSpec(source="tfrecord", data_dir="/data/imagenet", batch_size=256)
+    >>> ds = imagenet_dataset(spec, "train", training=True, epoch=3,  # doctest: +SKIP
     ...     skip_records=saved_records, position=position)
     """
-    batch = per_replica_batch(batch_size, input_context)
-    num_classes = _checked_num_classes(num_classes, one_hot_classes)
-    if num_classes is None and source == "tfrecord":
-        num_classes = IMAGENET_CLASSES  # a label past it would reach the loss unchecked
+    batch = per_replica_batch(spec.batch_size, input_context)
     _check_counts(epoch=epoch, skip_records=skip_records)
     counter = counter or SkipCounter()
+    seed = spec.seed
     if training:  # one seed per epoch: every epoch's stream starts afresh
         seed = int(np.random.default_rng([seed, epoch]).integers(2**31 - 1))
-    ds = _encoded_records(
-        source=source, split=split, data_dir=data_dir, training=training,
-        input_context=input_context, seed=seed, deterministic=deterministic,
-        label_offset=label_offset, cycle_length=cycle_length, num_classes=num_classes,
-        counter=counter,
-    )  # fmt: skip
+    ds = _encoded_records(spec, split, training=training, input_context=input_context,
+                          seed=seed, counter=counter)  # fmt: skip
     if training:
         # One order, the same at every iteration of the dataset: a framework may iterate it
         # twice (Keras' PyTorch trainer draws a first batch to build the model), and a
         # shuffle that reshuffles each iteration or pass draws its seeds from state those
         # iterations share, in whatever order their threads reach it. A further pass of the
         # epoch (an epoch longer than the data) repeats the first one's order.
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False).repeat()
+        ds = ds.shuffle(spec.shuffle_buffer, seed=seed, reshuffle_each_iteration=False).repeat()
         # Numbered before the skip: later records keep their numbers and augmentation.
         ds = ds.enumerate().skip(skip_records)
+        kw = dict(crop=spec.crop, size=spec.image_size, scale_range=spec.scale_range,
+                  color=spec.color, fused=spec.fused, channels=spec.channels,
+                  padding=spec.padding)  # fmt: skip
 
         def decode(index, record):
-            s = tf.stack([tf.constant(seed, tf.int64), index]) if deterministic else None
-            kw = dict(crop=crop, size=image_size, color=color, fused=fused, seed=s)
-            return ipp.preprocess_train(record[0], **kw), record[1], index
+            s = tf.stack([tf.constant(seed, tf.int64), index]) if spec.deterministic else None
+            return ipp.preprocess_train(record[0], **kw, seed=s), record[1], index
 
         decode = counter.guard("undecodable", decode)
+    elif spec.crop == "pad":
+        view = functools.partial(ipp.preprocess_small_eval, size=spec.image_size,
+                                 channels=spec.channels)  # fmt: skip
+        decode = counter.wrap(view)
     else:
-        decode = counter.wrap(
-            functools.partial(ipp.preprocess_eval, resize=eval_resize, crop=image_size)
-        )
+        view = functools.partial(ipp.preprocess_eval, resize=spec.eval_resize,
+                                 crop=spec.image_size, channels=spec.channels)  # fmt: skip
+        decode = counter.wrap(view)
     ds = ds.map(
-        decode, num_parallel_calls=AUTOTUNE, deterministic=bool(deterministic) or not training
-    )
+        decode, num_parallel_calls=AUTOTUNE,
+        deterministic=bool(spec.deterministic) or not training,
+    )  # fmt: skip
     ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(batch, drop_remainder=training, num_parallel_calls=AUTOTUNE)
     if position is not None:
@@ -967,9 +1094,12 @@ def imagenet_dataset(
 
     def finish(number, batch):  # batches numbered from 1, as their consumer counts them
         images, labels, *index = batch
-        images = ipp.normalize(images) if normalize else tf.cast(tf.round(images), tf.uint8)
-        if one_hot_classes:
-            labels = tf.one_hot(labels, one_hot_classes)
+        if spec.normalize:
+            images = ipp.normalize(images)
+        else:
+            images = tf.cast(tf.round(images), tf.uint8)
+        if spec.one_hot_classes:
+            labels = tf.one_hot(labels, spec.one_hot_classes)
         notes = [counter.add("delivered", tf.shape(images)[0])]
         if position is not None and index:
             notes.append(position.note(number, index[0]))
@@ -978,6 +1108,7 @@ def imagenet_dataset(
 
     # In order, whatever `deterministic`: the k-th batch out is batch number k.
     ds = ds.enumerate(1).map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
-    if source == "tfrecord":
+    if spec.source == "tfrecord":
         ds = _stop_on_missing_shard(ds, counter)
-    return ds.with_options(_options(deterministic or not training)).prefetch(AUTOTUNE)
+    opts = _options(spec.deterministic or not training)
+    return ds.with_options(opts).prefetch(AUTOTUNE)

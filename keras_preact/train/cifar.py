@@ -45,7 +45,7 @@ def define_flags():
     flags.DEFINE_enum("source", "tfds", ["tfds", "files"], "tfds: tensorflow-datasets; files: "
                       "the IDX files (Fashion-MNIST) or the CIFAR python-version archive in "
                       "--data_dir, no TensorFlow needed.")
-    flags.DEFINE_string("data_dir", None, "Directory of the files, or the TFDS data_dir.")
+    train_flags.DEFINE_path("data_dir", None, "Directory of the files, or the TFDS data_dir.")
     flags.DEFINE_enum("pipeline", "auto", ["auto", "numpy", "tfdata"], "auto: tfdata under the "
                       "TensorFlow backend with --loop=fit or custom, numpy otherwise.")
     flags.DEFINE_bool("flip", True, "Random horizontal flips (also used for Fashion-MNIST).")

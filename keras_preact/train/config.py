@@ -149,8 +149,9 @@ class ModelConfig:
     def record(self):
         """The JSON-ready record of `config.json`: each value, and `origins`."""
         out = {n: v for n, v in self.values.items()}
-        if "lr_boundaries" in out:
-            out["lr_boundaries"] = list(self.lr_boundaries)
+        for name in ("lr_boundaries", "class_names"):
+            if out.get(name) is not None:
+                out[name] = list(out[name])
         for name in ("mean", "std"):
             if out.get(name) is not None:
                 out[name] = [float(v) for v in out[name]]
@@ -229,21 +230,28 @@ class ImagenetConfig(TrainConfig):
     model: str = "PreActResNet50"
     batch_size: int = 256
     epochs: int = 90
+    dataset: str = "imagenet"
     source: str = "tfrecord"
     data_dir: str | None = None
+    validation_split: float | None = None
     train_split: str = "train"
     eval_split: str = "validation"
+    bad_images: str = "skip"
+    bad_labels: str = "stop"
     num_classes: int | None = None
     num_train_examples: int | None = None
     num_eval_examples: int | None = None
-    train_crop: str = "scale"
+    train_crop: str = "auto"
     color_augmentation: bool = False
     fused_decode: bool = True
-    image_size: int = 224
-    eval_resize: int = 256
-    eval_size: int = 224
+    image_size: int | None = None
+    eval_resize: int | None = None
+    eval_size: int | None = None
     shuffle_buffer: int = 10_000
     label_offset: int = 1
+    # Derived from the data (None until then).
+    class_names: tuple | None = None
+    channels: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

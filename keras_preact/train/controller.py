@@ -282,6 +282,8 @@ class Controller:
         logs.update({f"val_{k}": v for k, v in val.items() if k != "examples"})
         if self.cfg.verbose and self.chief:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
+            for line in self.data.notes():
+                print(line, flush=True)
         check_finite(self.runner.model, logs, epoch + 1)
         self.save(epoch + 1, 0, iterations, logs=logs)
         if self.tensorboard is not None:

@@ -49,13 +49,13 @@ def define_flags():
                                    "keras_preact weights record (fashion_mnist, imagenet, "
                                    "imagenet:fb_torch, ...).")
     flags.mark_flag_as_required("weights")
-    flags.DEFINE_string("config", None, "The run's config.json (default: next to --weights, or "
+    train_flags.DEFINE_path("config", None, "The run's config.json (default: next to --weights, or "
                         "above its checkpoints/ folder).")
     flags.DEFINE_enum("dataset", "imagenet", ["imagenet", *sources.MEMORY_DATASETS],
                       "imagenet (ImageNet-format data), or an in-memory dataset.")
     flags.DEFINE_string("source", None, "imagenet: tfrecord (default) or a TFDS name; in-memory "
                         "datasets: tfds (default) or files.")
-    flags.DEFINE_string("data_dir", None, "Data folder.")
+    train_flags.DEFINE_path("data_dir", None, "Data folder.")
     flags.DEFINE_string("split", "validation", "Evaluation split (TFDS or tfrecord prefix).")
     flags.DEFINE_integer("num_classes", None, "Classes of the model (default: the run's, else "
                          "1000).", lower_bound=1)
@@ -65,7 +65,7 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 100, "Batch size.", lower_bound=1)
     flags.DEFINE_integer("label_offset", 1, "Subtracted from TFRecord labels.")
     flags.DEFINE_integer("max_batches", None, "Evaluate only this many batches.", lower_bound=1)
-    flags.DEFINE_string("output", None, "Write the JSON result here too.")
+    train_flags.DEFINE_path("output", None, "Write the JSON result here too.")
     flags.register_multi_flags_validator(["dataset", "source", "data_dir", "split"],
                                          _source_is_readable)
     flags.register_multi_flags_validator(["dataset", "ten_crop"], _ten_crop_is_for_imagenet)

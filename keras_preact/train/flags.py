@@ -35,6 +35,23 @@ def _boundaries(values):
         return False
 
 
+class _PathParser(flags.ArgumentParser):
+    """A path flag's parser: `~` and `~user` expanded, as a shell would outside `--flag=~/x`."""
+
+    syntactic_help = "a path"
+
+    def parse(self, argument):
+        return None if argument is None else os.path.expanduser(str(argument))
+
+    def flag_type(self):
+        return "string"
+
+
+def DEFINE_path(name, default, help, **kwargs):  # noqa: N802 - absl's naming
+    """`flags.DEFINE_string` for a file or folder: `~` is expanded (`--data_dir=~/data`)."""
+    return flags.DEFINE(_PathParser(), name, default, help, serializer=flags.ArgumentSerializer(), **kwargs)
+
+
 def program(define):
     """Decorates a program's `define()` of its flags: it runs once per process, where the
     program starts (importing a program defines nothing, so programs import side by side),
@@ -95,7 +112,7 @@ def define_model_flags(*, model, weights_help):
     flags.DEFINE_bool("scan_units", False, "Apply each stage's repeated units with "
                       "keras.ops.scan (much faster compiles of deep nets under JAX/XLA); the "
                       "exported weights load into the written-out net.")
-    flags.DEFINE_string("weights", None, weights_help)
+    DEFINE_path("weights", None, weights_help)
     flags.register_validator("weights", _known_weights)
     flags.register_multi_flags_validator(["weights", "model", "layout", "unit", "shortcut"],
                                          _record_fits_the_net)
@@ -208,7 +225,7 @@ def define_train_flags(config_class):
 
 def _define_run_flags(defaults):
     # fmt: off
-    flags.DEFINE_string("model_dir", None, "Where the run writes everything: a folder, or a URL "
+    DEFINE_path("model_dir", None, "Where the run writes everything: a folder, or a URL "
                         "such as gs://bucket/run.", required=True)
     flags.register_validator(
         "model_dir", lambda path: path is None or not os.path.exists(path) or os.path.isdir(path),

@@ -16,8 +16,9 @@ expect them: converted to their channels (grayscale or RGB), resized to the netw
 input for the small datasets (28x28 Fashion-MNIST, 32x32 CIFAR), or resized to
 `--eval_resize` on the shorter side and centre-cropped to `--eval_size` for ImageNet-sized
 nets; the normalization is the one the weights carry (the model applies it). Class names
-come from the weights' dataset (ImageNet's 1,000, CIFAR-10/100's, Fashion-MNIST's), else
-`class_N`. The output is a table, or JSON or CSV (`--format`), one row per image.
+are the run's (`class_names` in its `config.json`: the folder names of `--dataset=folder`,
+a TFDS dataset's label names), else the weights' dataset's (ImageNet's 1,000, CIFAR-10/100's,
+Fashion-MNIST's), else `class_N`. The output is a table, or JSON or CSV (`--format`), one row per image.
 """
 
 import csv
@@ -41,11 +42,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 @train_flags.program
 def define_flags():
     # fmt: off
-    flags.DEFINE_string("weights", None, "A weights record name, a run folder, a trainer's "
+    train_flags.DEFINE_path("weights", None, "A weights record name, a run folder, a trainer's "
                         ".weights.h5 file or a .keras model.", required=True)
     flags.DEFINE_string("model", None, "The network, for a record or a weights file that does "
                         "not name it (e.g. --weights=imagenet --model=PreActResNet50).")
-    flags.DEFINE_string("config", None, "The run's config.json, when it is not next to "
+    train_flags.DEFINE_path("config", None, "The run's config.json, when it is not next to "
                         "--weights.")
     flags.DEFINE_integer("top", 5, "Classes per image.", lower_bound=1)
     flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format.")
@@ -104,8 +105,11 @@ def read_image(path, shape, *, resize=None):
     return np.asarray(image, np.uint8).reshape(shape)
 
 
-def class_names(dataset, classes):
-    """The names of `classes` classes of `dataset`, or `class_N` when they are unknown."""
+def class_names(dataset, classes, recorded=None):
+    """The names of `classes` classes: `recorded` (a run's `class_names`, from its data), else
+    `dataset`'s own, else `class_N`."""
+    if recorded is not None and len(recorded) == classes:
+        return tuple(recorded)
     if dataset == "imagenet" and classes == 1000:
         from keras_preact import imagenet_utils
 
@@ -153,7 +157,8 @@ class Predictor:
         classes = what.classes or 1000
         self.model = evaluate.build_model(cfg, what, shape, classes)
         self.shape = tuple(self.model.input_shape[1:]) if shape is None else shape
-        self.names = class_names(dataset, int(self.model.output_shape[-1]))
+        recorded = run.get("class_names") if run is not None else None
+        self.names = class_names(dataset, int(self.model.output_shape[-1]), recorded)
         self.weights = weights
 
     @staticmethod
@@ -166,7 +171,10 @@ class Predictor:
             if dataset in sources.MEMORY_SHAPES:
                 return dataset, sources.MEMORY_SHAPES[dataset], None
             size = run.get("eval_size") or eval_size
-            return dataset, (size, size, 3), run.get("eval_resize") or eval_resize
+            shape = (size, size, run.get("channels") or 3)
+            if run.get("train_crop") == "pad":  # small images, evaluated whole
+                return dataset, shape, None
+            return dataset, shape, run.get("eval_resize") or eval_resize
         if cfg.weights.endswith((".keras", ".weights.h5")):
             return "local", None, None
         record = keras_preact.weights.get_record(cfg.weights)

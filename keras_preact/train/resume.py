@@ -40,6 +40,7 @@ HARMLESS = ("epochs", "verbose", "eval_batch_size", "eval_examples", "num_test",
 #: The options a derived value is computed from: it may change with any of them.
 DERIVED_FROM = {
     "total_steps": ("epochs", "steps_per_epoch", "batch_size", "num_train_examples"),
+    "eval_resize": ("eval_size",),
     "steps_per_epoch": ("batch_size", "num_train_examples"),
     "base_lr": ("batch_size",),
     "mean": ("weights",),
@@ -91,7 +92,11 @@ def check(cfg, run, model_dir):
             "is not resumed. Give this run another --model_dir."
         ) from None
     record = {**cfg.record(), "precision_policy": run.policy}
-    found = {n: v for n, v in changes(recorded, record).items() if n in record}
+    # An option the record lacks, at its default now, was added after the run was written.
+    found = {
+        n: v for n, v in changes(recorded, record).items()
+        if n in record and not (n not in recorded and cfg.origins.get(n) == "default")
+    }  # fmt: skip
     allowed = set(cfg.allow_changes or ())
     fixed = {n: v for n, v in found.items() if n in ARCHITECTURE}
     free = {n for n in found if n in HARMLESS or {"all", n} & allowed}

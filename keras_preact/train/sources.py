@@ -40,6 +40,8 @@ TFDS_HOSTS = {
     "fashion_mnist": "fashion-mnist.s3-website.eu-central-1.amazonaws.com",
     "imagenette": "s3.amazonaws.com",
 }
+#: TFDS datasets `training/prepare_tfds.py` prepares from downloaded files.
+PREPARABLE = ("fashion_mnist", "cifar10")
 #: TFDS datasets that are only ever built from manually downloaded files.
 TFDS_MANUAL = ("imagenet2012",)
 
@@ -64,8 +66,19 @@ def tfds_problem(name, data_dir, *, can_reach=reachable):
     try:
         tfds = require("tensorflow_datasets")
     except MissingDependency as e:
-        return f"{e} Or read the files directly with --source=files."
-    builder = tfds.builder(name, data_dir=data_dir)
+        return (f"{e} Or read the data without TFDS: --source=files (cifar.py), "
+                "--source=tfrecord or --dataset=folder (imagenet.py).")  # fmt: skip
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds' DatasetNotFoundError (and a bad name's ValueError)
+        if "not found" not in str(e).lower() and not isinstance(e, ValueError):
+            raise
+        return (
+            f"{name!r} is not a TFDS dataset. ImageNet-format data: --source=tfrecord "
+            "--data_dir=SHARDS, or a TFDS name (imagenet2012, imagenette); your own images: "
+            "--dataset=folder --data_dir=FOLDER; another TFDS dataset: --dataset=tfds:NAME "
+            "(the names: python -c 'import tensorflow_datasets as t; print(t.list_builders())')."
+        )
     if builder.is_prepared():
         return None
     where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets)"
@@ -82,12 +95,19 @@ def tfds_problem(name, data_dir, *, can_reach=reachable):
             "(apt-get install dataset-fashion-mnist)",
             "cifar10": "--source=files --data_dir=FOLDER (holding cifar-10-python.tar.gz)",
             "cifar100": "--source=files --data_dir=FOLDER (holding cifar-100-python.tar.gz)",
-        }.get(name, "--source=tfrecord with ImageNet-format shards")
+            "imagenette": "--dataset=folder --data_dir=FOLDER (the imagenette2 archive "
+            "unpacked: its train/ and val/ class folders)",
+        }.get(name, "--source=tfrecord --data_dir=SHARDS (ImageNet-format shards)")
+        prepare = (
+            f", or prepare the TFDS copy from them: python training/prepare_tfds.py "
+            f"--dataset={name} --files_dir=FOLDER --data_dir=DIR (docs/training.md)"
+            if name in PREPARABLE
+            else f", or build it on a machine with network: tfds build {name} --data_dir=DIR, "
+            f"and copy DIR here"
+        )
         return (
             f"TFDS dataset {name!r} is not prepared in {where} and its download host "
-            f"{host} cannot be reached (offline?). Read the files directly with {hint}, "
-            f"or prepare the TFDS copy from them: python training/prepare_tfds.py "
-            f"--dataset={name} --files_dir=FOLDER --data_dir=DIR (docs/training.md)."
+            f"{host} cannot be reached (offline?). Read the files directly with {hint}{prepare}."
         )
     return None
 
@@ -195,15 +215,9 @@ def imagenet_eval_batches(
     from keras_preact.data import tfdata
 
     counter = tfdata.SkipCounter()
-    records = tfdata.encoded_records(
-        source=source,
-        split=split,
-        data_dir=data_dir,
-        deterministic=True,
-        label_offset=label_offset,
-        num_classes=num_classes,
-        counter=counter,
-    )
+    spec = tfdata.InputSpec(source=source, data_dir=data_dir, deterministic=True,
+                            label_offset=label_offset, num_classes=num_classes)  # fmt: skip
+    records = tfdata.encoded_records(spec, split, counter=counter)
     if max_batches:
         records = records.take(max_batches * batch_size)
     view = ipp.ten_crop if ten_crop else ipp.preprocess_eval

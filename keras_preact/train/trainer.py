@@ -53,6 +53,10 @@ class Data:
     def restore(self, restored):
         """Takes a restored checkpoint's position (`restored.state["input"]`)."""
 
+    def notes(self):
+        """Lines for the console at an epoch end (records the input skipped, ...)."""
+        return []
+
     def summary(self, final, gather=lambda value: [value]):
         """The trainer's entries of `summary.json`, from the final evaluation `final`;
         `gather(value)` is every process's `value` (a dict of ints; a collective: every
