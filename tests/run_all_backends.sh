@@ -19,12 +19,12 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
 fi
-if ! python -c "import keras_preact, tensorflow, tensorflow_datasets, jax, torch, pytest, xdist, h5py, safetensors, torchfile, skimage, build" 2>/dev/null; then
+if ! python -c "import keras_preact, tensorflow, tensorflow_datasets, jax, torch, pytest, xdist, h5py, safetensors, torchfile, skimage, build, tf2onnx, onnxruntime, ai_edge_litert" 2>/dev/null; then
   quiet() { grep -v "^WARNING: Location" || true; }
   python -m pip install -q --upgrade pip 2>&1 | quiet
   # torch pinned first: 2.13.0 is the CPU build here; an unpinned torch pulls CUDA wheels.
   python -m pip install -q "torch==2.13.0" 2>&1 | quiet
-  python -m pip install -q -e ".[dev,train,weights,jax]" 2>&1 | quiet
+  python -m pip install -q -e ".[dev,train,weights,jax,export]" 2>&1 | quiet
 fi
 python -c "import keras, tensorflow, jax, torch; print('keras', keras.__version__, '| tensorflow', tensorflow.__version__, '| jax', jax.__version__, '| torch', torch.__version__)"
 
