@@ -189,6 +189,10 @@ class TrainConfig(ModelConfig):
     weight_decay: float = 1e-4
     weight_decay_on: str = "kernels"
     label_smoothing: float = 0.0
+    # Fine-tuning.
+    freeze_stages: int = 0
+    freeze_batchnorm: bool = False
+    backbone_lr_scale: float = 1.0
     # Execution.
     mixed_precision: bool = False
     jit_compile: bool | None = None  # None: on under JAX only (`distribution.setup`)

@@ -49,7 +49,9 @@ class _PathParser(flags.ArgumentParser):
 
 def DEFINE_path(name, default, help, **kwargs):  # noqa: N802 - absl's naming
     """`flags.DEFINE_string` for a file or folder: `~` is expanded (`--data_dir=~/data`)."""
-    return flags.DEFINE(_PathParser(), name, default, help, serializer=flags.ArgumentSerializer(), **kwargs)
+    return flags.DEFINE(
+        _PathParser(), name, default, help, serializer=flags.ArgumentSerializer(), **kwargs
+    )
 
 
 def program(define):
@@ -213,7 +215,8 @@ def define_train_flags(config_class):
         model=defaults.model,
         weights_help="Start from these weights (fine-tuning): a keras_preact weights record "
         "(imagenet, imagenet:fb_torch, fashion_mnist, ...) or a weights file. With another "
-        "number of classes, every layer but the classifier is loaded.",
+        "number of classes or trained on another data set, every layer but the classifier is "
+        "loaded (a new head).",
     )
     flags.DEFINE_float("drop_path_rate", 0.0, "Stochastic depth rate (0 in the paper).")
     flags.register_validator("drop_path_rate", _fraction, message="must be in [0, 1).")
@@ -367,6 +370,14 @@ def _define_optimizer_flags(defaults):
                       "kernels only; all: every trainable weight, as the paper's Torch code does.")
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing (0 in the paper).")
     flags.register_validator("label_smoothing", _fraction, message="must be in [0, 1).")
+    flags.DEFINE_integer("freeze_stages", 0, "Fine-tuning: freeze the stem and the first N "
+                         "stages (more than the net has: the whole backbone, a linear probe).",
+                         lower_bound=0)
+    flags.DEFINE_bool("freeze_batchnorm", False, "Fine-tuning: keep every BatchNorm layer's "
+                      "statistics and scale as the start weights have them (inference mode).")
+    flags.DEFINE_float("backbone_lr_scale", 1.0, "Fine-tuning: the learning rate of every layer "
+                       "but the classifier, as a fraction of --base_lr's schedule.")
+    flags.register_validator("backbone_lr_scale", lambda v: v > 0, message="must be > 0.")
     # fmt: on
 
 

@@ -131,13 +131,16 @@ def resolved_options(options, *, model, mean, std):
     }
 
 
-def build_base(options, *, model, input_shape, classes, weights=None, mean=None, std=None):
+def build_base(
+    options, *, model, input_shape, classes, weights=None, mean=None, std=None, dataset=None
+):  # fmt: skip
     """The keras_preact model of a run's options, with `weights` loaded.
 
     With `mean` and `std` the model normalizes [0, 255] pixels itself
     (`include_preprocessing=True`). `weights` (a record name or a file) whose record has
-    another number of classes than `classes` loads every layer but the classifier
-    (fine-tuning).
+    another number of classes than `classes`, or was trained on another `dataset` than the
+    run's, loads every layer but the classifier, which starts afresh (fine-tuning: the
+    record's ten clothes are not a digit folder's ten digits).
     """
     import keras_preact
 
@@ -145,15 +148,14 @@ def build_base(options, *, model, input_shape, classes, weights=None, mean=None,
     if mean is not None:
         kwargs.update(include_preprocessing=True, preprocessing=(tuple(mean), tuple(std)))
     record = start_record({**architecture(options), "weights": weights}, model)
-    if weights is None or record is None or record.classes in (None, classes):
+    same_data = dataset is None or getattr(record, "dataset", None) in (None, dataset)
+    if weights is None or record is None or (record.classes in (None, classes) and same_data):
         return keras_preact.get_model(model, classes=classes, weights=weights, **kwargs)
-    # Another number of classes: everything but the classifier comes from `weights`.
+    # Another task: everything but the classifier comes from `weights`.
     log.info(
-        "%s has %d classes, the run %d: loading every layer but the classifier.",
-        record.name,
-        record.classes,
-        classes,
-    )
+        "%s has %s classes of %s, the run %d of %s: loading every layer but the classifier.",
+        record.name, record.classes, record.dataset, classes, dataset,
+    )  # fmt: skip
     source = keras_preact.get_model(model, include_top=False, weights=weights, **kwargs)
     target = keras_preact.get_model(model, classes=classes, weights=None, **kwargs)
     for layer in source.layers:
@@ -179,6 +181,38 @@ class WrittenOut:
             self.twin = build_base({**self.options, "scan_units": False}, **self.build)
         keras_preact.scan.copy_weights(net, self.twin)
         return self.twin
+
+
+def fine_tune(model, *, freeze_stages=0, freeze_batchnorm=False):
+    """Freezes what a fine-tuning run keeps: the stem and the first `freeze_stages` stages
+    (`conv1_*`, `conv2_*`, ...; more stages than the net has freeze the whole backbone, the
+    final BatchNorm too: a linear probe), and with `freeze_batchnorm` every BatchNorm layer,
+    whose statistics then stay the start weights' (Keras runs a frozen BatchNorm in inference
+    mode). Returns the names of the frozen layers.
+
+    Example:
+
+    >>> import keras_preact
+    >>> m = keras_preact.PreActResNet20(input_shape=(8, 8, 1), classes=2)
+    >>> frozen = fine_tune(m, freeze_stages=1)
+    >>> frozen[0], any(n.startswith("conv3_") for n in frozen), m.get_layer("predictions").trainable
+    ('conv1_conv', False, True)
+    """
+    stages = sorted({int(n[4]) for n in (layer.name for layer in model.layers)
+                     if n.startswith("conv") and n[4:5].isdigit() and n[5:6] == "_"})  # fmt: skip
+    frozen_prefixes = (
+        tuple(f"conv{s}_" for s in stages if s <= 1 + freeze_stages) if freeze_stages else ()
+    )
+    everything = freeze_stages and freeze_stages >= len(stages) - 1
+    frozen = []
+    for layer in model.layers:
+        if not layer.weights or layer.name == "predictions":
+            continue
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        if layer.name.startswith(frozen_prefixes) or everything or (freeze_batchnorm and is_bn):
+            layer.trainable = False
+            frozen.append(layer.name)
+    return frozen
 
 
 def global_batchnorm(model):
@@ -226,7 +260,17 @@ def build(cfg, run, schedule, *, input_shape, classes):
             weights=cfg.weights,
             mean=cfg.mean if on_device else None,
             std=cfg.std if on_device else None,
+            dataset=getattr(cfg, "dataset", None),
         )
+        frozen = fine_tune(
+            model,
+            freeze_stages=getattr(cfg, "freeze_stages", 0),
+            freeze_batchnorm=getattr(cfg, "freeze_batchnorm", False),
+        )
+        if frozen:
+            log.info(
+                "Frozen for fine-tuning: %d layers (%s ... %s).", len(frozen), frozen[0], frozen[-1]
+            )
         if run.replicas > 1 and keras.backend.backend() == "tensorflow":
             global_batchnorm(model)
         if run.loop == "torch":

@@ -136,11 +136,55 @@ def add_weight_decay(model, weight_decay, on="kernels"):
     return variables
 
 
+#: The classifier's layer name (keras.applications'): the head a fine-tuning run trains at
+#: the full learning rate.
+HEAD = "predictions"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ScaledSGD(keras.optimizers.SGD):
+    """SGD whose learning rate is `backbone_lr_scale` times the schedule's for every variable
+    outside the classifier (`HEAD`): fine-tuning's smaller steps for pretrained layers.
+
+    Example:
+
+    >>> opt = ScaledSGD(0.1, backbone_lr_scale=0.1)
+    >>> opt.scale_of("conv2_block1_1_conv/kernel"), opt.scale_of("predictions/kernel")
+    (0.1, 1.0)
+    """
+
+    def __init__(self, *args, backbone_lr_scale=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backbone_lr_scale = float(backbone_lr_scale)
+
+    def scale_of(self, path):
+        """The learning-rate factor of the variable at `path`."""
+        return 1.0 if path.split("/")[0] == HEAD else self.backbone_lr_scale
+
+    def build(self, variables):
+        super().build(variables)
+        # By index: under TensorFlow, `update_step` sees the backend's variables, not Keras'.
+        self._scales = [self.scale_of(v.path) for v in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        scale = self._scales[self._get_variable_index(variable)]
+        if scale != 1.0:
+            learning_rate = keras.ops.multiply(learning_rate, scale)
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "backbone_lr_scale": self.backbone_lr_scale}
+
+
 def make_optimizer(cfg, schedule, *, loss_scale=False):
-    """SGD with momentum on `schedule`; wrapped for dynamic loss scaling if `loss_scale`."""
-    optimizer = keras.optimizers.SGD(
-        learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov
-    )
+    """SGD with momentum on `schedule` (`ScaledSGD` when `--backbone_lr_scale` is not 1);
+    wrapped for dynamic loss scaling if `loss_scale`."""
+    kwargs = dict(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    scale = getattr(cfg, "backbone_lr_scale", 1.0)
+    if scale != 1.0:
+        optimizer = ScaledSGD(**kwargs, backbone_lr_scale=scale)
+    else:
+        optimizer = keras.optimizers.SGD(**kwargs)
     if loss_scale:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
