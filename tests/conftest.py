@@ -50,12 +50,24 @@ def channels_first_supported(backend):
         pytest.skip(f"channels_first not checked on backend {backend!r}")
 
 
+#: The backend under which the `backend_independent` tests run (tests/run_all_backends.sh
+#: runs it first).
+ONCE_BACKEND = "tensorflow"
+
+
 def pytest_collection_modifyitems(config, items):
-    """The modules that hold slow tests first, each module's tests kept together and in order.
+    """Skips the `backend_independent` tests (input pipelines, files, command-line errors: no
+    Keras op) outside `ONCE_BACKEND`; then puts the modules that hold slow tests first, each
+    module's tests kept together and in order.
 
     With pytest-xdist's `--dist loadfile` (tests/run_all_backends.sh) modules are handed to
     the test processes in collection order: the long ones then start early, and the short
     ones fill in at the end instead of leaving one process running a long module alone.
     """
+    if keras.backend.backend() != ONCE_BACKEND:
+        once = pytest.mark.skip(reason=f"backend-independent; run once, under {ONCE_BACKEND}")
+        for item in items:
+            if item.get_closest_marker("backend_independent"):
+                item.add_marker(once)
     slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable

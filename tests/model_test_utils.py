@@ -159,3 +159,23 @@ def pipeline(make, **kwargs):
     split = kwargs.pop("split")
     call = {k: kwargs.pop(k) for k in PIPELINE_CALL if k in kwargs}
     return make(tfdata.InputSpec(**kwargs), split, **call)
+
+
+#: The deepest builders. Their whole-model checks run under one backend, `DEEP_BACKEND`:
+#: their units and stages are the shallower builders' (which every backend checks) repeated,
+#: and at this depth each check costs up to minutes per backend.
+DEEP = ("PreActResNet101", "PreActResNet110", "PreActResNet152", "PreActResNet200",
+        "PreActResNet1001")  # fmt: skip
+DEEP_BACKEND = "tensorflow"
+
+
+def builder_params(names):
+    """`pytest.param`s of builder names; a `DEEP` one is slow, and skipped outside
+    `DEEP_BACKEND`."""
+    import pytest
+
+    once = pytest.mark.skipif(
+        keras.backend.backend() != DEEP_BACKEND,
+        reason=f"a deep builder's units are the shallower builders'; checked once, under {DEEP_BACKEND}",
+    )
+    return [pytest.param(n, marks=[pytest.mark.slow, once] if n in DEEP else []) for n in names]

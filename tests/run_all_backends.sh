@@ -4,7 +4,9 @@
 # backend.
 #   Python: the active virtual environment, or ./.venv (created here).
 #   Extra arguments go to pytest, e.g. `bash tests/run_all_backends.sh -m "not slow"`;
-#   BACKENDS="jax" limits the backends; WORKERS=1 runs the tests in one process.
+#   BACKENDS="jax" limits the backends (the `backend_independent` tests, input pipelines,
+#   files and command-line errors, run only under tensorflow: tests/conftest.py); WORKERS=1
+#   runs the tests in one process.
 #   The tests run in WORKERS (default: one per CPU core, at most 4) pytest-xdist processes,
 #   a test module's tests in one process (--dist loadfile: module fixtures are built once).
 set -uo pipefail

@@ -6,6 +6,8 @@ import pytest
 
 from keras_preact import convert
 
+pytestmark = pytest.mark.backend_independent
+
 
 def _tensors():
     rng = np.random.default_rng(0)

@@ -14,6 +14,8 @@ from model_test_utils import pipeline  # noqa: E402
 
 from keras_preact.data import folders, tfdata  # noqa: E402
 
+pytestmark = pytest.mark.backend_independent
+
 
 def _save(path, array, fmt="PNG", mode=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)

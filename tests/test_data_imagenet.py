@@ -15,6 +15,8 @@ from model_test_utils import pipeline  # noqa: E402
 from keras_preact.data import imagenet_preprocessing as ipp  # noqa: E402
 from keras_preact.data import tfdata  # noqa: E402
 
+pytestmark = pytest.mark.backend_independent
+
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field")
 
 

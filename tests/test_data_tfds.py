@@ -10,6 +10,8 @@ import pytest
 from keras_preact.data.idx import write_idx
 
 tfds = pytest.importorskip("tensorflow_datasets")
+
+pytestmark = pytest.mark.backend_independent
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

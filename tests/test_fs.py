@@ -18,6 +18,8 @@ import pytest
 from keras_preact._optional import MissingDependency
 from keras_preact.train import fs
 
+pytestmark = pytest.mark.backend_independent
+
 
 def _made(kind, tmp_path):
     path = {

@@ -13,7 +13,7 @@ import inspect
 import keras
 import numpy as np
 import pytest
-from model_test_utils import to_numpy
+from model_test_utils import builder_params, to_numpy
 
 import keras_preact
 from keras_preact import preact_resnet
@@ -83,7 +83,7 @@ def test_fixed_arguments_and_unknown_keywords_raise():
 # -- Inputs, pooling, channels_first, serialization --------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", builder_params(NAMES))
 def test_backbone_takes_any_size_channels_pooling_and_round_trips(name, backend):
     builder, side, width = getattr(keras_preact, name), _side(name), _features(name)
     # Called, not `predict`ed: the same forward pass, without tracing a graph per input

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from model_test_utils import (
     assert_trains_one_step,
+    builder_params,
     paper,
     random_inputs,
     run_model_checks,
@@ -70,7 +71,7 @@ def parents(model, layer_name):
 # --------------------------------------------------------------------------- named builders
 
 
-@pytest.mark.parametrize("name", keras_preact.list_models())
+@pytest.mark.parametrize("name", builder_params(keras_preact.list_models()))
 def test_named_builder_default_shapes_and_params(name):
     model = named_model(name)
     cifar = name in CIFAR
@@ -80,7 +81,7 @@ def test_named_builder_default_shapes_and_params(name):
     assert trainable_count(model) == TRAINABLE_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", keras_preact.list_models())
+@pytest.mark.parametrize("name", builder_params(keras_preact.list_models()))
 def test_named_builder_headless_forward(name):
     """include_top=False with each pooling mode, a forward pass on a small input."""
     cifar = name in CIFAR
@@ -761,11 +762,7 @@ def test_every_random_layer_draws_its_own_masks():
 # --------------------------------------------------------------------------- every builder
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=[pytest.mark.slow] if keras_preact.MODELS[n]["depth"] >= 152 else [])
-     for n in keras_preact.list_models()],
-)  # fmt: skip
+@pytest.mark.parametrize("name", builder_params(keras_preact.list_models()))
 def test_shared_checks_on_every_builder(name, tmp_path):
     """The shared helper (shapes, eager == predict, config round trip, `.keras` save/load)
     over every named builder, at small inputs; seeded weights keep deep nets finite."""

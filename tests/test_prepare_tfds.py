@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
+pytestmark = pytest.mark.backend_independent
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "training", "prepare_tfds.py")
 #: Runs the script as `python training/prepare_tfds.py ARGS` would, with tensorflow_datasets

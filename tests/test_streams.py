@@ -11,6 +11,8 @@ from keras_preact.data import numpy_pipeline
 tf = pytest.importorskip("tensorflow")
 from keras_preact.data import tfdata  # noqa: E402
 
+pytestmark = pytest.mark.backend_independent
+
 N, B, STEPS, SEED = 100, 8, 12, 5  # 12 batches of 8: one pass (12 batches) per epoch
 
 

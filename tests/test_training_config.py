@@ -153,6 +153,7 @@ def test_jit_compile_unset_follows_keras_default_per_backend():
 
 
 @pytest.mark.parametrize("trainer", ["cifar", "imagenet"])
+@pytest.mark.backend_independent
 def test_every_option_has_its_flag(trainer):
     """Each option of the trainer's config that is not computed by the run is a flag of the
     trainer, and each flag the trainer defines is an option of its config (`from_flags`
@@ -287,6 +288,7 @@ def test_bad_cifar_flags_fail_at_parsing(tmp_path):
     _check_errors(_parse_errors("training/cifar.py", cases), expected)
 
 
+@pytest.mark.backend_independent
 def test_bad_imagenet_and_evaluate_flags_fail_at_parsing(tmp_path):
     # The data folder must hold the data set's files (names only are checked at parsing).
     for name in ("train-00000-of-00001", "validation-00000-of-00001"):
@@ -335,6 +337,7 @@ def test_bad_imagenet_and_evaluate_flags_fail_at_parsing(tmp_path):
     _check_errors(_parse_errors("training/evaluate.py", cases), expected)
 
 
+@pytest.mark.backend_independent
 def test_bad_flag_exits_at_once_without_a_traceback(tmp_path):
     out = subprocess.run(
         [sys.executable, "training/cifar.py", f"--model_dir={tmp_path}", "--batch_size=0"],

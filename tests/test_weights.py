@@ -575,6 +575,7 @@ def _fetch_process(url, home, file_hash=None):
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
+@pytest.mark.backend_independent
 def test_concurrent_downloads_share_one(tmp_path, throttled):
     data = open(SAFETENSORS, "rb").read()
     url, httpd = throttled(data=data, chunk=1 << 15, delay=0.05)  # about 0.6 s
@@ -595,6 +596,7 @@ def test_concurrent_downloads_share_one(tmp_path, throttled):
     ]
 
 
+@pytest.mark.backend_independent
 def test_a_download_killed_halfway_leaves_nothing_that_breaks_a_load(tmp_path, throttled):
     data = open(SAFETENSORS, "rb").read()
     url, httpd = throttled(data=data, chunk=1 << 13, delay=0.05)  # about 2.3 s

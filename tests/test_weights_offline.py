@@ -19,6 +19,8 @@ import pytest
 import keras_preact
 from keras_preact import weights as kp_weights
 
+pytestmark = pytest.mark.backend_independent
+
 FILE = os.path.join(os.path.dirname(__file__), "fixtures", "timm_basic.safetensors")
 ENV = kp_weights.MIRROR_ENV
 REFUSED = "http://127.0.0.1:1/hub/model.safetensors"  # port 1: connection refused
