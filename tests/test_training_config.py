@@ -677,3 +677,20 @@ def test_evaluate_a_weights_record(tmp_path):
     from keras_preact import weights as kp_weights
 
     assert result["top1"] >= kp_weights.get_record("fashion_mnist").top1 / 100 - 0.03, result
+
+
+@pytest.mark.backend_independent
+def test_a_run_written_before_an_option_existed_resumes(tmp_path):
+    """config.json of an ImageNet run from before `--dataset` and the data's `channels` and
+    `class_names`: its resume with today's defaults is no change; a changed option still is."""
+    from keras_preact.train import distribution, resume
+
+    cfg = config.get_config(None, "imagenet", model_dir=str(tmp_path), source="tfrecord")
+    cfg = cfg.derive(channels=3, num_classes=1000, class_names=None, steps_per_epoch=10)
+    old = {k: v for k, v in cfg.record().items() if k not in ("dataset", "channels", "class_names")}
+    (tmp_path / "config.json").write_text(json.dumps({**old, "precision_policy": "float32"}))
+    (tmp_path / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    run = distribution.Run(None, "float32", 1, True, "fit", False, str(tmp_path))
+    assert resume.check(cfg, run, str(tmp_path)) == {}
+    with pytest.raises(resume.ResumeRefused, match="dataset"):
+        resume.check(cfg.with_flags(dataset="folder"), run, str(tmp_path))

@@ -119,3 +119,18 @@ def test_a_folder_of_own_images_trains_and_predict_names_its_classes(tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     rows = json.loads(predicted.stdout)
     assert {t["class"] for t in rows[0]["top"]} == {"circle", "square"}
+
+
+def test_source_hints_name_commands_that_exist():
+    from keras_preact.train import sources
+
+    pytest.importorskip("tensorflow_datasets")
+    problem = sources.tfds_problem("files", None)  # a --source meant for cifar.py
+    assert "'files' is not a TFDS dataset" in problem and "--dataset=folder" in problem
+    offline = lambda host: False  # noqa: E731
+    for name in ("imagenette", "cifar100"):
+        hint = sources.tfds_problem(name, "/nonexistent", can_reach=offline)
+        assert "prepare_tfds.py" not in hint and f"tfds build {name}" in hint, hint
+    assert "prepare_tfds.py --dataset=cifar10 " in sources.tfds_problem(
+        "cifar10", "/nonexistent", can_reach=offline
+    )

@@ -1,4 +1,4 @@
-r"""Trains a pre-activation ResNet on ImageNet (or Imagenette) with tf.distribute.
+r"""Trains a pre-activation ResNet on ImageNet, or on your own images, with tf.distribute.
 
 The paper's ImageNet recipe (Sec. 4 of He et al. 2016, following He et al.
 2015): SGD with momentum 0.9, weight decay 1e-4, batch 256, lr 0.1 (scaled
@@ -20,6 +20,14 @@ classifier is loaded):
 
     python training/imagenet.py --source=imagenette --weights=imagenet \
         --model=PreActResNet50 --epochs=5 --base_lr=0.01 --model_dir=runs/r50_nette
+
+Your own images, in class folders (`train/` and `val/`), or any TFDS dataset; classes,
+their names, the number of images, the channels and the crop come from the data
+(docs/your_data.md):
+
+    python training/imagenet.py --dataset=folder --data_dir=~/photos \
+        --weights=imagenet --model=PreActResNet50 --backbone_lr_scale=0.1 ...
+    python training/imagenet.py --dataset=tfds:oxford_flowers102 --eval_split=test ...
 
 From an installed wheel: `python -m keras_preact.train.imagenet ...`. The input pipeline
 needs TensorFlow; under KERAS_BACKEND=jax the model trains with

@@ -92,10 +92,11 @@ def check(cfg, run, model_dir):
             "is not resumed. Give this run another --model_dir."
         ) from None
     record = {**cfg.record(), "precision_policy": run.policy}
-    # An option the record lacks, at its default now, was added after the run was written.
+    # An option the record lacks, at its default or derived now, was added after the run was
+    # written (a run of then had its default: 3 channels, ImageNet as the data set).
     found = {
         n: v for n, v in changes(recorded, record).items()
-        if n in record and not (n not in recorded and cfg.origins.get(n) == "default")
+        if n in record and not (n not in recorded and cfg.origins.get(n) in ("default", "derived"))
     }  # fmt: skip
     allowed = set(cfg.allow_changes or ())
     fixed = {n: v for n, v in found.items() if n in ARCHITECTURE}
