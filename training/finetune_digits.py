@@ -107,6 +107,7 @@ def main(argv=None):
     p.add_argument("--warmup_steps", type=int, default=30)
     p.add_argument("--base_lr", type=float, default=0.05)
     p.add_argument("--backbone_lr_scale", type=float, default=0.1)
+    p.add_argument("--modes", default="fine-tuned,scratch", help="fine-tuned, scratch or both")
     args = p.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -115,9 +116,12 @@ def main(argv=None):
         sys.exit(
             f"--budgets: at most {min(pools.values())} images per class are left for training."
         )
+    modes = args.modes.split(",")
+    if not set(modes) <= {"fine-tuned", "scratch"}:
+        sys.exit(f"--modes={args.modes}; allowed: fine-tuned, scratch.")
     rows = []
     for k in budgets:
-        for mode in ("fine-tuned", "scratch"):
+        for mode in modes:
             for seed in seeds:
                 summary, model_dir, seconds = run(args, k, mode, seed)
                 rows.append({"budget_per_class": k, "train_images": 10 * k, "mode": mode,
@@ -132,12 +136,19 @@ def main(argv=None):
         f"Validation top-1 (%) on {held} held-out digits; "
         f"{args.epochs * args.steps_per_epoch} steps of batch {args.batch_size}.",
         "",
-        "| images per class | fine-tuned from `fashion_mnist` | from scratch |",
-        "| --- | --- | --- |",
+        "| images per class | "
+        + " | ".join(
+            f"fine-tuned from `fashion_mnist` (backbone lr x{args.backbone_lr_scale:g})"
+            if m == "fine-tuned"
+            else "from scratch"
+            for m in modes
+        )
+        + " |",
+        "| --- |" + " --- |" * len(modes),
     ]
     for k in budgets:
         cells = []
-        for mode in ("fine-tuned", "scratch"):
+        for mode in modes:
             values = [
                 100 * r["val_top1"]
                 for r in rows
@@ -145,7 +156,7 @@ def main(argv=None):
             ]
             per_seed = " / ".join(f"{v:.2f}" for v in values)
             cells.append(f"{mean(values):.2f} ({per_seed})")
-        lines.append(f"| {k} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "finetune_digits.md"), "w") as f:
         f.write(table)
