@@ -22,7 +22,8 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from model_test_utils import REPO, pipeline
+from model_test_utils import REPO
+from model_test_utils import pipeline as run_pipeline
 
 from keras_preact import convert
 from keras_preact import weights as kp_weights
@@ -96,12 +97,12 @@ def test_a_deleted_shard_stops_iteration_with_an_error_naming_it(tmp_path, pipel
     split = "train" if pipeline == "imagenet_train" else "validation"
     paths = _write_shards(tmp_path / "shards", split, [[1, 2], [3, 4], [5, 6]])
     if pipeline == "imagenet_train":
-        ds = pipeline(tfdata.imagenet_dataset,
+        ds = run_pipeline(tfdata.imagenet_dataset,
             source="tfrecord", split="train", data_dir=str(tmp_path / "shards"), batch_size=2,
             training=True, image_size=8, shuffle_buffer=2,
         )  # fmt: skip
     else:
-        ds = pipeline(
+        ds = run_pipeline(
             tfdata.encoded_records,
             source="tfrecord",
             split="validation",
@@ -118,7 +119,7 @@ def test_imagenet_labels_default_to_the_1000_classes(tmp_path):
     # 1-based labels: 0, 4999, 2**40 and 999 after label_offset=1.
     _write_shards(tmp_path / "shards", "validation", [[1, 5000, 2**40 + 1, 1000]])
     counter = tfdata.SkipCounter()
-    ds = pipeline(tfdata.imagenet_dataset,
+    ds = run_pipeline(tfdata.imagenet_dataset,
         source="tfrecord", split="validation", data_dir=str(tmp_path / "shards"), batch_size=4,
         training=False, image_size=8, eval_resize=8, counter=counter,
     )  # fmt: skip
