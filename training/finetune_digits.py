@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from statistics import mean
 
 import numpy as np
@@ -79,7 +78,7 @@ def run(args, k, mode, seed):
     model_dir = os.path.join(args.out, "runs", f"budget_{k}", mode, f"seed{seed}")
     summary = os.path.join(model_dir, "summary.json")
     if os.path.exists(summary):
-        return json.load(open(summary)), model_dir, 0.0
+        return json.load(open(summary))
     flags = [
         "--dataset=folder", f"--data_dir={data_folder(args.out, k)}", "--model=PreActResNet20",
         f"--batch_size={args.batch_size}", f"--epochs={args.epochs}",
@@ -89,11 +88,10 @@ def run(args, k, mode, seed):
     ]  # fmt: skip
     if mode == "fine-tuned":
         flags += ["--weights=fashion_mnist", f"--backbone_lr_scale={args.backbone_lr_scale}"]
-    begun = time.time()
     command = [sys.executable, "-m", "keras_preact.train.imagenet", *flags]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
-    return json.load(open(summary)), model_dir, time.time() - begun
+    return json.load(open(summary))
 
 
 def main(argv=None):
@@ -123,7 +121,7 @@ def main(argv=None):
     for k in budgets:
         for mode in modes:
             for seed in seeds:
-                summary, model_dir, seconds = run(args, k, mode, seed)
+                summary = run(args, k, mode, seed)
                 rows.append({"budget_per_class": k, "train_images": 10 * k, "mode": mode,
                              "seed": seed, "val_top1": summary["eval_top1"],
                              "val_images": summary["eval_images_scored"],

@@ -41,6 +41,8 @@ VALIDATION_FOLDERS = ("val", "validation")
 MAX_PIXELS = 2 * 89_478_485
 #: File names listed per cause in the report.
 NAMED = 5
+#: Image sizes kept in a `Listing` (enough for a median).
+SAMPLE = 10_000
 
 
 class FolderError(ValueError):
@@ -317,7 +319,3 @@ def list_folder(
         raise FolderError(f"{data_dir}: no {'training' if not len(listing.train) else 'validation'} "
                           "images are left once the unreadable ones are out.")  # fmt: skip
     return listing
-
-
-#: Image sizes kept in a `Listing` (enough for a median).
-SAMPLE = 10_000
