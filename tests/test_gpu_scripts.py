@@ -261,7 +261,64 @@ def test_paper_tables_backend_picks_the_loop_and_the_table_gives_the_training_lo
                 model="PreActResNet56")  # fmt: skip
     md = pt.markdown({("r110_identity", 0): done, ("r110_identity", 1): {**done, "seed": 1,
                       "final_test_error": 0.0732, "final_train_loss": 0.35}})  # fmt: skip
-    assert "| identity | 6.61 | 7.22 ± 0.14 | 0.300 | 0,1 |" in md
+    assert "| identity | 6.61 | 7.22 (7.12, 7.32) | 0.300 | 0,1 |" in md
+    third = {**done, "seed": 2, "final_test_error": 0.0722}
+    md = pt.markdown({("r110_identity", 2): third, ("r110_identity", 0): done})
+    assert "| identity | 6.61 | 7.17 (7.12, 7.22) | 0.250 | 2,0 |" in md  # values in seed order
+
+
+def _fake_run(model_dir, variant, seed, test_error, losses=(1.5, 0.5)):
+    """A finished run folder as the trainer leaves it: log.csv per epoch, summary.json."""
+    folder = model_dir / "runs" / variant / f"seed{seed}"
+    folder.mkdir(parents=True)
+    rows = [f"{i},9.0,{loss},0.1,0.5,0.9,0.6,{1 - test_error - 0.01 * (len(losses) - 1 - i)},0.99"
+            for i, loss in enumerate(losses)]  # fmt: skip
+    header = "epoch,epoch_time_s,loss,lr,top1,top5,val_loss,val_top1,val_top5"
+    (folder / "log.csv").write_text("\n".join([header, *rows]) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"test_top1": 1 - test_error}))
+
+
+def test_paper_tables_report_merges_earlier_reports_and_states_the_orderings(tmp_path, capsys):
+    """`--merge` adds an earlier report's runs (its CSVs) to the run folders of --model_dir,
+    which win where both have a run; the report states on which seeds the paper's order of
+    each pair of variants holds."""
+    pt = _script("paper_tables")
+    earlier, now = tmp_path / "earlier", tmp_path / "now"
+    _fake_run(earlier, "r110_identity", 0, 0.13)
+    _fake_run(earlier, "r110_full_preact", 0, 0.20)  # replaced by the run of `now`
+    _fake_run(earlier, "r110_bn_after_add", 0, 0.16)
+    assert pt.main(["--part=report", f"--model_dir={earlier}"]) == 0
+    _fake_run(now, "r110_full_preact", 0, 0.12)
+    for variant, error in [("r110_identity", 0.15), ("r110_full_preact", 0.14),
+                           ("r110_bn_after_add", 0.14)]:  # fmt: skip
+        _fake_run(now, variant, 1, error)
+    capsys.readouterr()
+    merge = f"--merge={earlier / 'paper_tables.csv'}"
+    assert pt.main(["--part=report", f"--model_dir={now}", merge]) == 0
+    results, curves = pt.collect(str(now), [str(earlier / "paper_tables.csv")])
+    assert list(results) == [("r110_identity", 0), ("r110_identity", 1),
+                             ("r110_bn_after_add", 0), ("r110_bn_after_add", 1),
+                             ("r110_full_preact", 0), ("r110_full_preact", 1)]  # fmt: skip
+    assert results["r110_full_preact", 0]["final_test_error"] == pytest.approx(0.12)  # now's
+    merged = results["r110_identity", 0]  # the earlier report's run, numbers read back
+    assert merged["status"] == "done" and merged["table"] == 1 and merged["epochs"] == 2
+    assert merged["final_test_error"] == pytest.approx(0.13)
+    assert merged["final_train_loss"] == pytest.approx(0.5)
+    assert [(c["epoch"], c["train_loss"]) for c in curves["r110_identity", 0]] == [
+        (1, 1.5),
+        (2, 0.5),
+    ]
+    md = (now / "paper_tables.md").read_text()
+    assert "| original (Fig. 4a) | 6.61 | 14.00 (13.00, 15.00) |" in md
+    # The paper: full pre-activation 6.37 < original 6.61 < BN after addition 8.17.
+    assert "| full pre-activation (4e) < original (Fig. 4a) | 0,1 | 0,1 | yes |" in md
+    assert "| original (Fig. 4a) < BN after addition (4b) | 0 | 0,1 | yes |" in md
+    assert "| full pre-activation (4e) < BN after addition (4b) | 0 | 0,1 | yes |" in md
+    pairs = pt.orderings({("r110_identity", 0): merged, ("r110_dropout_0.5", 0): {
+        **merged, "final_test_error": 0.10}}, pt.TABLE1)  # fmt: skip
+    assert pairs == [("r110_identity", "r110_dropout_0.5", [], [0], False)]  # "fail": worst
+    with pytest.raises(SystemExit):
+        pt.main(["--part=report", f"--model_dir={now}", f"--merge={tmp_path / 'none.csv'}"])
 
 
 def test_recipe_smoke(runs):

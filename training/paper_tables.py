@@ -15,10 +15,11 @@ cache (a variant's second seed skips the compile). On a GPU box, a cloud VM or a
 `--part` (a comma list): 1 = Table 1; 2 = Table 2's ResNet-110 units (its "original" row is
 Table 1's identity run); 3 = its ResNet-164 units; a name in `VARIANTS`; `all`; `report`
 only rewrites the outputs from the runs in `--model_dir` (copy several machines' `runs/`
-into one to merge them). `--model=PreActResNet56` replaces every variant's network;
-`--backend=tensorflow` (or `torch`) trains with Keras `model.fit` instead of the jitted JAX
-loop (on some CPUs the faster one); other flags go to every trainer (`--scan_units` compiles
-deep nets faster; `--mixed_precision`; `--steps_per_epoch` for shorter epochs).
+into one to merge them, or name earlier reports' `paper_tables.csv` files in `--merge`).
+`--model=PreActResNet56` replaces every variant's network; `--backend=tensorflow` (or
+`torch`) trains with Keras `model.fit` instead of the jitted JAX loop (on some CPUs the
+faster one); other flags go to every trainer (`--scan_units` compiles deep nets faster;
+`--mixed_precision`; `--steps_per_epoch` for shorter epochs).
 Schedule, the paper's in `--epochs`: SGD momentum 0.9, batch 128, weight decay 1e-4, lr 0.01
 for 400 steps, then 0.1, divided by 10 at 50 % and 75 % of the epochs; random crop and flip.
 
@@ -144,11 +145,21 @@ def parse_args(argv=None):
     )
     p.add_argument("--time_budget", type=float, default=None, help="seconds for the command")
     p.add_argument("--smoke", action="store_true", help="PreActResNet20, 2 x 3 steps, CPU")
+    p.add_argument(
+        "--merge",
+        default=[],
+        type=lambda s: [x for x in s.split(",") if x],
+        help="earlier reports' paper_tables.csv files (a comma list; each one's _curves.csv "
+        "beside it): their runs join the report where --model_dir has none of the same "
+        "variant and seed",
+    )
     args, args.trainer_flags = p.parse_known_args(argv)
     parts = ("1,2,3" if args.part in ("all", "report") else args.part).split(",")
     if unknown := [x for x in parts if x not in PARTS and x not in VARIANTS]:
         p.error(f"--part: {unknown} are none of {[*PARTS, 'all', 'report', *VARIANTS]}.")
     args.variants = [n for n in VARIANTS if any(n in PARTS.get(x, [x]) for x in parts)]
+    if missing := [x for x in args.merge if not os.path.isfile(x)]:
+        p.error(f"--merge: {missing} are not files (an earlier report's paper_tables.csv).")
     if args.smoke:  # PreActResNet20: the smallest named builder
         args.variants = [n for n in args.variants if n in SMOKE_VARIANTS] or args.variants[:1]
         args.model, args.epochs = args.model or "PreActResNet20", 2
@@ -264,25 +275,114 @@ def read_run(model_dir, variant, seed):
     return result, curves
 
 
-def collect(model_dir):
-    """Every run folder under `model_dir/runs`: `({(variant, seed): result}, {...: curves})`."""
+def _number(text):
+    return float(text) if text not in ("", None) else math.nan
+
+
+def read_report(path):
+    """An earlier report's runs: `({(variant, seed): result}, {...: curves})` from its
+    `paper_tables.csv` at `path` and the `_curves.csv` beside it (none if that is missing)."""
+
+    def rows(name):
+        with open(name, newline="") as f:
+            return list(csv.DictReader(f))
+
+    results, curves = {}, {}
+    for r in rows(path):
+        if r["variant"] not in VARIANTS:
+            raise ValueError(f"{path}: variant {r['variant']!r} is none of {list(VARIANTS)}.")
+        key = r["variant"], int(r["seed"])
+        results[key] = {
+            **r, "table": int(r["table"]), "seed": key[1], "epochs": int(r["epochs"]),
+            **{k: _number(r[k]) for k in ("final_test_error", "best_test_error",
+                                          "final_train_loss")},
+            "wall_time_s": _number(r["wall_time_s"]) if r["wall_time_s"] else "",
+        }  # fmt: skip
+        curves[key] = []
+    curves_path = path[: -len(".csv")] + "_curves.csv" if path.endswith(".csv") else None
+    for r in rows(curves_path) if curves_path and os.path.exists(curves_path) else ():
+        key = r["variant"], int(r["seed"])
+        if key in curves:
+            numbers = {k: _number(r[k]) for k in CURVE_FIELDS[3:]}
+            curves[key].append({**r, "seed": key[1], "epoch": int(r["epoch"]), **numbers})
+    return results, curves
+
+
+def collect(model_dir, merge=()):
+    """Every run folder under `model_dir/runs`: `({(variant, seed): result}, {...: curves})`;
+    then the runs of the earlier reports `merge` (paper_tables.csv paths) that `model_dir`
+    does not have."""
     results, curves = {}, {}
     for variant in VARIANTS:
         folder = os.path.join(model_dir, "runs", variant)
         seeds = os.listdir(folder) if os.path.isdir(folder) else []
         for seed in sorted(int(s[4:]) for s in seeds if s.startswith("seed") and s[4:].isdigit()):
             results[variant, seed], curves[variant, seed] = read_run(model_dir, variant, seed)
-    return results, curves
+    for path in merge:
+        earlier, earlier_curves = read_report(path)
+        for key in earlier.keys() - results.keys():
+            results[key], curves[key] = earlier[key], earlier_curves[key]
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    ordered = sorted(results, key=lambda k: (order[k[0]], k[1]))
+    return {k: results[k] for k in ordered}, {k: curves[k] for k in ordered}
 
 
 def _error_cell(rows):
-    """Mean ± standard deviation (%) over the finished seeds; diverged runs counted apart."""
-    done = [100 * r["final_test_error"] for r in rows if r["status"] == "done"]
+    """The mean (%) over the finished seeds, then each seed's value in seed order (with the
+    standard deviation from three seeds on); diverged runs counted apart."""
+    done = [100 * r["final_test_error"] for r in sorted(rows, key=lambda r: r["seed"])
+            if r["status"] == "done"]  # fmt: skip
     diverged = sum(r["status"] == "diverged" for r in rows)
     if not done:
         return "diverged" if diverged else ""
-    text = f"{mean(done):.2f}" + (f" ± {stdev(done):.2f}" if len(done) > 1 else "")
+    text = f"{mean(done):.2f}" + (f" ± {stdev(done):.2f}" if len(done) > 2 else "")
+    text += f" ({', '.join(f'{e:.2f}' for e in done)})" if len(done) > 1 else ""
     return text + (f" ({diverged} diverged)" if diverged else "")
+
+
+def _paper_error(variant):
+    """The paper's error of a variant as a number; a run that failed to converge is worse
+    than any number, None where the paper gives none."""
+    paper = VARIANTS[variant].paper
+    return math.inf if paper == "fail" else float(paper) if paper else None
+
+
+def orderings(results, names):
+    """Each pair of `names` that the paper orders (a's error below b's) with finished runs
+    here: `(a, b, seeds where a < b here too, seeds where both finished, a < b on the means)`."""
+    done = {}
+    for (variant, seed), r in results.items():
+        if r["status"] == "done" and variant in names:
+            done.setdefault(variant, {})[seed] = r["final_test_error"]
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pa, pb = _paper_error(a), _paper_error(b)
+            if pa is None or pb is None or pa == pb or a not in done or b not in done:
+                continue
+            a, b = (a, b) if pa < pb else (b, a)
+            seeds = sorted(done[a].keys() & done[b].keys())
+            if not seeds:
+                continue
+            holds = [s for s in seeds if done[a][s] < done[b][s]]
+            on_means = mean(done[a][s] for s in seeds) < mean(done[b][s] for s in seeds)
+            pairs.append((a, b, holds, seeds, on_means))
+    return pairs
+
+
+def _orderings_lines(results, names, label):
+    """The paper's orderings of `names` and on which seeds each holds here."""
+    pairs = orderings(results, names)
+    if not pairs:
+        return []
+    lines = [
+        "| the paper's order | holds on seeds | of | on the means |",
+        "| --- | --- | --- | --- |",
+    ]
+    for a, b, holds, seeds, on_means in pairs:
+        lines.append(f"| {label(a)} < {label(b)} | {','.join(map(str, holds)) or 'none'} | "
+                     f"{','.join(map(str, seeds))} | {'yes' if on_means else 'no'} |")  # fmt: skip
+    return lines
 
 
 def _loss_cell(rows):
@@ -297,8 +397,9 @@ def markdown(results):
     cell = lambda n: _error_cell(runs[n])  # noqa: E731
     models = ", ".join(sorted({r["model"] for r in results.values()})) or "none yet"
     lines = [
-        "Fashion-MNIST test error (%) after the last epoch, mean ± standard deviation over "
-        "the finished seeds, beside the paper's CIFAR-10 test error (%); Table 1 also gives "
+        "Fashion-MNIST test error (%) after the last epoch, the mean over the finished seeds "
+        "and, in brackets, each seed's value in seed order (from three seeds on, mean ± "
+        "standard deviation), beside the paper's CIFAR-10 test error (%); Table 1 also gives "
         f"the last epoch's training loss (mean over the finished seeds). Networks: {models}.",
         "", "Table 1 (ResNet-110, original unit; shortcuts of Fig. 2):", "",
         "| shortcut | paper CIFAR-10 | Fashion-MNIST | training loss | seeds |",
@@ -311,6 +412,14 @@ def markdown(results):
         *(f"| {row[0]} | {VARIANTS[a].paper} | {cell(a)} | {VARIANTS[b].paper} | {cell(b)} |"
           for row, a, b in zip(UNITS.values(), *TABLE2.values())),
     ]  # fmt: skip
+    unit_label = lambda n: UNITS[VARIANTS[n].unit][0]  # noqa: E731
+    for title, names, label in [
+        ("Table 1", TABLE1, lambda n: VARIANTS[n].label),
+        *((f"Table 2, ResNet-{d}", names, unit_label) for d, names in TABLE2.items()),
+    ]:
+        if order := _orderings_lines(results, names, label):
+            lines += ["", f"{title}: the paper's orderings (lower error first) here, by seed:", ""]
+            lines += order
     return "\n".join(lines)
 
 
@@ -340,7 +449,7 @@ def plot(curves, panels, path, label):
 
 def write_report(args):
     """The CSVs, tables and figures of every run in `--model_dir`, copied to `--out`."""
-    results, curves = collect(args.model_dir)
+    results, curves = collect(args.model_dir, args.merge)
     os.makedirs(args.model_dir, exist_ok=True)
     path = lambda name: os.path.join(args.model_dir, name)  # noqa: E731
     rows = [r for c in curves.values() for r in c]
