@@ -267,6 +267,25 @@ def test_paper_tables_backend_picks_the_loop_and_the_table_gives_the_training_lo
     assert "| identity | 6.61 | 7.17 (7.12, 7.22) | 0.250 | 2,0 |" in md  # values in seed order
 
 
+def test_paper_tables_preloads_tcmalloc_for_tensorflow_trainers(monkeypatch, capsys):
+    """`--allocator=auto`: the TensorFlow trainers get tcmalloc (or jemalloc) when installed;
+    JAX's and an explicit `system` keep the system's malloc; a missing one is refused."""
+    import ctypes.util
+
+    pt = _script("paper_tables")
+    installed = {"tcmalloc_minimal": "libtcmalloc_minimal.so.4"}
+    monkeypatch.setattr(ctypes.util, "find_library", installed.get)
+    env = lambda *flags: pt.trainer_env(pt.parse_args(["--part=1", *flags]), {"A": "1"})  # noqa: E731
+    assert env("--backend=tensorflow")["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+    assert env("--backend=tensorflow")["KERAS_BACKEND"] == "tensorflow"
+    assert "LD_PRELOAD" not in env("--backend=jax")
+    assert "LD_PRELOAD" not in env("--backend=tensorflow", "--allocator=system")
+    assert env("--backend=jax", "--allocator=tcmalloc")["LD_PRELOAD"].startswith("libtcmalloc")
+    with pytest.raises(SystemExit):
+        pt.parse_args(["--allocator=jemalloc"])
+    assert "--allocator=jemalloc: no libjemalloc is installed." in capsys.readouterr().err
+
+
 def _fake_run(model_dir, variant, seed, test_error, losses=(1.5, 0.5)):
     """A finished run folder as the trainer leaves it: log.csv per epoch, summary.json."""
     folder = model_dir / "runs" / variant / f"seed{seed}"
