@@ -7,7 +7,9 @@ zero-fills them one page fault at a time: on a 2-core VM, PreActResNet56 at batc
 about a million page faults per step, half of its wall time in the kernel. tcmalloc and
 jemalloc keep freed memory for reuse. An allocator can only be chosen before a process
 starts (`LD_PRELOAD`), so this module picks one for the child processes a launcher starts;
-docs/benchmarks.md ("Memory allocator on the CPU") has the measurement.
+docs/benchmarks.md ("Memory allocator on the CPU") has the measurement. From a shell:
+
+    export LD_PRELOAD=$(python -m keras_preact.train.allocator)   # tcmalloc where installed
 
 Example:
 
@@ -58,3 +60,13 @@ def preload_env(env, names):
             env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
             break
     return env
+
+
+def main():
+    """Prints `LD_PRELOAD` with the first installed allocator in front (as it is, if it
+    already preloads one or none is installed)."""
+    print(preload_env(os.environ, ALLOCATORS).get("LD_PRELOAD", ""))
+
+
+if __name__ == "__main__":
+    main()
