@@ -295,6 +295,7 @@ def _fake_run(model_dir, variant, seed, test_error, losses=(1.5, 0.5)):
     header = "epoch,epoch_time_s,loss,lr,top1,top5,val_loss,val_top1,val_top5"
     (folder / "log.csv").write_text("\n".join([header, *rows]) + "\n")
     (folder / "summary.json").write_text(json.dumps({"test_top1": 1 - test_error}))
+    (folder / "config.json").write_text(json.dumps({"model": "PreActResNet56"}))
 
 
 def test_paper_tables_report_merges_earlier_reports_and_states_the_orderings(tmp_path, capsys):
@@ -333,6 +334,18 @@ def test_paper_tables_report_merges_earlier_reports_and_states_the_orderings(tmp
     assert "| full pre-activation (4e) < original (Fig. 4a) | 0,1 | 0,1 | yes |" in md
     assert "| original (Fig. 4a) < BN after addition (4b) | 0 | 0,1 | yes |" in md
     assert "| full pre-activation (4e) < BN after addition (4b) | 0 | 0,1 | yes |" in md
+    # Every pair once, the paper's better variant first, in the paper's order.
+    pairs = [(a, b) for a, b, *_ in pt.orderings(results, pt.TABLE2[110])]
+    assert pairs == [("r110_full_preact", "r110_identity"), ("r110_full_preact", "r110_bn_after_add"),
+                     ("r110_identity", "r110_bn_after_add")]  # fmt: skip
+    _fake_run(now, "r110_relu_before_add", 1, 0.30)
+    results, _ = pt.collect(str(now))
+    pairs = [(a, b) for a, b, *_ in pt.orderings(results, pt.TABLE2[110])]
+    assert len(pairs) == len(set(pairs)) == 6 and pairs[-1] == ("r110_relu_before_add",
+                                                                "r110_bn_after_add")  # fmt: skip
+    assert "| 2 | r110_relu_before_add | PreActResNet56 | 1 | 30.00 | 30.00 | 0.500 | 2 | done |" in (
+        "\n".join(pt._runs_lines(results)))  # fmt: skip
+    assert "| Fashion-MNIST (PreActResNet56) | paper ResNet-164 | Fashion-MNIST |" in md
     pairs = pt.orderings({("r110_identity", 0): merged, ("r110_dropout_0.5", 0): {
         **merged, "final_test_error": 0.10}}, pt.TABLE1)  # fmt: skip
     assert pairs == [("r110_identity", "r110_dropout_0.5", [], [0], False)]  # "fail": worst

@@ -378,15 +378,13 @@ def orderings(results, names):
     for (variant, seed), r in results.items():
         if r["status"] == "done" and variant in names:
             done.setdefault(variant, {})[seed] = r["final_test_error"]
+    ranked = sorted((n for n in names if n in done and _paper_error(n) is not None),
+                    key=_paper_error)  # fmt: skip
     pairs = []
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            pa, pb = _paper_error(a), _paper_error(b)
-            if pa is None or pb is None or pa == pb or a not in done or b not in done:
-                continue
-            a, b = (a, b) if pa < pb else (b, a)
+    for i, a in enumerate(ranked):
+        for b in ranked[i + 1 :]:
             seeds = sorted(done[a].keys() & done[b].keys())
-            if not seeds:
+            if _paper_error(a) == _paper_error(b) or not seeds:
                 continue
             holds = [s for s in seeds if done[a][s] < done[b][s]]
             on_means = mean(done[a][s] for s in seeds) < mean(done[b][s] for s in seeds)
@@ -420,6 +418,11 @@ def markdown(results):
     runs = {n: [r for (v, _), r in results.items() if v == n] for n in VARIANTS}
     cell = lambda n: _error_cell(runs[n])  # noqa: E731
     models = ", ".join(sorted({r["model"] for r in results.values()})) or "none yet"
+
+    def column(depth):  # the networks that ran Table 2's ResNet-`depth` column
+        ran = sorted({r["model"] for (v, _), r in results.items() if v in TABLE2[depth]})
+        return f" ({', '.join(ran)})" if ran else ""
+
     lines = [
         "Fashion-MNIST test error (%) after the last epoch, the mean over the finished seeds "
         "and, in brackets, each seed's value in seed order (from three seeds on, mean ± "
@@ -431,8 +434,8 @@ def markdown(results):
         *(f"| {VARIANTS[n].label} | {VARIANTS[n].paper} | {cell(n)} | {_loss_cell(runs[n])} | "
           f"{','.join(str(r['seed']) for r in runs[n])} |" for n in TABLE1),
         "", "Table 2 (units of Fig. 4; identity shortcuts):", "",
-        "| unit | paper ResNet-110 | Fashion-MNIST ResNet-110 | paper ResNet-164 | "
-        "Fashion-MNIST ResNet-164 |", "| --- | --- | --- | --- | --- |",
+        f"| unit | paper ResNet-110 | Fashion-MNIST{column(110)} | paper ResNet-164 | "
+        f"Fashion-MNIST{column(164)} |", "| --- | --- | --- | --- | --- |",
         *(f"| {row[0]} | {VARIANTS[a].paper} | {cell(a)} | {VARIANTS[b].paper} | {cell(b)} |"
           for row, a, b in zip(UNITS.values(), *TABLE2.values())),
     ]  # fmt: skip
@@ -444,7 +447,27 @@ def markdown(results):
         if order := _orderings_lines(results, names, label):
             lines += ["", f"{title}: the paper's orderings (lower error first) here, by seed:", ""]
             lines += order
-    return "\n".join(lines)
+    return "\n".join(lines + _runs_lines(results))
+
+
+def _runs_lines(results):
+    """Every run: its errors, final training loss, epochs, status and wall time."""
+    if not results:
+        return []
+    lines = ["", "Runs:", "", "| table | variant | network | seed | test error (%) | best (%) | "
+             "training loss | epochs | status | wall time (s) |", "|" + " --- |" * 10]  # fmt: skip
+    pct = lambda x: "" if math.isnan(x) else f"{100 * x:.2f}"  # noqa: E731
+    for (variant, seed), r in results.items():
+        wall = r.get("wall_time_s", "")
+        wall = f"{wall:.0f}" if isinstance(wall, (int, float)) and not math.isnan(wall) else ""
+        loss = "" if math.isnan(r["final_train_loss"]) else f"{r['final_train_loss']:.3f}"
+        lines.append(
+            f"| {VARIANTS[variant].table} | {variant} | {r['model']} | {seed} | "
+            f"{pct(r['final_test_error'])} | {pct(r.get('best_test_error', math.nan))} | {loss} | "
+            f"{r.get('epochs', '')} | "
+            f"{r['status']} | {wall} |"
+        )
+    return lines
 
 
 def plot(curves, panels, path, label):
