@@ -507,8 +507,16 @@ def write_report(args):
         write_text_atomic(path(name), text.getvalue())
     text = markdown(results)
     write_text_atomic(path(OUTPUTS[2]), text + "\n")
-    plot(curves, {"Table 1": TABLE1}, path(OUTPUTS[3]), lambda n: VARIANTS[n].label)
-    table2 = {f"Table 2, ResNet-{d}": names for d, names in TABLE2.items()}
+
+    def ran(title, names):  # the panel's title names the networks that ran it
+        models = sorted({r["model"] for (v, _), r in results.items() if v in names})
+        return f"{title} ({', '.join(models)})" if models else title
+
+    plot(curves, {ran("Table 1", TABLE1): TABLE1}, path(OUTPUTS[3]), lambda n: VARIANTS[n].label)
+    # Table 2's columns with runs (all of them when none has): no empty row of panels.
+    columns = [names for names in TABLE2.values() if any(k[0] in names for k in results)]
+    table2 = {ran(f"Table 2, ResNet-{VARIANTS[names[-1]].depth} column", names): names
+              for names in columns or TABLE2.values()}  # fmt: skip
     plot(curves, table2, path(OUTPUTS[4]), lambda n: UNITS[VARIANTS[n].unit][0])
     for name in OUTPUTS if args.out else ():
         os.makedirs(args.out, exist_ok=True)
