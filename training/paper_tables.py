@@ -151,7 +151,7 @@ def parse_args(argv=None):
         default="auto",
         choices=("auto", "system", *allocator.ALLOCATORS),
         help="the trainers' malloc (LD_PRELOAD): auto = tcmalloc or jemalloc where installed "
-        "under --backend=tensorflow (1.6x faster steps on a 2-core CPU), else the system's",
+        "under --backend=tensorflow (about 2x faster steps on a 2-core CPU), else the system's",
     )
     p.add_argument(
         "--merge",
