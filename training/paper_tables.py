@@ -413,6 +413,11 @@ def _loss_cell(rows):
     return f"{mean(done):.3f}" if done else ""
 
 
+def networks(results, names):
+    """The networks (sorted `--model` names) of the runs in `results` of variants `names`."""
+    return sorted({r["model"] for (v, _), r in results.items() if v in names})
+
+
 def markdown(results):
     """Both tables, the Fashion-MNIST errors beside the paper's CIFAR-10 ones."""
     runs = {n: [r for (v, _), r in results.items() if v == n] for n in VARIANTS}
@@ -420,7 +425,7 @@ def markdown(results):
     models = ", ".join(sorted({r["model"] for r in results.values()})) or "none yet"
 
     def column(depth):  # the networks that ran Table 2's ResNet-`depth` column
-        ran = sorted({r["model"] for (v, _), r in results.items() if v in TABLE2[depth]})
+        ran = networks(results, TABLE2[depth])
         return f" ({', '.join(ran)})" if ran else ""
 
     lines = [
@@ -464,8 +469,7 @@ def _runs_lines(results):
         lines.append(
             f"| {VARIANTS[variant].table} | {variant} | {r['model']} | {seed} | "
             f"{pct(r['final_test_error'])} | {pct(r.get('best_test_error', math.nan))} | {loss} | "
-            f"{r.get('epochs', '')} | "
-            f"{r['status']} | {wall} |"
+            f"{r.get('epochs', '')} | {r['status']} | {wall} |"
         )
     return lines
 
@@ -509,7 +513,7 @@ def write_report(args):
     write_text_atomic(path(OUTPUTS[2]), text + "\n")
 
     def ran(title, names):  # the panel's title names the networks that ran it
-        models = sorted({r["model"] for (v, _), r in results.items() if v in names})
+        models = networks(results, names)
         return f"{title} ({', '.join(models)})" if models else title
 
     plot(curves, {ran("Table 1", TABLE1): TABLE1}, path(OUTPUTS[3]), lambda n: VARIANTS[n].label)
