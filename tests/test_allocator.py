@@ -54,3 +54,19 @@ def test_a_child_started_with_the_environment_runs_on_tcmalloc():
         env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert "libtcmalloc" in maps
+
+
+def test_the_module_runs_as_a_file_without_importing_the_package():
+    """training/quickstart.sh runs `python keras_preact/train/allocator.py` before training:
+    the standard library only, no Keras backend imported (about 5 s under TensorFlow)."""
+    program = (
+        "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__');"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('keras', 'keras_preact', 'tensorflow', 'jax', 'torch', 'numpy')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program, allocator.__file__],
+        env={**os.environ, "LD_PRELOAD": "libjemalloc.so.2"}, capture_output=True, text=True,
+        check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out == ["libjemalloc.so.2", "[]"]

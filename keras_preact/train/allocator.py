@@ -11,6 +11,9 @@ docs/benchmarks.md ("Memory allocator on the CPU") has the measurement. From a s
 
     export LD_PRELOAD=$(python -m keras_preact.train.allocator)   # tcmalloc where installed
 
+The module imports only the standard library, so `python keras_preact/train/allocator.py`
+gives the same line without importing the package (and Keras' backend) first.
+
 Example:
 
 >>> env = preload_env({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, ALLOCATORS)
