@@ -334,6 +334,12 @@ def test_paper_tables_report_merges_earlier_reports_and_states_the_orderings(tmp
     assert "| full pre-activation (4e) < original (Fig. 4a) | 0,1 | 0,1 | yes |" in md
     assert "| original (Fig. 4a) < BN after addition (4b) | 0 | 0,1 | yes |" in md
     assert "| full pre-activation (4e) < BN after addition (4b) | 0 | 0,1 | yes |" in md
+    assert (  # and in words, under the table
+        "The paper's order holds on every seed where both finished for: full pre-activation "
+        "(4e) < original (Fig. 4a) (seeds 0,1). On some seeds only: full pre-activation (4e) < "
+        "BN after addition (4b) (seed 0 of 0,1); original (Fig. 4a) < BN after addition (4b) "
+        "(seed 0 of 0,1). On none: none."
+    ) in md
     # Every pair once, the paper's better variant first, in the paper's order.
     pairs = [(a, b) for a, b, *_ in pt.orderings(results, pt.TABLE2[110])]
     assert pairs == [("r110_full_preact", "r110_identity"), ("r110_full_preact", "r110_bn_after_add"),

@@ -404,7 +404,27 @@ def _orderings_lines(results, names, label):
     for a, b, holds, seeds, on_means in pairs:
         lines.append(f"| {label(a)} < {label(b)} | {','.join(map(str, holds)) or 'none'} | "
                      f"{','.join(map(str, seeds))} | {'yes' if on_means else 'no'} |")  # fmt: skip
-    return lines
+    return lines + ["", orderings_statement(pairs, label)]
+
+
+def orderings_statement(pairs, label):
+    """`orderings`' pairs in words: those whose order holds on every seed where both variants
+    finished, on some of those seeds (which), and on none.
+
+    >>> pairs = [("e", "a", [0, 1], [0, 1], True), ("e", "d", [1], [0, 1], True),
+    ...          ("a", "d", [], [0], False)]
+    >>> print(orderings_statement(pairs, str.upper))
+    The paper's order holds on every seed where both finished for: E < A (seeds 0,1). On some seeds only: E < D (seed 1 of 0,1). On none: A < D (seed 0).
+    """
+    seeds = lambda xs: f"seed{'s' * (len(xs) > 1)} {','.join(map(str, xs))}"  # noqa: E731
+    groups = {"all": [], "some": [], "none": []}
+    for a, b, holds, ran, _ in pairs:
+        kind = "all" if holds == ran else "some" if holds else "none"
+        where = f"{seeds(holds)} of {','.join(map(str, ran))}" if kind == "some" else seeds(ran)
+        groups[kind].append(f"{label(a)} < {label(b)} ({where})")
+    text = lambda kind: "; ".join(groups[kind]) or "none"  # noqa: E731
+    return (f"The paper's order holds on every seed where both finished for: {text('all')}. "
+            f"On some seeds only: {text('some')}. On none: {text('none')}.")  # fmt: skip
 
 
 def _loss_cell(rows):
