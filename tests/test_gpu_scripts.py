@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -233,6 +234,8 @@ def test_paper_tables_records_stopped_diverged_and_failed_runs(tmp_path):
         for _ in range(2):
             status = pt.record_run(str(folder), code, 30.0, len("earlier attempt\n"))
     assert status == "failed"
+    record = json.loads((folder / pt.RUN_RECORD).read_text())
+    assert record == {"status": "failed", "wall_time_s": 60.0, "cpus": [pt.cpu_kind()]}
     assert pt.pending(args) == [("r110_identity", 0), ("r110_dropout_0.5", 0)]
     results, curves = pt.collect(str(tmp_path))
     statuses = {v: r["status"] for (v, _), r in results.items()}
@@ -244,6 +247,20 @@ def test_paper_tables_records_stopped_diverged_and_failed_runs(tmp_path):
     assert curves["r110_identity", 0][0]["epoch"] == 1
     md = pt.markdown(results)
     assert "| 1x1 conv | 12.22 | diverged |  | 0 |" in md and "| identity | 6.61 |  |  | 0 |" in md
+    assert f"| failed | 60 | {pt.cpu_kind()} |" in md  # the runs table names the CPU
+
+
+def test_paper_tables_names_the_cpu_kind(tmp_path):
+    """A seed fixes a run only on one kind of CPU, so each run records its model and widest
+    vector extension."""
+    pt = _script("paper_tables")
+    info = tmp_path / "cpuinfo"
+    flags = "flags\t\t: fpu sse2 avx avx2 fma"
+    info.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC 7B13\n{flags}\n\nprocessor\t: 1\n")
+    assert pt.cpu_kind(str(info)) == "AMD EPYC 7B13, AVX2"
+    info.write_text(f"model name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n{flags} avx512f avx512bw\n")
+    assert pt.cpu_kind(str(info)) == "Intel(R) Xeon(R) CPU @ 2.20GHz, AVX-512"
+    assert pt.cpu_kind(str(tmp_path / "none")) == platform.machine()
 
 
 def test_paper_tables_backend_picks_the_loop_and_the_table_gives_the_training_loss(capsys):

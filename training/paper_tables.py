@@ -40,6 +40,7 @@ import io
 import json
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -120,10 +121,11 @@ SMOKE_FLAGS = "--batch_size=16 --steps_per_epoch=3 --eval_examples=40 --nocompil
 START_MARGIN_S, REPORT_RESERVE_S = 60.0, 20.0
 RESULT_FIELDS = "table variant model unit shortcut seed epochs final_test_error".split()
 RESULT_FIELDS += "best_test_error final_train_loss status wall_time_s paper_cifar10_error".split()
+RESULT_FIELDS += ["cpu"]
 CURVE_FIELDS = ["variant", "seed", "epoch", "lr", "train_loss", "test_error", "epoch_time_s"]
 OUTPUTS = [f"paper_tables{s}" for s in (".csv", "_curves.csv", ".md", "_table1.png", "_table2.png")]
 BACKENDS = ("jax", "tensorflow", "torch")  # jax: the jitted loop; the others: model.fit
-RUN_RECORD = "paper_tables_run.json"  # this script's record of a run: status, wall time
+RUN_RECORD = "paper_tables_run.json"  # this script's record of a run: status, wall time, CPU
 
 
 def parse_args(argv=None):
@@ -216,15 +218,35 @@ def pending(args):
     return [k for k in runs if run_status(run_dir(args.model_dir, *k)) not in ("done", "diverged")]
 
 
+def cpu_kind(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model and widest vector extension, e.g. "AMD EPYC, AVX-512". A seed fixes
+    a run on one kind of CPU only: oneDNN picks its kernels by instruction set, their
+    float32 sums round differently, and 1,000 steps carry that into another run
+    (docs/paper_tables.md)."""
+    try:
+        with open(cpuinfo) as f:
+            info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    except OSError:
+        return platform.machine()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    return f"{info.get('model name', platform.processor() or 'CPU')}, {isa}"
+
+
 def record_run(folder, code, seconds, log_offset):
-    """Records a run's status and total wall time beside the trainer's files; returns the
-    status. `log_offset`: where this attempt's output starts in the run's `train.log`."""
+    """Records a run's status, total wall time and the CPUs it ran on beside the trainer's
+    files; returns the status. `log_offset`: where this attempt's output starts in the
+    run's `train.log`."""
     tail = Path(folder, "train.log").read_bytes()[log_offset:].decode(errors="replace")[-20000:]
     done = os.path.exists(os.path.join(folder, "summary.json"))
     diverged = "Diverged: " in tail  # the trainer stopped it (exit code 3)
     status = "done" if done else "stopped" if code == 0 else "diverged" if diverged else "failed"
-    wall = round(_read_json(os.path.join(folder, RUN_RECORD)).get("wall_time_s", 0) + seconds, 1)
-    write_json_atomic(os.path.join(folder, RUN_RECORD), {"status": status, "wall_time_s": wall})
+    record = _read_json(os.path.join(folder, RUN_RECORD))
+    wall = round(record.get("wall_time_s", 0) + seconds, 1)
+    cpus = list(dict.fromkeys([*record.get("cpus", []), cpu_kind()]))  # a resume may move
+    write_json_atomic(os.path.join(folder, RUN_RECORD),
+                      {"status": status, "wall_time_s": wall, "cpus": cpus})  # fmt: skip
     if status == "failed":
         print("\n".join(tail.splitlines()[-25:]), flush=True)
     return status
@@ -279,7 +301,8 @@ def read_run(model_dir, variant, seed):
     with open(log_csv, newline="") if os.path.exists(log_csv) else io.StringIO() as f:
         log = [{k: float(x) if x else math.nan for k, x in r.items()} for r in csv.DictReader(f)]
     summary = _read_json(os.path.join(folder, "summary.json"))
-    wall = _read_json(os.path.join(folder, RUN_RECORD)).get("wall_time_s")
+    record = _read_json(os.path.join(folder, RUN_RECORD))
+    wall = record.get("wall_time_s")
     model = _read_json(os.path.join(folder, "config.json")).get("model", f"PreActResNet{v.depth}")
     status, errors = run_status(folder), [1.0 - r["val_top1"] for r in log]
     final = 1.0 - summary["test_top1"] if summary else (errors or [math.nan])[-1]
@@ -290,6 +313,7 @@ def read_run(model_dir, variant, seed):
         "best_test_error": min(errors, default=math.nan),
         "final_train_loss": log[-1]["loss"] if log else math.nan, "status": status,
         "wall_time_s": wall or summary.get("wall_time_s", ""), "paper_cifar10_error": v.paper,
+        "cpu": " + ".join(record.get("cpus", [])),
     }  # fmt: skip
     curves = [
         dict(zip(CURVE_FIELDS, (variant, seed, int(r["epoch"]) + 1, r.get("lr"), r["loss"],
@@ -321,6 +345,7 @@ def read_report(path):
             **{k: _number(r[k]) for k in ("final_test_error", "best_test_error",
                                           "final_train_loss")},
             "wall_time_s": _number(r["wall_time_s"]) if r["wall_time_s"] else "",
+            "cpu": r.get("cpu") or "",  # reports written before the column have none
         }  # fmt: skip
         curves[key] = []
     curves_path = path[: -len(".csv")] + "_curves.csv" if path.endswith(".csv") else None
@@ -476,11 +501,11 @@ def markdown(results):
 
 
 def _runs_lines(results):
-    """Every run: its errors, final training loss, epochs, status and wall time."""
+    """Every run: its errors, final training loss, epochs, status, wall time and CPU."""
     if not results:
         return []
     lines = ["", "Runs:", "", "| table | variant | network | seed | test error (%) | best (%) | "
-             "training loss | epochs | status | wall time (s) |", "|" + " --- |" * 10]  # fmt: skip
+             "training loss | epochs | status | wall time (s) | CPU |", "|" + " --- |" * 11]  # fmt: skip
     pct = lambda x: "" if math.isnan(x) else f"{100 * x:.2f}"  # noqa: E731
     for (variant, seed), r in results.items():
         wall = r.get("wall_time_s", "")
@@ -489,7 +514,7 @@ def _runs_lines(results):
         lines.append(
             f"| {VARIANTS[variant].table} | {variant} | {r['model']} | {seed} | "
             f"{pct(r['final_test_error'])} | {pct(r.get('best_test_error', math.nan))} | {loss} | "
-            f"{r.get('epochs', '')} | {r['status']} | {wall} |"
+            f"{r.get('epochs', '')} | {r['status']} | {wall} | {r.get('cpu', '')} |"
         )
     return lines
 
