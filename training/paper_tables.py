@@ -467,7 +467,7 @@ def markdown(results):
     """Both tables, the Fashion-MNIST errors beside the paper's CIFAR-10 ones."""
     runs = {n: [r for (v, _), r in results.items() if v == n] for n in VARIANTS}
     cell = lambda n: _error_cell(runs[n])  # noqa: E731
-    models = ", ".join(sorted({r["model"] for r in results.values()})) or "none yet"
+    models = ", ".join(networks(results, VARIANTS)) or "none yet"
 
     def column(depth):  # the networks that ran Table 2's ResNet-`depth` column
         ran = networks(results, TABLE2[depth])
